@@ -1,0 +1,65 @@
+"""Validated configuration dataclasses. Every field is checked at construction, so a bad value fails
+before any model work with a message naming the field, the value and what would be valid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BOUNDARIES = ("torus", "clamp")
+RAMPS = ("linear", "cosine")
+
+
+def as_pair(name: str, value, minimum: int, allow_none: bool = False) -> tuple[int, int] | None:
+    """``value`` as an ``(int, int)`` pair (an int means both axes), each ``>= minimum``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        pair = tuple(value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"`{name}` must be an int or a pair of ints but is {value!r}.")
+    if min(pair) < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum} on both axes but is {pair}.")
+    return int(pair[0]), int(pair[1])
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """How stage 2 cuts the canvas into native-size tiles.
+
+    Attributes:
+        tile: tile size ``(h, w)`` in latent cells; ``None`` = the model's native latent size.
+        overlap: cells by which neighbouring tiles overlap (blended with ``ramp``); 0 = none.
+        boundary: ``torus`` (windows wrap around the canvas, every tile full size) or ``clamp``
+            (windows stay inside the canvas; edge tiles move inward).
+        shift: move the grid between refinement steps so tile edges never stay in one place.
+        shift_every: move the grid every this many refinement steps.
+        shift_period: the longest cycle (in shift events) an axis may take to sweep its tile once;
+            each axis picks its own step, a divisor of its tile size, so that every band is crossed.
+        ramp: blend ramp for overlapping tiles, ``linear`` or ``cosine``.
+    """
+
+    tile: tuple[int, int] | None = None
+    overlap: int | tuple[int, int] = 0
+    boundary: str = "torus"
+    shift: bool = True
+    shift_every: int = 1
+    shift_period: int = 16
+    ramp: str = "linear"
+
+    def __post_init__(self):
+        object.__setattr__(self, "tile", as_pair("tile", self.tile, 1, allow_none=True))
+        object.__setattr__(self, "overlap", as_pair("overlap", self.overlap, 0))
+        if self.boundary not in BOUNDARIES:
+            raise ValueError(f"`boundary` must be one of {BOUNDARIES} but is {self.boundary!r}.")
+        if not isinstance(self.shift, bool):
+            raise ValueError(f"`shift` must be a bool but is {self.shift!r}.")
+        for name in ("shift_every", "shift_period"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be an int >= 1 but is {value!r}.")
+        if self.ramp not in RAMPS:
+            raise ValueError(f"`ramp` must be one of {RAMPS} but is {self.ramp!r}.")
