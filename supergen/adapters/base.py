@@ -1,0 +1,167 @@
+"""The small protocol every model family implements, and the registry that picks an adapter.
+
+An adapter owns every quirk of one model family so that ``stages.py`` never branches on the model:
+the latent layout (supergen works in ``(B, C, T, H, W)``; CogVideoX's transformer wants
+``(B, T, C, H, W)``), patch multiples, text/negative embeddings, classifier-free guidance (batched or
+two calls), image conditioning built at canvas size and cropped with each tile's window, and the
+positions each tile sees (``local``: the model's own; ``canvas``: the tile's absolute place on the
+canvas, so objects are not repeated per tile).
+
+Adding a family (HunyuanVideo, LTX-Video, ...) is one new file: subclass :class:`ModelAdapter`,
+fill in :class:`ModelSpec`, implement the abstract methods and decorate the class with
+:func:`register_adapter` naming the transformer classes it serves.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+POSITIONS = ("local", "canvas")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Facts about one model that the orchestrator needs.
+
+    Attributes:
+        family: short name, e.g. ``"wan"``, ``"cogvideox"``.
+        patch: ``(pt, ph, pw)`` latent cells per token; tile sizes and origins are multiples of it.
+        vae_scale: ``(temporal, spatial)`` pixels per latent cell.
+        latent_channels: channels of the (denoised) latent.
+        native_latent: ``(h, w)`` latent size the model was trained at: the default tile size.
+        prediction: what the transformer predicts: ``"flow"`` (velocity), ``"v"`` or ``"epsilon"``.
+    """
+
+    family: str
+    patch: tuple[int, int, int]
+    vae_scale: tuple[int, int]
+    latent_channels: int
+    native_latent: tuple[int, int]
+    prediction: str
+
+    def pixel_multiple(self) -> int:
+        """Target heights/widths in pixels must be multiples of this (VAE stride × patch)."""
+        return self.vae_scale[1] * max(self.patch[1], self.patch[2])
+
+    def valid_frames(self, frames: int) -> bool:
+        """Whether a clip of ``frames`` pixel frames maps onto whole latent frames (causal VAEs: 4k+1)."""
+        return frames >= 1 and (frames - 1) % self.vae_scale[0] == 0
+
+
+@dataclass
+class Conditioning:
+    """Everything a tile forward needs besides its noisy latent, built once per generation.
+
+    Attributes:
+        embeds: adapter-specific text conditioning (per guidance branch).
+        guidance_scale: classifier-free guidance scale (``<= 1`` means one branch only).
+        canvas_extra: optional canvas-size tensor in ``(B, C', T, H, W)`` (e.g. the encoded first
+            frame and mask of image-to-video), cropped per tile with the tile's window.
+        extra: adapter-specific values (e.g. ``ofs`` for CogVideoX 1.5).
+    """
+
+    embeds: Any
+    guidance_scale: float
+    canvas_extra: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ModelAdapter(ABC):
+    """Wraps one diffusers pipeline of a known family. Subclasses set :attr:`spec` in ``__init__``."""
+
+    spec: ModelSpec
+
+    def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1):
+        if positions not in POSITIONS:
+            raise ValueError(f"`positions` must be one of {POSITIONS} but is {positions!r}.")
+        if not isinstance(max_tile_batch, int) or max_tile_batch < 1:
+            raise ValueError(f"`max_tile_batch` must be an int >= 1 but is {max_tile_batch!r}.")
+        self.pipe = pipe
+        self.positions = positions
+        self.max_tile_batch = max_tile_batch
+
+    # -- stage 1 ------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def sketch(self, height: int, width: int, num_frames: int, **pipeline_kwargs) -> torch.Tensor:
+        """Run the stock pipeline at ``height x width`` and return its final latent ``(B, C, T, h, w)``
+        (normalised as the pipeline's denoiser sees it)."""
+
+    # -- VAE ----------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latent ``(B, C, T, H, W)`` → pixels ``(B, 3, F, H*s, W*s)`` in [-1, 1] (tiled VAE)."""
+
+    @abstractmethod
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Pixels ``(B, 3, F, H, W)`` in [-1, 1] → normalised latent ``(B, C, T, H/s, W/s)`` (tiled VAE)."""
+
+    # -- stage 2 ------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def conditioning(self, canvas_shape: tuple[int, ...], **pipeline_kwargs) -> Conditioning:
+        """Encode prompts (or take ``prompt_embeds``) and build canvas-size conditioning once."""
+
+    @abstractmethod
+    def predict(
+        self,
+        tiles: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        origins: torch.Tensor,
+        canvas_hw: tuple[int, int],
+    ) -> torch.Tensor:
+        """Guided model prediction for tile-major ``tiles`` ``(N * B, C, T, h, w)`` at ``timestep``.
+
+        ``origins`` ``(N, 2)`` are the tiles' canvas places (for cropping ``cond.canvas_extra`` and
+        for ``canvas`` positions). Returns the prediction in the same layout, guidance applied, in the
+        scheduler's prediction space, computing at most :attr:`max_tile_batch` tiles per forward.
+        """
+
+
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(*transformer_class_names: str):
+    """Class decorator: serve pipelines whose ``transformer`` is one of these class names."""
+
+    def wrap(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+        for name in transformer_class_names:
+            _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def supported_transformers() -> tuple[str, ...]:
+    _import_builtin_adapters()
+    return tuple(sorted(_REGISTRY))
+
+
+def _import_builtin_adapters() -> None:
+    import importlib
+
+    for module in ("wan", "cogvideox"):
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{module}":
+                raise
+
+
+def adapter_for(pipe, **kwargs) -> ModelAdapter:
+    """The adapter for ``pipe``, chosen by its transformer's class; ``ValueError`` names the supported ones."""
+    _import_builtin_adapters()
+    transformer = getattr(pipe, "transformer", None)
+    name = type(transformer).__name__ if transformer is not None else None
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unsupported model: pipeline {type(pipe).__name__} with transformer {name}; supported "
+            f"transformers: {', '.join(sorted(_REGISTRY)) or 'none registered'}."
+        )
+    return _REGISTRY[name](pipe, **kwargs)
