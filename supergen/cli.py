@@ -30,7 +30,9 @@ def info_text() -> str:
     for dist in ("torch", "triton", "diffusers", "transformers"):
         lines.append(f"{dist:<12} {_version(dist)}")
     cuda = torch.cuda.is_available()
-    lines.append(f"cuda         {torch.version.cuda or 'none'} ({torch.cuda.get_device_name(0) if cuda else 'no device'})")
+    lines.append(
+        f"cuda         {torch.version.cuda or 'none'} ({torch.cuda.get_device_name(0) if cuda else 'no device'})"
+    )
     lines.append("backends:")
     for name, state in ops.availability(load=True).items():
         label = "supergen._C (C++ CPU extension)" if name == "cpp" else name

@@ -182,9 +182,7 @@ class TileGrid:
         _, H, W = self.canvas
         h, w = self.tile
         ramp = ramp or self.config.ramp
-        weight = (
-            blend_ramp(h, self.overlap[0], ramp).double()[:, None] * blend_ramp(w, self.overlap[1], ramp).double()
-        )
+        weight = blend_ramp(h, self.overlap[0], ramp).double()[:, None] * blend_ramp(w, self.overlap[1], ramp).double()
         total = torch.zeros((H, W), dtype=torch.float64)
         for oy, ox in self.at_step(step).tolist():
             rows = torch.arange(oy, oy + h) % H
