@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-#: Token block of the masks (``supergen.reference.ATTN_MASK_BLOCK``; part of the contract).
+#: Token block of the masks (``supergen.reference.ATTN_MASK_BLOCK``; part of the contract). The jitted
+#: code spells it ``64`` (and ln 2 as a literal): the interpreter cannot mix ints with constexpr globals.
 MASK_BLOCK = 64
 #: log2(e): scores are kept in base-2 units so the softmax uses the fast ``exp2``.
 LOG2E = 1.4426950408889634
@@ -67,65 +68,42 @@ def _load_rows(ptrs, row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constex
 
 @triton.jit
 def _masked_attn_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    kv_list,
-    n_kv,
-    step_lo,
-    step_hi,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    Lk,
-    qk_scale,
-    offs_d,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    acc, l_i, m_i, q,
+    k_base, v_base, kv_list, n_kv, step_lo, step_hi,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    Lk, qk_scale, offs_d,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, GATHER: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Fold key steps ``[step_lo, step_hi)`` into the running ``(acc, l_i, m_i)`` of one query tile.
 
-    Step ``s`` covers entries ``s * BLOCK_N/64 ...`` of ``kv_list`` (indices of valid 64-blocks).
-    ``MASKED`` steps may run past the ``n_kv`` valid entries or past ``Lk``; unmasked ones may not.
+    Step ``s`` covers entries ``s * BLOCK_N/64 ...`` of ``kv_list`` (indices of valid 64-blocks), or
+    keys ``s * BLOCK_N ...`` directly when every block is valid (``GATHER`` off: the list is the
+    identity, so the loads are plain contiguous tiles as in the tutorial). ``MASKED`` steps may run
+    past the ``n_kv`` valid entries or past ``Lk``; unmasked ones may not.
     """
     SUB: tl.constexpr = BLOCK_N // 64
     sub = tl.arange(0, BLOCK_N) // 64
     within = tl.arange(0, BLOCK_N) % 64
     for step in range(step_lo, step_hi):
-        entry = step * SUB + sub
-        if MASKED:
-            entry_ok = entry < n_kv
-            block = tl.load(kv_list + entry, mask=entry_ok, other=0)
-            offs_n = block * 64 + within
-            col_ok = entry_ok & (offs_n < Lk)
+        if GATHER:
+            entry = step * SUB + sub
+            if MASKED:
+                entry_ok = entry < n_kv
+                block = tl.load(kv_list + entry, mask=entry_ok, other=0)
+                offs_n = block * 64 + within
+                col_ok = entry_ok & (offs_n < Lk)
+            else:
+                block = tl.load(kv_list + entry)
+                offs_n = tl.max_contiguous(tl.multiple_of(block * 64 + within, 64), 64)
+                col_ok = offs_n < Lk  # unused: unmasked steps read only whole valid blocks
         else:
-            block = tl.load(kv_list + entry)
-            offs_n = tl.max_contiguous(tl.multiple_of(block * 64 + within, 64), 64)
-            col_ok = offs_n >= 0  # unused: unmasked steps read only whole valid blocks
-        k = _load_rows(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-            col_ok,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            MASKED,
-        )
-        v = _load_rows(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            col_ok,
-            offs_d,
-            HEAD_DIM,
-            BLOCK_D,
-            MASKED,
-        )
+            offs_n = step * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < Lk
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        k = _load_rows(k_ptrs, col_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_ptrs, col_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -151,55 +129,18 @@ def _masked_attn_inner(
 
 @triton.jit
 def _masked_attn_fwd(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    QList,
-    QCount,
-    KVList,
-    KVCount,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_lb,
-    stride_lh,
-    stride_lm,
-    stride_qlb,
-    stride_qlh,
-    stride_qcb,
-    stride_qch,
-    stride_klb,
-    stride_klh,
-    stride_kcb,
-    stride_kch,
-    H,
-    Lq,
-    Lk,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NEGATE_Q: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    Q, K, V, Out, Lse, QList, QCount, KVList, KVCount,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_qlb, stride_qlh, stride_qcb, stride_qch,
+    stride_klb, stride_klh, stride_kcb, stride_kch,
+    H, Lq, Lk, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEGATE_Q: tl.constexpr, HAS_LSE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """One program: up to ``BLOCK_M // 64`` active query blocks of one (batch, head), all valid keys.
 
     Grid: ``(cdiv(ceil(Lq / 64), BLOCK_M // 64), B * H)``. ``QList``/``KVList`` hold, per (b, h), the
@@ -252,17 +193,32 @@ def _masked_attn_fwd(
             last = tl.load(kv_list + n_kv - 1)
             n_kv_whole = n_kv - (last == (Lk - 1) // 64).to(tl.int32)
     n_steps_unmasked = n_kv_whole // SUB_N
-    acc, l_i, m_i = _masked_attn_inner(
-        acc, l_i, m_i, q, k_base, v_base, kv_list, n_kv, 0, n_steps_unmasked,
-        stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d,
-        BLOCK_N, BLOCK_D, HEAD_DIM, False, UPCAST, DOT_PRECISION,
-    )  # fmt: skip
-    if n_steps_unmasked * SUB_N < n_kv:
+    has_rest = n_steps_unmasked * SUB_N < n_kv
+    # All blocks valid (the common, uncached case): address keys directly, no list loads.
+    if n_kv == tl.cdiv(Lk, 64):
         acc, l_i, m_i = _masked_attn_inner(
-            acc, l_i, m_i, q, k_base, v_base, kv_list, n_kv, n_steps_unmasked, n_steps_unmasked + 1,
+            acc, l_i, m_i, q, k_base, v_base, kv_list, n_kv, 0, n_steps_unmasked,
             stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d,
-            BLOCK_N, BLOCK_D, HEAD_DIM, True, UPCAST, DOT_PRECISION,
+            BLOCK_N, BLOCK_D, HEAD_DIM, False, False, UPCAST, DOT_PRECISION,
         )  # fmt: skip
+        if has_rest:
+            acc, l_i, m_i = _masked_attn_inner(
+                acc, l_i, m_i, q, k_base, v_base, kv_list, n_kv, n_steps_unmasked, n_steps_unmasked + 1,
+                stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d,
+                BLOCK_N, BLOCK_D, HEAD_DIM, True, False, UPCAST, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        acc, l_i, m_i = _masked_attn_inner(
+            acc, l_i, m_i, q, k_base, v_base, kv_list, n_kv, 0, n_steps_unmasked,
+            stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d,
+            BLOCK_N, BLOCK_D, HEAD_DIM, False, True, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
+        if has_rest:
+            acc, l_i, m_i = _masked_attn_inner(
+                acc, l_i, m_i, q, k_base, v_base, kv_list, n_kv, n_steps_unmasked, n_steps_unmasked + 1,
+                stride_kn, stride_kd, stride_vn, stride_vd, Lk, qk_scale, offs_d,
+                BLOCK_N, BLOCK_D, HEAD_DIM, True, True, UPCAST, DOT_PRECISION,
+            )  # fmt: skip
 
     # Epilogue: a row that saw no valid key has l_i == 0 and acc == 0 -> output 0, lse -inf.
     has_key = l_i > 0.0
@@ -299,8 +255,8 @@ _CONFIGS = [c for c in _CONFIGS if _keep(c)]
 
 def _prune(configs, named_args, **kwargs):
     """Drop tiles larger than the problem and pipelines that do not fit in shared memory."""
-    Lq, Lk, D = named_args["Lq"], named_args["Lk"], kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    itemsize = named_args["Q"].element_size()
+    args = {**named_args, **kwargs}  # the launcher passes everything by keyword
+    Lq, Lk, D, itemsize = args["Lq"], args["Lk"], args["BLOCK_D"], args["Q"].element_size()
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -409,6 +365,8 @@ def masked_attention(
     out: torch.Tensor,
     scale: float,
     lse: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Launch the masked flash-attention forward; updates ``out`` (and ``lse``) in place.
 
@@ -419,6 +377,8 @@ def masked_attention(
         out: ``(B, H, Lq, D)`` in q's dtype, any strides; rows of inactive blocks are not written.
         scale: softmax scale applied to ``q @ k.T``.
         lse: optional fp32 ``(B, H, Lq)``, receives each computed row's natural log-sum-exp.
+        config: launch with this ``{BLOCK_M, BLOCK_N, num_warps, num_stages}`` instead of the
+            autotuned (CUDA) or :data:`FIXED_CONFIG` (interpreter, ``SUPERGEN_NO_AUTOTUNE=1``) one.
 
     Returns:
         ``out``.
@@ -448,9 +408,14 @@ def masked_attention(
         UPCAST=interpreting, DOT_PRECISION="ieee" if interpreting or q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     n_q_blocks = triton.cdiv(Lq, MASK_BLOCK)
-    fixed = interpreting or q.device.type != "cuda" or os.environ.get("SUPERGEN_NO_AUTOTUNE", "0") == "1"
-    if fixed:
-        cfg = FIXED_CONFIG
+    if config is None and (
+        interpreting or q.device.type != "cuda" or os.environ.get("SUPERGEN_NO_AUTOTUNE", "0") == "1"
+    ):
+        config = FIXED_CONFIG
+    if config is not None:
+        cfg = {**FIXED_CONFIG, **config}
+        if cfg["BLOCK_M"] % MASK_BLOCK or cfg["BLOCK_N"] % MASK_BLOCK:
+            raise ValueError(f"`config` blocks must be multiples of {MASK_BLOCK} but are {cfg}.")
         grid = (triton.cdiv(n_q_blocks, cfg["BLOCK_M"] // MASK_BLOCK), B * H)
         _masked_attn_fwd[grid](**args, **cfg)
     else:
