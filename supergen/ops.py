@@ -169,7 +169,7 @@ def _check_pair(name: str, value, minimum: int) -> tuple[int, int]:
 def _as_origins(origins, device: torch.device) -> torch.Tensor:
     if not isinstance(origins, torch.Tensor):
         try:
-            origins = torch.tensor(origins, dtype=torch.int64)
+            origins = torch.tensor(origins)
         except (TypeError, ValueError) as e:
             raise TypeError(f"`origins` must be an (N, 2) integer tensor or list of pairs: {e}") from None
     if origins.dtype.is_floating_point or origins.dtype == torch.bool or origins.is_complex():
@@ -180,8 +180,13 @@ def _as_origins(origins, device: torch.device) -> torch.Tensor:
 
 
 def _check_origins(origins: torch.Tensor, canvas_hw, tile_hw, wrap: bool) -> None:
-    """Torus origins lie on the canvas; padded/dropped-edge origins keep the core tile on the canvas."""
-    if origins.device.type == "meta":
+    """Torus origins lie on the canvas; padded/dropped-edge origins keep the core tile on the canvas.
+
+    The check reads the origins' values, so it is skipped on meta tensors and while torch.compile
+    traces (a data-dependent branch would break the graph); every backend is memory-safe for any
+    origin (it wraps, clamps or drops cells), so a skipped check can cost correctness, never safety.
+    """
+    if origins.device.type == "meta" or torch.compiler.is_compiling():
         return
     H, W = canvas_hw
     h, w = tile_hw

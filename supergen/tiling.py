@@ -15,8 +15,9 @@ Geometry, per spatial axis of ``size`` cells cut into tiles of ``tile`` cells ov
   edge, and (for evenly divided canvases) each cell lies on an edge at most once. The published
   method's single 16-step cycle of 5 rows on a 90-row tile never crosses a 10-row band; a per-axis
   period is the fix. An axis with a single tile does not shift (its edge is the canvas border).
-* **Clamp + shift.** Shifted windows are clamped inside the canvas; the blend normalisation absorbs
-  the extra overlap at the borders.
+* **Clamp + shift.** Windows stay inside the canvas: a shifted window that would wrap is replaced by
+  the two border windows covering the same cells (one more tile on that axis at such steps); the
+  blend normalisation absorbs the extra overlap at the borders.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class TileGrid:
         oh, ow = tiling.overlap
         self.config = tiling
         self.canvas = (T, H, W)
+        self.multiple = (py, px)
         self.rows = plan_axis("height", H, tile[0], oh, py, tiling.boundary, tiling.shift, tiling.shift_period)
         self.cols = plan_axis("width", W, tile[1], ow, px, tiling.boundary, tiling.shift, tiling.shift_period)
 
@@ -136,6 +138,7 @@ class TileGrid:
 
     @property
     def num_tiles(self) -> int:
+        """Tiles of the unshifted grid (a shifted clamp grid may have one more per axis)."""
         return len(self.rows.origins) * len(self.cols.origins)
 
     @property
@@ -151,9 +154,16 @@ class TileGrid:
         return ((events % self.rows.period) * self.rows.step, (events % self.cols.period) * self.cols.step)
 
     def _axis_origins(self, axis: AxisPlan, shift: int) -> list[int]:
+        shifted = [(o + shift) % axis.size for o in axis.origins]
         if self.wrap:
-            return [(o + shift) % axis.size for o in axis.origins]
-        return [min(max(o + shift, 0), axis.size - axis.tile) for o in axis.origins]
+            return shifted
+        # Clamp: a window that would wrap is replaced by the two border windows that cover what it
+        # covered, so coverage holds at every step (the tile count may grow by one on this axis).
+        last = axis.size - axis.tile
+        kept = {o if o <= last else last for o in shifted}
+        if any(o > last for o in shifted):
+            kept.add(0)
+        return sorted(kept)
 
     def at_step(self, step: int) -> torch.Tensor:
         """``(N, 2)`` int64 ``(row, col)`` origins of every tile at refinement ``step``, row-major."""
