@@ -253,20 +253,24 @@ _CONFIGS = [
 _CONFIGS = [c for c in _CONFIGS if _keep(c)]
 
 
+def _fits(block_m: int, block_n: int, num_stages: int, block_d: int, itemsize: int) -> bool:
+    """Whether the q tile plus ``num_stages`` buffered k and v tiles fit in shared memory."""
+    return (block_m + 2 * num_stages * block_n) * block_d * itemsize <= SMEM_BYTES
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles larger than the problem and pipelines that do not fit in shared memory."""
     args = {**named_args, **kwargs}  # the launcher passes everything by keyword
     Lq, Lk, D, itemsize = args["Lq"], args["Lk"], args["BLOCK_D"], args["Q"].element_size()
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if (bm > 64 and Lq <= 64) or (bn > 64 and Lk <= 64):
-            continue
-        smem = (bm * D + c.num_stages * 2 * bn * D) * itemsize
-        if smem > SMEM_BYTES:
-            continue
-        kept.append(c)
-    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+    kept = [
+        c
+        for c in configs
+        if not (c.kwargs["BLOCK_M"] > 64 and Lq <= 64)
+        and not (c.kwargs["BLOCK_N"] > 64 and Lk <= 64)
+        and _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, itemsize)
+    ]
+    # Nothing fits only for fp32 with D > 128: one unpipelined 64x64 stage always does.
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
 
 
 # The autotune key holds what changes the best tile: lengths and head dim. Triton's autotuner also
@@ -414,6 +418,8 @@ def masked_attention(
         config = FIXED_CONFIG
     if config is not None:
         cfg = {**FIXED_CONFIG, **config}
+        if not _fits(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"], args["BLOCK_D"], q.element_size()):
+            cfg["num_stages"] = 1  # fp32 with a large head dim: do not pipeline rather than fail
         if cfg["BLOCK_M"] % MASK_BLOCK or cfg["BLOCK_N"] % MASK_BLOCK:
             raise ValueError(f"`config` blocks must be multiples of {MASK_BLOCK} but are {cfg}.")
         grid = (triton.cdiv(n_q_blocks, cfg["BLOCK_M"] // MASK_BLOCK), B * H)

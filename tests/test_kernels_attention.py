@@ -1,0 +1,265 @@
+"""The Triton masked-attention kernel against the reference and SDPA (interpreter on CPU, small shapes).
+
+Every case fills ``out`` and ``lse`` with a sentinel first, so "inactive rows untouched" is checked
+bit for bit, and poisons what the kernel must never read (q rows of inactive blocks, k/v rows of
+invalid blocks) with NaN, so a stray read shows up in the output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_verbose_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from supergen.kernels import masked_attention as kernel_attention
+
+import supergen.ops as ops
+from supergen import reference
+from supergen.reference import ATTN_MASK_BLOCK, expand_block_mask
+
+ma = importlib.import_module("supergen.kernels.masked_attention")  # the module, not the launcher
+SENTINEL = 12345.0  # exactly representable in fp16/bf16/fp32
+
+
+def blocks(length: int) -> int:
+    return -(-length // ATTN_MASK_BLOCK)
+
+
+def make_qkv(B, H, Lq, Lk, D, dtype, layout="bhld", seed=0):
+    """q (B, H, Lq, D), k/v (B, H, Lk, D); ``blhd`` gives diffusers' transposed (B, L, H, D) views."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(L):
+        if layout == "blhd":
+            return torch.randn((B, L, H, D), generator=g).to(dtype).transpose(1, 2)
+        return torch.randn((B, H, L, D), generator=g).to(dtype)
+
+    return rand(Lq), rand(Lk), rand(Lk)
+
+
+def make_mask(kind, B, H, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "on":
+        return torch.ones((B, H, n), dtype=torch.bool)
+    if kind == "off":
+        return torch.zeros((B, H, n), dtype=torch.bool)
+    if kind == "shared":  # one mask for every batch element and head: an expanded zero-stride view
+        return (torch.rand((1, 1, n), generator=g) < 0.5).expand(B, H, n)
+    return torch.rand((B, H, n), generator=g) < 0.5
+
+
+def poison(q, k, v, q_mask, kv_mask):
+    """NaN into q rows of inactive blocks and k/v rows of invalid ones: the kernel must not read them."""
+    q, k, v = q.clone(), k.clone(), v.clone()
+    q[~expand_block_mask(q_mask, q.shape[2])] = float("nan")
+    kv_off = ~expand_block_mask(kv_mask, k.shape[2])
+    k[kv_off] = float("nan")
+    v[kv_off] = float("nan")
+    return q, k, v
+
+
+def run_both(q, k, v, q_mask, kv_mask, scale, config=None):
+    """(kernel out, kernel lse, reference out, reference lse), all starting from the sentinel."""
+    out = torch.full_like(q, SENTINEL)
+    lse = torch.full(q.shape[:3], SENTINEL)
+    ref_out, ref_lse = out.clone(), lse.clone()
+    kernel_attention(q, k, v, q_mask, kv_mask, out, scale, lse, config=config)
+    reference.masked_attention(q, k, v, q_mask, kv_mask, ref_out, scale, ref_lse)
+    return out, lse, ref_out, ref_lse
+
+
+def check_against_reference(q, k, v, q_mask, kv_mask, scale=None, config=None, what=""):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = poison(q, k, v, q_mask, kv_mask)
+    out, lse, ref_out, ref_lse = run_both(q, k, v, q_mask, kv_mask, scale, config)
+    rows = expand_block_mask(q_mask, q.shape[2])
+    # Untouched rows: bit-identical sentinel.
+    assert torch.equal(out[~rows], ref_out[~rows]), f"{what}: inactive rows of `out` changed"
+    assert torch.equal(lse[~rows], ref_lse[~rows]), f"{what}: inactive rows of `lse` changed"
+    assert_verbose_close(out, ref_out, what=f"{what} out")
+    assert torch.equal(lse.isinf(), ref_lse.isinf()), f"{what}: -inf lse rows differ"
+    finite = ~ref_lse.isinf()
+    assert_verbose_close(lse[finite], ref_lse[finite], atol=2e-5, rtol=1e-5, what=f"{what} lse")
+
+
+# -- agreement with the reference --------------------------------------------------------------------
+
+CASES = [
+    # B, H, Lq, Lk, D, dtype, layout, q mask, kv mask, config
+    (1, 2, 70, 130, 12, torch.float32, "blhd", "random", "random", None),
+    (2, 1, 130, 70, 64, torch.float32, "bhld", "random", "on", None),
+    (1, 2, 64, 200, 96, torch.float32, "blhd", "on", "random", None),
+    (1, 2, 96, 96, 64, torch.float32, "bhld", "shared", "shared", None),
+    (1, 1, 70, 70, 12, torch.float32, "bhld", "off", "random", None),
+    (1, 2, 70, 100, 12, torch.float32, "bhld", "random", "off", None),
+    (1, 2, 130, 130, 64, torch.float16, "blhd", "random", "random", None),
+    (1, 2, 130, 70, 96, torch.bfloat16, "blhd", "random", "on", None),
+    # The Hopper tiles: two 64-blocks per query tile and/or per key step.
+    (1, 2, 300, 330, 24, torch.float32, "blhd", "random", "random", {"BLOCK_M": 128, "BLOCK_N": 128}),
+    (1, 2, 300, 200, 24, torch.float32, "bhld", "random", "on", {"BLOCK_M": 128, "BLOCK_N": 128}),
+    (1, 1, 200, 330, 64, torch.bfloat16, "bhld", "on", "random", {"BLOCK_M": 64, "BLOCK_N": 128}),
+    (1, 2, 330, 130, 12, torch.float16, "blhd", "random", "random", {"BLOCK_M": 128, "BLOCK_N": 64}),
+]
+
+
+@pytest.mark.parametrize(
+    "B, H, Lq, Lk, D, dtype, layout, qk, kk, config",
+    CASES,
+    ids=[f"{c[2]}x{c[3]}-d{c[4]}-{str(c[5])[6:]}-{c[6]}-q{c[7]}-kv{c[8]}-{bool(c[9])}" for c in CASES],
+)
+def test_kernel_matches_reference(B, H, Lq, Lk, D, dtype, layout, qk, kk, config):
+    q, k, v = make_qkv(B, H, Lq, Lk, D, dtype, layout)
+    q_mask = make_mask(qk, B, H, blocks(Lq), seed=2)
+    kv_mask = make_mask(kk, B, H, blocks(Lk), seed=3)
+    check_against_reference(q, k, v, q_mask, kv_mask, config=config, what=f"{Lq}x{Lk} d{D} {dtype}")
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    Lq=st.integers(1, 200),
+    Lk=st.integers(1, 200),
+    D=st.sampled_from([8, 12, 20, 32]),
+    p_q=st.sampled_from([0.0, 0.4, 1.0]),
+    p_kv=st.sampled_from([0.0, 0.6, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_reference_random_shapes(Lq, Lk, D, p_q, p_kv, seed):
+    q, k, v = make_qkv(1, 2, Lq, Lk, D, torch.float32, "blhd", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    q_mask = torch.rand((1, 2, blocks(Lq)), generator=g) < p_q
+    kv_mask = torch.rand((1, 2, blocks(Lk)), generator=g) < p_kv
+    check_against_reference(q, k, v, q_mask, kv_mask, what=f"{Lq}x{Lk} d{D}")
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.0])
+def test_any_scale(scale):
+    """A negative scale is applied by negating q; a zero scale gives a uniform softmax."""
+    q, k, v = make_qkv(1, 2, 70, 100, 12, torch.float32)
+    q_mask = make_mask("random", 1, 2, 2)
+    kv_mask = make_mask("random", 1, 2, 2, seed=4)
+    check_against_reference(q, k, v, q_mask, kv_mask, scale=scale, what=f"scale {scale}")
+
+
+def test_rows_without_valid_keys_are_zero_with_lse_minus_inf():
+    q, k, v = make_qkv(1, 2, 70, 70, 12, torch.float32)
+    q_mask = torch.ones((1, 2, 2), dtype=torch.bool)
+    kv_mask = torch.tensor([[[False, False], [True, False]]])  # head 0: no key at all
+    out = torch.full_like(q, SENTINEL)
+    lse = torch.full((1, 2, 70), SENTINEL)
+    kernel_attention(q, k, v, q_mask, kv_mask, out, 0.5, lse)
+    assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))
+    assert bool((lse[0, 0] == -math.inf).all())
+    assert bool(lse[0, 1].isfinite().all())
+
+
+# -- agreement with SDPA (all blocks active) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, D, Lq, Lk",
+    [(torch.float32, 64, 130, 70), (torch.float16, 12, 70, 130), (torch.bfloat16, 96, 100, 100)],
+)
+def test_all_active_equals_sdpa(dtype, D, Lq, Lk):
+    q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype, "blhd")
+    out = torch.empty((2, Lq, 2, D), dtype=dtype).transpose(1, 2)  # diffusers' layout, no copy
+    lse = torch.empty((2, 2, Lq))
+    on_q = torch.ones((2, 2, blocks(Lq)), dtype=torch.bool)
+    on_k = torch.ones((2, 2, blocks(Lk)), dtype=torch.bool)
+    kernel_attention(q, k, v, on_q, on_k, out, D**-0.5, lse)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
+    assert_verbose_close(out, expected, what=f"vs sdpa {dtype}")
+    scores = (q.float() @ k.float().transpose(-1, -2)) * D**-0.5
+    assert_verbose_close(lse, torch.logsumexp(scores, -1), atol=2e-5, rtol=1e-5, what="lse vs logsumexp")
+
+
+# -- through the public op ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_shape", ["bhn", "bn", "n", "none"])
+def test_public_op_with_triton_backend(mask_shape):
+    q, k, v = make_qkv(2, 2, 100, 130, 12, torch.float32, "blhd")
+    g = torch.Generator().manual_seed(5)
+    shape = {"bhn": (2, 2), "bn": (2,), "n": (), "none": None}[mask_shape]
+    q_mask = None if shape is None else torch.rand((*shape, 2), generator=g) < 0.5
+    kv_mask = None if shape is None else torch.rand((*shape, 3), generator=g) < 0.7
+    out = torch.full_like(q, SENTINEL)
+    expected = out.clone()
+    lse, expected_lse = torch.zeros(2, 2, 100), torch.zeros(2, 2, 100)
+    with ops.backend("triton"):
+        ops.masked_attention(q, k, v, q_mask, kv_mask, out=out, lse=lse)
+    with ops.backend("reference"):
+        ops.masked_attention(q, k, v, q_mask, kv_mask, out=expected, lse=expected_lse)
+    assert_verbose_close(out, expected, what=f"ops triton, masks {mask_shape}")
+    assert torch.equal(lse.isinf(), expected_lse.isinf())
+
+
+# -- validation -----------------------------------------------------------------------------------------
+
+
+def _args(**over):
+    q, k, v = make_qkv(1, 2, 70, 70, 12, torch.float32)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        q_block_mask=torch.ones((1, 2, 2), dtype=torch.bool),
+        kv_block_mask=torch.ones((1, 2, 2), dtype=torch.bool),
+        out=torch.zeros_like(q),
+        scale=0.3,
+        lse=None,
+    )
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    "over, error, match",
+    [
+        ({"k": torch.zeros(1, 2, 70, 12, device="meta")}, ValueError, "must be on cpu"),
+        ({"out": torch.zeros(1, 2, 70, 12, dtype=torch.float16)}, TypeError, "share one dtype"),
+        ({"q": torch.zeros(1, 2, 70, 12, dtype=torch.int32)}, TypeError, "share one dtype"),
+        ({"q_block_mask": torch.ones((1, 2, 3), dtype=torch.bool)}, ValueError, "q_block_mask"),
+        ({"kv_block_mask": torch.ones((1, 2, 2), dtype=torch.uint8)}, ValueError, "kv_block_mask"),
+        ({"lse": torch.zeros((1, 2, 69))}, ValueError, "lse"),
+        ({"out": torch.zeros(1, 2, 64, 12)}, ValueError, "shape of `q`"),
+        ({"v": torch.zeros(1, 2, 71, 12)}, ValueError, "`k` and `v`"),
+        ({"q_block_mask": [True, True]}, TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_raises(over, error, match):
+    with pytest.raises(error, match=match):
+        kernel_attention(**_args(**over))
+
+
+def test_head_dim_limit_raises():
+    big = torch.zeros(1, 1, 64, ma.MAX_HEAD_DIM + 1)
+    mask = torch.ones((1, 1, 1), dtype=torch.bool)
+    with pytest.raises(ValueError, match="head dim"):
+        kernel_attention(big, big, big, mask, mask, big.clone(), 1.0)
+
+
+def test_config_blocks_must_be_mask_multiples():
+    with pytest.raises(ValueError, match="multiples of 64"):
+        kernel_attention(**_args(), config={"BLOCK_M": 32})
+
+
+# -- autotune configs -------------------------------------------------------------------------------------
+
+
+def test_autotune_pruning_fits_problem_and_shared_memory():
+    q = torch.zeros(1, dtype=torch.bfloat16)
+    long = ma._prune(ma._CONFIGS, {"Lq": 17550, "Lk": 17550, "Q": q}, BLOCK_D=128)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in long} == {(64, 64), (64, 128), (128, 64), (128, 128)}
+    for c in long:
+        smem = (c.kwargs["BLOCK_M"] + 2 * c.num_stages * c.kwargs["BLOCK_N"]) * 128 * 2
+        assert smem <= ma.SMEM_BYTES
+    short = ma._prune(ma._CONFIGS, {"Lq": 64, "Lk": 40, "Q": q}, BLOCK_D=128)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in short} == {(64, 64)}
+    huge = ma._prune(ma._CONFIGS, {"Lq": 4096, "Lk": 4096, "Q": torch.zeros(1)}, BLOCK_D=256)
+    assert huge, "pruning must always leave a config"
+    assert all(c.num_warps == 4 for c in ma._CONFIGS if c.kwargs["BLOCK_M"] == 64)
