@@ -103,6 +103,15 @@ class ModelAdapter(ABC):
 
     # -- stage 2 ------------------------------------------------------------------------------------
 
+    def begin_step(self, step_index: int, timestep: torch.Tensor, sigma: float | None, num_steps: int) -> None:
+        """Called by the refine loop before each step's predictions.
+
+        diffusers' stateful caches read ``step_index``/``sigma``/``num_inference_steps`` from the cache
+        context a pipeline opens around each forward (SeaCache needs them); ``predict`` has no step
+        argument, so adapters that open such contexts read :attr:`step_context`.
+        """
+        self.step_context = {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
+
     @abstractmethod
     def conditioning(self, canvas_shape: tuple[int, ...], **pipeline_kwargs) -> Conditioning:
         """Encode prompts (or take ``prompt_embeds``) and build canvas-size conditioning once."""

@@ -1,0 +1,270 @@
+"""Wan 2.1 (``WanPipeline`` text-to-video, ``WanImageToVideoPipeline`` image-to-video).
+
+Model facts this adapter owns:
+
+* latents are already ``(B, C, T, H, W)``; patch ``(1, 2, 2)``; VAE 8x spatial, 4x temporal (4k+1
+  frames); latents are normalised ``(z - latents_mean) / latents_std`` per channel;
+* the transformer predicts a flow velocity; guidance is two calls (cond, uncond), each in a
+  ``cache_context`` named per branch *and per tile* (``"cond/tile3"``), because diffusers' stateful
+  caches keep one state per context name and a shared name silently mixes tiles;
+* image-to-video concatenates ``y`` = (first-frame mask | encoded first frame) on channels. ``y`` is
+  built once at canvas size with the pipeline's own ``prepare_latents`` and cropped per tile with the
+  tile's window, so each tile sees exactly its part of the image;
+* rotary positions come from ``transformer.rope``, which always starts at 0 (tile-local). ``canvas``
+  positions install a hook on that module returning, for each tile, the rows of the full-canvas
+  table at the tile's place, wrapped around the torus like the windows themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..ops import halo_gather
+from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter
+
+#: Wan 2.1 native sizes in pixels: 14B models were trained at 720p, 1.3B at 480p (the pipeline default).
+NATIVE_720P = (720, 1280)
+NATIVE_480P = (480, 832)
+_ROPE_HOOK = "supergen_canvas_rope"
+
+
+def canvas_rope(rope, hidden_states: torch.Tensor, origins: torch.Tensor, canvas_hw: tuple[int, int], batch: int):
+    """Wan rotary tables for tiles placed at ``origins`` (latent cells) on a ``canvas_hw`` canvas.
+
+    Returns ``(cos, sin)`` of shape ``(N * batch, L, 1, D)`` (tile-major rows, as the tiles): for tile
+    ``n`` the rows/columns of the full-canvas table starting at its origin, wrapped modulo the canvas
+    — exactly the slice of what ``rope`` returns for the whole canvas.
+    """
+    _, _, frames, height, width = hidden_states.shape
+    pt, ph, pw = rope.patch_size
+    ppf, pph, ppw = frames // pt, height // ph, width // pw
+    grid_h, grid_w = canvas_hw[0] // ph, canvas_hw[1] // pw
+    if max(ppf, grid_h, grid_w) > rope.max_seq_len:
+        raise ValueError(
+            f"canvas positions need {max(ppf, grid_h, grid_w)} rotary positions per axis but the model's "
+            f"`rope_max_seq_len` is {rope.max_seq_len}; use `positions='local'` or a smaller canvas."
+        )
+    origins = origins.to(rope.freqs_cos.device)
+    rows = (origins[:, :1] // ph + torch.arange(pph, device=origins.device)) % grid_h  # (N, pph)
+    cols = (origins[:, 1:] // pw + torch.arange(ppw, device=origins.device)) % grid_w  # (N, ppw)
+    split = [rope.t_dim, rope.h_dim, rope.w_dim]
+    tables = []
+    for freqs in (rope.freqs_cos, rope.freqs_sin):
+        ft, fh, fw = freqs.split(split, dim=1)
+        per_tile = []
+        for r, c in zip(rows, cols):
+            per_tile.append(
+                torch.cat(
+                    [
+                        ft[:ppf].view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1),
+                        fh[r].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1),
+                        fw[c].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1),
+                    ],
+                    dim=-1,
+                ).reshape(ppf * pph * ppw, 1, -1)
+            )
+        tables.append(torch.stack(per_tile).repeat_interleave(batch, dim=0))
+    return tables[0], tables[1]
+
+
+def _canvas_rope_hook(rope):
+    """The (idempotent) hook on ``transformer.rope``; pass-through unless a window is set."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class CanvasRopeHook(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.window = None  # (origins (N, 2) latent cells, canvas (H, W) latent cells, batch)
+
+        def new_forward(self, module, hidden_states):
+            if self.window is None:  # outside supergen's refine loop the model behaves as stock
+                return self.fn_ref.original_forward(hidden_states)
+            return canvas_rope(module, hidden_states, *self.window)
+
+    registry = HookRegistry.check_if_exists_or_initialize(rope)
+    hook = registry.get_hook(_ROPE_HOOK)
+    if hook is None:
+        hook = CanvasRopeHook()
+        registry.register_hook(hook, _ROPE_HOOK)
+    return hook
+
+
+@contextlib.contextmanager
+def vae_tiling(vae):
+    """Tiled VAE encode/decode inside the block (memory bounded at any canvas); restores the user's setting."""
+    was_tiling = bool(getattr(vae, "use_tiling", False))
+    vae.enable_tiling()
+    try:
+        yield vae
+    finally:
+        if not was_tiling:
+            vae.disable_tiling()
+
+
+@register_adapter("WanTransformer3DModel")
+class WanAdapter(ModelAdapter):
+    """Wan 2.1 text-to-video and image-to-video (CLIP image embeddings included when the model has them)."""
+
+    def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1):
+        super().__init__(pipe, positions=positions, max_tile_batch=max_tile_batch)
+        transformer, vae = pipe.transformer, pipe.vae
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise ValueError("Wan 2.2 two-expert pipelines (`transformer_2`) are not supported yet; use Wan 2.1.")
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise ValueError("Wan 2.2 TI2V (`expand_timesteps=True`) is not supported yet; use Wan 2.1.")
+        self.image_to_video = transformer.config.in_channels != vae.config.z_dim
+        big = transformer.config.num_attention_heads * transformer.config.attention_head_dim >= 5120
+        native_px = NATIVE_720P if big else NATIVE_480P
+        spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        self.spec = ModelSpec(
+            family="wan",
+            patch=tuple(int(p) for p in transformer.config.patch_size),
+            vae_scale=(temporal, spatial),
+            latent_channels=vae.config.z_dim,
+            native_latent=(native_px[0] // spatial, native_px[1] // spatial),
+            prediction="flow",
+        )
+        self.step_context = {}
+        self._rope_hook = _canvas_rope_hook(transformer.rope) if positions == "canvas" else None
+
+    # -- stage 1 ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sketch(self, height: int, width: int, num_frames: int, **pipeline_kwargs) -> torch.Tensor:
+        kwargs = dict(height=height, width=width, num_frames=num_frames, output_type="latent", return_dict=False)
+        return self.pipe(**kwargs, **pipeline_kwargs)[0]
+
+    # -- VAE ----------------------------------------------------------------------------------------
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.pipe.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(like.device, like.dtype)
+        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(like.device, like.dtype)
+        return mean, inv_std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, inv_std = self._stats(latents)
+        # Same expression as WanPipeline's decode, so decoding the sketch matches the stock output.
+        with vae_tiling(vae):
+            return vae.decode(latents / inv_std + mean, return_dict=False)[0]
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        vae = self.pipe.vae
+        with vae_tiling(vae):
+            # The posterior mode, as Wan's own video-to-video and image-to-video pipelines encode:
+            # the fresh randomness of stage 2 is the seeded re-noise, not a posterior sample.
+            z = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()
+        mean, inv_std = self._stats(z)
+        return (z - mean) * inv_std
+
+    # -- stage 2 ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def conditioning(self, canvas_shape: tuple[int, ...], **kw) -> Conditioning:
+        pipe, transformer = self.pipe, self.pipe.transformer
+        device, dtype = pipe._execution_device, transformer.dtype
+        guidance_scale = float(kw.get("guidance_scale", 5.0))
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            prompt=kw.get("prompt"),
+            negative_prompt=kw.get("negative_prompt"),
+            do_classifier_free_guidance=guidance_scale > 1.0,
+            num_videos_per_prompt=1,
+            prompt_embeds=kw.get("prompt_embeds"),
+            negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+            max_sequence_length=kw.get("max_sequence_length", 512),
+            device=device,
+        )
+        if prompt_embeds.shape[0] != canvas_shape[0]:
+            raise ValueError(f"{prompt_embeds.shape[0]} prompts for a canvas batch of {canvas_shape[0]}.")
+        embeds = {
+            "cond": prompt_embeds.to(dtype),
+            "uncond": None if negative_embeds is None else negative_embeds.to(dtype),
+            "image": None,
+            "attention_kwargs": kw.get("attention_kwargs"),
+        }
+        canvas_extra = None
+        if self.image_to_video:
+            canvas_extra, embeds["image"] = self._image_condition(canvas_shape, **kw)
+        return Conditioning(embeds=embeds, guidance_scale=guidance_scale, canvas_extra=canvas_extra)
+
+    def _image_condition(self, canvas_shape, image=None, last_image=None, image_embeds=None, num_frames=None, **_):
+        """Canvas-size ``y`` (mask | encoded first frame), built by the pipeline's own code, and CLIP embeds."""
+        pipe, transformer = self.pipe, self.pipe.transformer
+        if image is None:
+            raise ValueError("image-to-video needs `image` (the first frame).")
+        device, dtype = pipe._execution_device, transformer.dtype
+        B, C, T, H, W = canvas_shape
+        s = self.spec.vae_scale[1]
+        if transformer.config.image_dim is not None and image_embeds is None:
+            image_embeds = pipe.encode_image(image if last_image is None else [image, last_image], device)
+        if image_embeds is not None:
+            image_embeds = image_embeds.repeat(B, 1, 1).to(dtype)
+        pixels = pipe.video_processor.preprocess(image, height=H * s, width=W * s).to(device, dtype=torch.float32)
+        if last_image is not None:
+            last_image = pipe.video_processor.preprocess(last_image, height=H * s, width=W * s)
+            last_image = last_image.to(device, dtype=torch.float32)
+        # `latents` is given (zeros, unused) so that building `y` draws nothing from any generator.
+        _, y = pipe.prepare_latents(
+            pixels, B, C, H * s, W * s, num_frames, torch.float32, device, None,
+            torch.zeros(canvas_shape, device=device), last_image,
+        )  # fmt: skip
+        return y, image_embeds
+
+    @torch.no_grad()
+    def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
+        transformer = self.pipe.transformer
+        origins = torch.as_tensor(origins, dtype=torch.int64)
+        n_tiles = origins.shape[0]
+        batch = tiles.shape[0] // n_tiles
+        h, w = tiles.shape[-2:]
+        embeds = cond.embeds
+        guided = cond.guidance_scale > 1.0
+        context = {k: v for k, v in self.step_context.items() if v is not None}
+        outputs = []
+        for start in range(0, n_tiles, self.max_tile_batch):
+            stop = min(start + self.max_tile_batch, n_tiles)
+            n = stop - start
+            x = tiles[start * batch : stop * batch]
+            if cond.canvas_extra is not None:
+                # Torus mode is a plain crop for windows inside the canvas and wraps the others,
+                # exactly as the latent windows were gathered.
+                y = halo_gather(cond.canvas_extra, origins[start:stop], (h, w), 0, "torus")
+                x = torch.cat([x, y], dim=1)
+            x = x.to(transformer.dtype)
+            kwargs = {
+                "timestep": timestep.expand(x.shape[0]),
+                "encoder_hidden_states_image": None if embeds["image"] is None else embeds["image"].repeat(n, 1, 1),
+                "attention_kwargs": embeds["attention_kwargs"],
+                "return_dict": False,
+            }
+            name = f"tile{start}" if n == 1 else f"tiles{start}-{stop - 1}"
+            with self._positions(origins[start:stop], canvas_hw, batch):
+                with transformer.cache_context(f"cond/{name}", **context):
+                    text = embeds["cond"].repeat(n, 1, 1)
+                    pred = transformer(hidden_states=x, encoder_hidden_states=text, **kwargs)[0]
+                if guided:
+                    with transformer.cache_context(f"uncond/{name}", **context):
+                        uncond = transformer(
+                            hidden_states=x, encoder_hidden_states=embeds["uncond"].repeat(n, 1, 1), **kwargs
+                        )[0]
+                    # Same expression (and rounding) as WanPipeline's guidance.
+                    pred = uncond + cond.guidance_scale * (pred - uncond)
+            outputs.append(pred)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    @contextlib.contextmanager
+    def _positions(self, origins: torch.Tensor, canvas_hw: tuple[int, int], batch: int):
+        if self._rope_hook is None:
+            yield
+            return
+        self._rope_hook.window = (origins, tuple(canvas_hw), batch)
+        try:
+            yield
+        finally:
+            self._rope_hook.window = None

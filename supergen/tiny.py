@@ -1,0 +1,100 @@
+"""The embedded default model (``--model tiny``): a Wan 2.1-architecture pipeline built in code.
+
+Random weights from a fixed seed, so it needs no download and runs anywhere in seconds; its videos
+are noise-like textures, not pictures. It exists so that the whole two-stage path (sketch, upscale,
+tiled refinement, decode, export) runs on any fresh machine; a later issue swaps in a small trained
+model. Text is "encoded" by hashing each word into a fixed random table, because no tokenizer can be
+downloaded: the same prompt always gives the same embeddings, different prompts different ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+#: Native (stage-1) size in pixels: 8x8 latent cells, 4x4 tokens per frame.
+NATIVE_SIZE = (64, 64)
+SEED = 0
+TEXT_DIM = 32
+TEXT_TOKENS = 16
+VOCAB = 4096
+
+
+def _word_table() -> torch.Tensor:
+    return torch.randn(VOCAB, TEXT_DIM, generator=torch.Generator().manual_seed(SEED + 1))
+
+
+def _token_ids(prompt: str) -> list[int]:
+    words = prompt.lower().split()[:TEXT_TOKENS]
+    return [int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little") % VOCAB for word in words]
+
+
+def tiny_wan_components(seed: int = SEED, dtype: torch.dtype = torch.float32, image_to_video: bool = False) -> dict:
+    """Transformer, VAE and scheduler of the tiny Wan (deterministic for a given ``seed``).
+
+    The image-to-video transformer takes 16 noisy + 4 mask + 16 first-frame channels and, like Wan 2.2
+    I2V, no CLIP image embeddings (``image_dim=None``).
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # diffusers initialises weights from the global RNG; restored below
+    try:
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=36 if image_to_video else 16,
+            out_channels=16,
+            text_dim=TEXT_DIM,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024,
+        )
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    if dtype != torch.float32:
+        transformer = transformer.to(dtype)
+    # Wan 2.1's own scheduler (multistep, flow sigmas): stage 2 must leave its history untouched.
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return {"transformer": transformer.eval(), "vae": vae.eval(), "scheduler": scheduler}
+
+
+class HashedPromptMixin:
+    """Replaces Wan's T5 prompt encoder with a hashed word table (no tokenizer or download needed)."""
+
+    native_size = NATIVE_SIZE  # read by supergen.SuperGen: the sketch size and default tile
+    word_table = None
+
+    def _get_t5_prompt_embeds(self, prompt=None, num_videos_per_prompt=1, max_sequence_length=226, device=None,
+                              dtype=None):  # fmt: skip
+        if HashedPromptMixin.word_table is None:
+            HashedPromptMixin.word_table = _word_table()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rows = []
+        for text in prompts:
+            embeds = torch.zeros(TEXT_TOKENS, TEXT_DIM)  # zero padding, as Wan pads T5 outputs
+            ids = _token_ids(text)
+            if ids:
+                embeds[: len(ids)] = HashedPromptMixin.word_table[ids]
+            rows.append(embeds)
+        embeds = torch.stack(rows).to(device=device or self._execution_device, dtype=dtype or self.transformer.dtype)
+        return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+
+
+def tiny_wan_pipeline(seed: int = SEED, dtype: torch.dtype = torch.float32, image_to_video: bool = False):
+    """The tiny Wan: a ``WanPipeline`` (or ``WanImageToVideoPipeline``) with hashed-word prompts."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    base = WanImageToVideoPipeline if image_to_video else WanPipeline
+    cls = type(f"Tiny{base.__name__}", (HashedPromptMixin, base), {"__doc__": HashedPromptMixin.__doc__})
+    pipe = cls(tokenizer=None, text_encoder=None, **tiny_wan_components(seed, dtype, image_to_video))
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
