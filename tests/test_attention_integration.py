@@ -1,0 +1,277 @@
+"""supergen attention inside diffusers models: tiny Wan (dispatcher backend) and CogVideoX (processor).
+
+Each model's output with our attention must equal its stock output (fp32, tight tolerance) on both the
+Triton kernel (interpreter on CPU) and the reference backend; block masks must reach the op; and
+enabling must leave no trace (stock processors back, diffusers' global backend untouched).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import supergen.ops as ops
+from supergen import attention as sa
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.attention_dispatch import (  # noqa: E402
+    AttentionBackendName,
+    _AttentionBackendRegistry,
+    attention_backend,
+)
+
+BACKENDS = ["reference", "triton"]
+ATOL = 2e-5  # fp32 end to end: attention differs from SDPA by rounding only (~5e-7)
+
+
+@pytest.fixture(autouse=True)
+def global_backend_untouched():
+    """diffusers keeps a process-global active backend: no test may leave it changed."""
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    after = _AttentionBackendRegistry._active_backend
+    _AttentionBackendRegistry.set_active_backend(before)
+    assert after == before, f"diffusers' global attention backend changed from {before} to {after}"
+
+
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=1,
+    ).eval()
+
+
+def wan_inputs(frames=2, size=16, seed=1):
+    """Video (1, 16, T, H, W) → T·(H/2)·(W/2) tokens (128 for the default: two 64-blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, 16, frames, size, size), generator=g)
+    text = torch.randn((1, 7, 16), generator=g)
+    return {"hidden_states": x, "timestep": torch.tensor([500]), "encoder_hidden_states": text}
+
+
+def tiny_cogvideox(rope: bool):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16 if rope else 8,
+        in_channels=16,
+        out_channels=16,
+        time_embed_dim=8,
+        text_embed_dim=16,
+        num_layers=1,
+        max_text_seq_length=16,
+        sample_height=8,
+        sample_width=8,
+        sample_frames=5,
+        use_rotary_positional_embeddings=rope,
+    ).eval()
+
+
+def cogvideox_inputs(rope: bool, seed=1):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    g = torch.Generator().manual_seed(seed)
+    T, H, W = 2, 8, 8
+    inputs = {
+        "hidden_states": torch.randn((1, T, 16, H, W), generator=g),  # CogVideoX: (B, T, C, H, W)
+        "encoder_hidden_states": torch.randn((1, 16, 16), generator=g),
+        "timestep": torch.tensor([500]),
+    }
+    if rope:
+        gh, gw = H // 2, W // 2
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(16, ((0, 0), (gh, gw)), (gh, gw), T)
+    return inputs
+
+
+def forward(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+# -- same output as stock attention -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wan_matches_stock_attention(backend):
+    model, inputs = tiny_wan(), wan_inputs()
+    stock = forward(model, inputs)
+    sa.enable_masked_attention(model)
+    with ops.backend(backend):
+        ours = forward(model, inputs)
+    torch.testing.assert_close(ours, stock, atol=ATOL, rtol=1e-5)
+    sa.disable_masked_attention(model)
+    assert torch.equal(forward(model, inputs), stock)
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["sincos", "rope"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cogvideox_matches_stock_attention(backend, rope):
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    model, inputs = tiny_cogvideox(rope), cogvideox_inputs(rope)
+    stock = forward(model, inputs)
+    sa.enable_masked_attention(model)
+    assert all(isinstance(p, sa.CogVideoXMaskedAttnProcessor) for p in model.attn_processors.values())
+    with ops.backend(backend):
+        ours = forward(model, inputs)
+    torch.testing.assert_close(ours, stock, atol=ATOL, rtol=1e-5)
+    sa.disable_masked_attention(model)
+    assert all(type(p) is CogVideoXAttnProcessor2_0 for p in model.attn_processors.values())
+    assert torch.equal(forward(model, inputs), stock)
+
+
+def test_global_backend_context_routes_any_dispatcher_model():
+    """After registration, diffusers' own `attention_backend("supergen")` works like a built-in."""
+    model, inputs = tiny_wan(), wan_inputs()
+    stock = forward(model, inputs)
+    sa.register_backend()
+    calls = []
+    with ops.backend("reference"), _spy(calls), attention_backend(sa.BACKEND_NAME):
+        ours = forward(model, inputs)
+    assert len(calls) == 2  # self- and cross-attention of the one block
+    torch.testing.assert_close(ours, stock, atol=ATOL, rtol=1e-5)
+
+
+# -- block masks reach the op ---------------------------------------------------------------------------
+
+
+class _spy:
+    """Record the masks every supergen.ops.masked_attention call receives."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __enter__(self):
+        self.original = sa.ops.masked_attention
+
+        def recording(q, k, v, q_block_mask=None, kv_block_mask=None, **kw):
+            self.calls.append((tuple(q.shape), tuple(k.shape), q_block_mask, kv_block_mask))
+            return self.original(q, k, v, q_block_mask, kv_block_mask, **kw)
+
+        sa.ops.masked_attention = recording
+        return self
+
+    def __exit__(self, *exc):
+        sa.ops.masked_attention = self.original
+
+
+def test_masks_apply_to_video_sequences_only():
+    model, inputs = tiny_wan(), wan_inputs()  # 128 video tokens, 7 text tokens
+    sa.enable_masked_attention(model)
+    q_mask = torch.tensor([True, False])
+    kv_mask = torch.tensor([False, True])
+    calls = []
+    with ops.backend("reference"), _spy(calls), sa.attention_masks(q_mask, kv_mask, seq_len=128):
+        forward(model, inputs)
+    (self_q, self_k, sq, sk), (cross_q, cross_k, cq, ck) = calls
+    assert self_k[2] == 128 and sq is q_mask and sk is kv_mask
+    assert cross_k[2] == 7 and cq is q_mask and ck is None  # text keys: all valid
+    calls.clear()
+    with ops.backend("reference"), _spy(calls), sa.attention_masks(q_mask, kv_mask, seq_len=100):
+        forward(model, inputs)
+    assert all(c[2] is None and c[3] is None for c in calls)  # no sequence of 100 tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_outputs_fill_inactive_blocks(backend):
+    """Region-cache use: compute all blocks once, then only some; rows of the others come from the cache."""
+    model, inputs = tiny_wan(), wan_inputs()
+    stock = forward(model, inputs)
+    sa.enable_masked_attention(model)
+    outputs = []
+    with ops.backend(backend):
+        with sa.attention_masks(torch.tensor([True, True]), seq_len=128, outputs=outputs):
+            first = forward(model, inputs)
+        assert len(outputs) == 2
+        buffers = [o.data_ptr() for o in outputs]
+        with sa.attention_masks(torch.tensor([False, True]), seq_len=128, outputs=outputs):
+            second = forward(model, inputs)  # same inputs: cached rows are exact
+        other = wan_inputs(seed=7)
+        with sa.attention_masks(torch.tensor([False, False]), seq_len=128, outputs=outputs):
+            stale = forward(model, other)  # every attention row from the cache of `inputs`
+    assert [o.data_ptr() for o in outputs] == buffers, "cache buffers must be updated in place"
+    torch.testing.assert_close(first, stock, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(second, stock, atol=ATOL, rtol=1e-5)
+    assert not torch.allclose(stale, forward(model, other), atol=1e-3), "masks must reach the kernel"
+
+
+def test_outputs_of_another_shape_raise():
+    model = sa.enable_masked_attention(tiny_wan())
+    outputs = []
+    with sa.attention_masks(outputs=outputs):
+        forward(model, wan_inputs())
+    with pytest.raises(ValueError, match="same-shape forwards"), sa.attention_masks(outputs=outputs):
+        forward(model, wan_inputs(size=8))
+
+
+# -- model masks the kernel cannot express ----------------------------------------------------------------
+
+
+def test_model_attention_mask_falls_back_to_sdpa_explicitly():
+    register = sa.register_backend()
+    q, k, v = (torch.randn(1, 70, 2, 12) for _ in range(3))  # diffusers layout (B, L, H, D)
+    pad = torch.ones(1, 1, 1, 70, dtype=torch.bool)
+    pad[..., 50:] = False
+    fn = _AttentionBackendRegistry._backends[register]
+    sa._warned.clear()
+    with pytest.warns(UserWarning, match="scaled_dot_product_attention instead"):
+        out = fn(q, k, v, attn_mask=pad)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=pad
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per reason, not per call
+        fn(q, k, v, attn_mask=pad)
+    with pytest.raises(ValueError, match="cannot combine block masks"), sa.attention_masks(torch.tensor([True, False])):
+        fn(q, k, v, attn_mask=pad)
+    with pytest.raises(ValueError, match="context parallelism"):
+        fn(q, k, v, return_lse=True)
+
+
+# -- switching on and off ----------------------------------------------------------------------------------
+
+
+def test_enable_is_idempotent_and_disable_restores_stock():
+    model = tiny_wan()
+    before = [p._attention_backend for p in model.attn_processors.values()]
+    sa.enable_masked_attention(model)
+    sa.enable_masked_attention(model)
+    assert sa.is_enabled(model)
+    assert all(p._attention_backend == AttentionBackendName(sa.BACKEND_NAME) for p in model.attn_processors.values())
+    sa.disable_masked_attention(model)
+    sa.disable_masked_attention(model)
+    assert not sa.is_enabled(model)
+    assert [p._attention_backend for p in model.attn_processors.values()] == before
+    assert sa.register_backend() is sa.register_backend()
+    assert list(AttentionBackendName).count(AttentionBackendName(sa.BACKEND_NAME)) == 1
+
+
+def test_unsupported_models_raise():
+    with pytest.raises(TypeError, match="no diffusers attention modules"):
+        sa.enable_masked_attention(torch.nn.Linear(2, 2))
+    cog = tiny_cogvideox(rope=False)
+    cog.fuse_qkv_projections()
+    with pytest.raises(TypeError, match="unfuse"):
+        sa.enable_masked_attention(cog)
+
+
+def test_import_supergen_does_not_import_diffusers():
+    code = "import sys, supergen, supergen.attention; sys.exit('diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
