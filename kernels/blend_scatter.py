@@ -1,0 +1,317 @@
+"""Blended scatter: fuse tile-major tile predictions into one canvas in a single deterministic pass.
+
+Contract: :func:`supergen.reference.blend_scatter`. For tiles ``(N * B, C, T, h, w)`` (tile ``n`` of
+batch element ``b`` is row ``n * B + b``) placed at ``origins`` ``(N, 2)``::
+
+    out[b, c, t, y, x] = sum_n wgt_n(y, x) * tile_n[b, c, t, y - oy_n, x - ox_n] / sum_n wgt_n(y, x)
+
+with ``wgt_n`` the product of the row and column ramps of :func:`supergen.reference.blend_ramp` at the
+tile's local position (linear, or cosine ``sin^2``, over ``overlap`` cells at each tile end; 1 in the
+middle; all ones when ``overlap == 0``). Tile cells past the canvas wrap around it (``wrap``) or are
+dropped; cells no tile covers are zero. The result has the tiles' dtype.
+
+Design
+------
+* **Canvas-centric, no atomics.** A program owns a block of ``BLOCK_P`` planes x ``BLOCK_H`` rows x
+  ``BLOCK_W`` columns of the output and visits the tiles in order ``n = 0 .. N-1``, accumulating in
+  fp32 registers; it writes each output cell exactly once, already normalised. The result is
+  therefore deterministic run to run (the reduction order is fixed) and each tile byte is read once
+  and each canvas byte written once -- no zero-fill pass, no weight-sum buffer, no second pass.
+* **Cheap misses.** Whether tile ``n`` touches the block at all is a handful of scalar integer ops
+  on the block's corner (torus or clamped geometry); tiles that miss it cost no loads and no vector
+  work. Only blocks straddling a tile edge pay for more than one tile.
+* **Weights in registers, never in memory.** The ramps are evaluated on ``(BLOCK_H,)`` and
+  ``(BLOCK_W,)`` vectors of local positions and multiplied into a ``(BLOCK_H, BLOCK_W)`` weight that is
+  shared by all ``BLOCK_P`` planes, as is the weight sum: the ramp arithmetic and the normalising
+  reciprocal are amortised over planes (channels and frames share the geometry).
+* **Exact copy without overlap.** With ``overlap == 0`` the ramp code is compiled out (constexpr) and
+  every weight is exactly 1, so a cell covered once is ``v * 1 / 1 == v`` bit for bit.
+* **Numerics.** Ramps divide with IEEE rounding (``div_rn``), so linear weights equal the
+  reference's bit for bit; the sum is normalised by multiplying with an IEEE reciprocal of the weight
+  sum (one extra rounding, <= 1 ulp of fp32, in exchange for one division per cell instead of one per
+  plane-cell). Storing rounds to nearest even like ``Tensor.to``.
+* **Bounds safety without a host sync.** Local tile indices are always masked to ``[0, h) x [0, w)``
+  and canvas indices come from the program id, so bad origins give wrong values but never an
+  out-of-bounds access; ``supergen.ops`` validates them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .halo_gather import FLOAT_DTYPES, MAX_PROGRAMS, block_settings, check_block, check_device, check_origins
+
+#: Blend ramps and their integer codes; equal to ``supergen.reference.RAMPS``.
+RAMPS = {"linear": 0, "cosine": 1}
+#: Smallest normal fp32: the reference clamps the weight sum to it before dividing.
+FP32_TINY = 1.1754943508222875e-38
+
+
+@triton.jit
+def _local_index(first, k, origin, tile, size, WRAP: tl.constexpr):
+    """Local tile index of canvas cells ``first + k`` (block start ``first``, ``k`` a ``tl.arange``) and
+    whether the tile covers them; the index is masked to ``[0, tile)`` so it is always safe to read."""
+    if WRAP:
+        # first, origin in [0, size): one compare-and-add puts the block start in [0, size) and one
+        # compare-and-subtract per cell wraps the rest, exact for every cell on the canvas.
+        d = first - origin
+        d = tl.where(d < 0, d + size, d)
+        local = d + k
+        local = tl.where(local >= size, local - size, local)
+    else:
+        local = first + k - origin
+    covered = (local >= 0) & (local < tile) & (first + k < size)
+    return tl.where(covered, local, 0), covered
+
+
+@triton.jit
+def _block_touches(first, span, origin, tile, size, WRAP: tl.constexpr):
+    """Scalar: does the tile (``tile`` cells from ``origin``) cover any of canvas cells
+    ``first .. first + span``?"""
+    if WRAP:
+        d = first - origin
+        d = tl.where(d < 0, d + size, d)  # local index of the block's first cell, in [0, size)
+        return (d < tile) | (d + span >= size)
+    return (origin <= first + span) & (origin + tile > first)
+
+
+@triton.jit
+def _sin_quarter(x):
+    """``sin(x)`` for ``x`` in ``[0, pi/2]``: the Taylor series to ``x**11`` (Horner), whose truncation
+    error there is below ``(pi/2)**13 / 13! < 6e-8``, i.e. fp32 rounding. Cheaper than ``tl.sin``'s
+    general range reduction (which costs registers and a stack frame inside the tile loop) and the
+    same arithmetic on GPU and in the interpreter."""
+    x2 = x * x
+    # sin x = x - x^3 * (1/3! - x^2/5! + x^4/7! - x^6/9! + x^8/11!)
+    p = 1.0 / 39916800.0
+    p = p * x2 - 1.0 / 362880.0
+    p = p * x2 + 1.0 / 5040.0
+    p = p * x2 - 1.0 / 120.0
+    p = p * x2 + 1.0 / 6.0
+    return x - x * x2 * p
+
+
+@triton.jit
+def _axis_weight(local, covered, length, overlap, RAMP: tl.constexpr, HAS_RAMP: tl.constexpr):
+    """fp32 ``blend_ramp(length, overlap)[local]`` where covered, 0 elsewhere. ``RAMP``: 0 linear,
+    1 cosine (``RAMPS``)."""
+    if HAS_RAMP:
+        j = local.to(tl.float32)
+        edge = tl.minimum(j + 0.5, length - j - 0.5)  # distance to the nearer tile end
+        t = tl.minimum(tl.div_rn(edge, tl.zeros_like(edge) + overlap), 1.0)
+        if RAMP == 1:
+            s = _sin_quarter(t * 1.5707963267948966)  # pi / 2
+            # The flat middle must be exactly 1 whatever the last bit of the polynomial says.
+            t = tl.where(t >= 1.0, 1.0, s * s)
+        return tl.where(covered, t, 0.0)
+    return tl.where(covered, 1.0, 0.0)
+
+
+@triton.jit
+def _blend_scatter_kernel(
+    tiles_ptr,
+    origins_ptr,
+    out_ptr,
+    stride_tiles_nb,
+    stride_tiles_c,
+    stride_tiles_t,
+    stride_tiles_h,
+    stride_tiles_w,
+    stride_origins_n,
+    stride_origins_yx,
+    stride_out_b,
+    stride_out_c,
+    stride_out_t,
+    stride_out_h,
+    stride_out_w,
+    N,
+    B,
+    C,
+    T,
+    H,
+    W,
+    tile_h,
+    tile_w,
+    overlap_h,
+    overlap_w,
+    row_blocks,
+    col_blocks,
+    RAMP: tl.constexpr,
+    WRAP: tl.constexpr,
+    HAS_RAMP_H: tl.constexpr,
+    HAS_RAMP_W: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """tiles ``(N*B, C, T, tile_h, tile_w)`` any strides; origins ``(N, 2)`` int; out ``(B, C, T, H, W)``
+    any strides. Program ``pid`` = (pb * row_blocks + rb) * col_blocks + cb owns flattened ``(b, c, t)``
+    planes ``pb*BLOCK_P ...``, canvas rows ``rb*BLOCK_H ...`` and columns ``cb*BLOCK_W ...``."""
+    pid = tl.program_id(0)
+    col_block = pid % col_blocks
+    pid = pid // col_blocks
+    row_block = pid % row_blocks
+    plane_block = pid // row_blocks
+
+    p = plane_block * BLOCK_P + tl.arange(0, BLOCK_P)  # flattened (b, c, t), t fastest
+    plane_ok = p < B * C * T
+    t = p % T
+    bc = p // T
+    c = bc % C
+    b = bc // C
+    tile_plane = b.to(tl.int64) * stride_tiles_nb + c.to(tl.int64) * stride_tiles_c + t.to(tl.int64) * stride_tiles_t
+    # From tile n to tile n + 1 of the same b. tl.cast, not .to: an argument equal to 1 arrives as a
+    # Python int (Triton specialises it into a constant).
+    tile_step = tl.cast(B, tl.int64) * stride_tiles_nb
+
+    y0 = row_block * BLOCK_H
+    x0 = col_block * BLOCK_W
+    ky = tl.arange(0, BLOCK_H)
+    kx = tl.arange(0, BLOCK_W)
+    y_span = tl.minimum(BLOCK_H, H - y0) - 1  # last canvas row of the block, relative to y0
+    x_span = tl.minimum(BLOCK_W, W - x0) - 1
+
+    acc = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_W), dtype=tl.float32)
+    wsum = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for n in range(N):
+        origin = origins_ptr + n * stride_origins_n
+        oy = tl.load(origin).to(tl.int32)
+        ox = tl.load(origin + stride_origins_yx).to(tl.int32)
+        touches = _block_touches(y0, y_span, oy, tile_h, H, WRAP) & _block_touches(x0, x_span, ox, tile_w, W, WRAP)
+        if touches:
+            ly, y_cov = _local_index(y0, ky, oy, tile_h, H, WRAP)
+            lx, x_cov = _local_index(x0, kx, ox, tile_w, W, WRAP)
+            wgt = (
+                _axis_weight(ly, y_cov, tile_h, overlap_h, RAMP, HAS_RAMP_H)[:, None]
+                * _axis_weight(lx, x_cov, tile_w, overlap_w, RAMP, HAS_RAMP_W)[None, :]
+            )
+            covered = plane_ok[:, None, None] & (y_cov[:, None] & x_cov[None, :])[None, :, :]
+            src_row = (n * tile_step + ly.to(tl.int64) * stride_tiles_h)[None, :]
+            src = (
+                tiles_ptr
+                + (tile_plane[:, None] + src_row)[:, :, None]
+                + (lx.to(tl.int64) * stride_tiles_w)[None, None, :]
+            )
+            values = tl.load(src, mask=covered, other=0.0).to(tl.float32)
+            acc += values * wgt[None, :, :]
+            wsum += wgt
+
+    # Uncovered cells have acc == 0 and get 0, as in the reference.
+    inv = tl.where(wsum > 0, tl.div_rn(tl.zeros_like(wsum) + 1.0, tl.maximum(wsum, 1.1754943508222875e-38)), 0.0)
+    result = acc * inv[None, :, :]
+
+    y = y0 + ky
+    x = x0 + kx
+    dst_plane = b.to(tl.int64) * stride_out_b + c.to(tl.int64) * stride_out_c + t.to(tl.int64) * stride_out_t
+    dst = (
+        out_ptr
+        + (dst_plane[:, None] + (y.to(tl.int64) * stride_out_h)[None, :])[:, :, None]
+        + (x.to(tl.int64) * stride_out_w)[None, None, :]
+    )
+    mask = plane_ok[:, None, None] & (y < H)[None, :, None] & (x < W)[None, None, :]
+    tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def blend_scatter(
+    tiles: torch.Tensor,
+    origins: torch.Tensor,
+    canvas_hw: tuple[int, int],
+    overlap_hw: tuple[int, int],
+    ramp: str,
+    wrap: bool,
+    out: torch.Tensor,
+    *,
+    block: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Blend all tiles into ``out`` in one launch and return ``out``.
+
+    Args:
+        tiles: ``(N * B, C, T, h, w)`` tile-major float32/float16/bfloat16, any strides.
+        origins: ``(N, 2)`` int32/int64 ``(row, col)`` of each tile's top-left cell.
+        canvas_hw: ``(H, W)`` of the canvas.
+        overlap_hw: ramp length in cells at each tile end, per axis (``0`` = weight one).
+        ramp: ``linear`` or ``cosine`` (:data:`RAMPS`).
+        wrap: tiles wrap around the canvas (torus) if ``True``, else cells past it are dropped.
+        out: ``(B, C, T, H, W)`` in the tiles' dtype, any strides; every cell is written.
+        block: optional ``(BLOCK_P, BLOCK_H, BLOCK_W)`` powers of two instead of
+            :func:`~supergen.kernels.halo_gather.block_settings` (tests and tuning).
+
+    Checks only what would make the kernel touch memory out of bounds (devices, dtypes, ranks,
+    ``out`` shape, tiles divisible among origins); argument policy is ``supergen.ops``'s.
+    """
+    op = "blend_scatter"
+    for name, t in (("tiles", tiles), ("out", out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: `{name}` must be a torch.Tensor but is {type(t).__name__}.")
+    if tiles.dim() != 5:
+        raise ValueError(f"{op}: `tiles` must be (N * B, C, T, h, w) but has shape {tuple(tiles.shape)}.")
+    if tiles.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: `tiles` must be float32, float16 or bfloat16 but is {tiles.dtype}.")
+    if out.dtype != tiles.dtype:
+        raise TypeError(f"{op}: `out` must have the tiles' dtype {tiles.dtype} but is {out.dtype}.")
+    N = check_origins(op, origins)
+    if ramp not in RAMPS:
+        raise ValueError(f"{op}: `ramp` must be one of {tuple(RAMPS)} but is {ramp!r}.")
+    H, W = canvas_hw
+    oh, ow = overlap_hw
+    if not all(isinstance(v, int) for v in (H, W, oh, ow)) or min(H, W) < 1 or min(oh, ow) < 0:
+        raise ValueError(
+            f"{op}: `canvas_hw` must be ints >= 1 and `overlap_hw` ints >= 0 but are {canvas_hw!r}, {overlap_hw!r}."
+        )
+    NB, C, T, h, w = tiles.shape
+    if NB % N != 0:
+        raise ValueError(f"{op}: `tiles` has {NB} rows, which is not a multiple of the {N} origins.")
+    B = NB // N
+    expected = (B, C, T, H, W)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"{op}: `out` must have shape {expected} but has {tuple(out.shape)}.")
+    check_device(_blend_scatter_kernel, op, tiles=tiles, origins=origins, out=out)
+    if out.numel() == 0:
+        return out
+    if tiles.numel() == 0:  # no tile covers anything
+        return out.zero_()
+
+    planes = B * C * T
+    cfg = check_block(op, block) or block_settings(planes, H, W)
+    row_blocks = triton.cdiv(H, cfg["BLOCK_H"])
+    col_blocks = triton.cdiv(W, cfg["BLOCK_W"])
+    programs = triton.cdiv(planes, cfg["BLOCK_P"]) * row_blocks * col_blocks
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{op}: {programs} programs exceed the grid limit {MAX_PROGRAMS}; use larger blocks.")
+    _blend_scatter_kernel[(programs,)](
+        tiles_ptr=tiles,
+        origins_ptr=origins,
+        out_ptr=out,
+        stride_tiles_nb=tiles.stride(0),
+        stride_tiles_c=tiles.stride(1),
+        stride_tiles_t=tiles.stride(2),
+        stride_tiles_h=tiles.stride(3),
+        stride_tiles_w=tiles.stride(4),
+        stride_origins_n=origins.stride(0),
+        stride_origins_yx=origins.stride(1),
+        stride_out_b=out.stride(0),
+        stride_out_c=out.stride(1),
+        stride_out_t=out.stride(2),
+        stride_out_h=out.stride(3),
+        stride_out_w=out.stride(4),
+        N=N,
+        B=B,
+        C=C,
+        T=T,
+        H=H,
+        W=W,
+        tile_h=h,
+        tile_w=w,
+        overlap_h=oh,
+        overlap_w=ow,
+        row_blocks=row_blocks,
+        col_blocks=col_blocks,
+        RAMP=RAMPS[ramp],
+        WRAP=bool(wrap),
+        HAS_RAMP_H=oh > 0,
+        HAS_RAMP_W=ow > 0,
+        **cfg,
+    )
+    return out

@@ -1,0 +1,300 @@
+"""Triton ``halo_gather`` and ``blend_scatter`` against ``supergen.reference``.
+
+Without a GPU the kernels run in the Triton interpreter (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1`` before they are defined), so shapes are small and blocks are 16-128 wide:
+the interpreter's cost is per program, and the multi-block cases force small blocks on purpose to
+exercise every edge mask. The gather is a copy and must be bit-exact; the blend must agree with the
+fp32-accumulating reference to fp32 rounding (fp16/bf16: one output rounding step, tests/helpers.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import zlib
+
+import pytest
+import torch
+from helpers import assert_verbose_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from supergen import ops, reference
+
+pytest.importorskip("triton")
+# The package re-exports the launchers under the module names, so fetch the modules themselves.
+halo_gather_mod = importlib.import_module("supergen.kernels.halo_gather")
+blend_scatter_mod = importlib.import_module("supergen.kernels.blend_scatter")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _seed(*params) -> int:
+    """A per-case seed stable across processes (``hash`` of a str is salted per process)."""
+    return zlib.crc32(repr(params).encode())
+
+
+def _canvas(shape, dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """A ``(B, C, T, H, W)`` canvas with the requested memory layout (values are what matter)."""
+    B, C, T, H, W = shape
+    if layout == "contiguous":
+        base = torch.randn(shape, generator=gen)
+    elif layout == "permuted":  # channels-last-like: W is not the fastest axis in memory
+        base = torch.randn((T, B, H, W, C), generator=gen).permute(1, 4, 0, 2, 3)
+    else:  # "strided": every other column and frame of a larger tensor
+        base = torch.randn((B, C, 2 * T, H, 2 * W + 1), generator=gen)[:, :, ::2, :, 1::2]
+    assert base.shape == shape
+    return base.to(device=DEVICE, dtype=dtype)
+
+
+def _origins(n: int, H: int, W: int, h: int, w: int, wrap: bool, gen: torch.Generator) -> torch.Tensor:
+    hi_y, hi_x = (H, W) if wrap else (H - h + 1, W - w + 1)
+    ys = torch.randint(0, hi_y, (n,), generator=gen)
+    xs = torch.randint(0, hi_x, (n,), generator=gen)
+    if wrap:  # always include a window that wraps across both axes at once
+        ys[0], xs[0] = H - 1, W - 1
+    return torch.stack([ys, xs], dim=1).to(DEVICE)
+
+
+def _gather(canvas, origins, tile_hw, halo, mode, block=None):
+    h, w = tile_hw
+    B, C, T = canvas.shape[:3]
+    out = canvas.new_empty((origins.shape[0] * B, C, T, h + 2 * halo, w + 2 * halo))
+    return halo_gather_mod.halo_gather(canvas, origins, tile_hw, halo, mode, out, block=block)
+
+
+def _scatter(tiles, origins, canvas_hw, overlap_hw, ramp, wrap, block=None):
+    NB, C, T = tiles.shape[:3]
+    out = tiles.new_empty((NB // origins.shape[0], C, T, *canvas_hw))
+    return blend_scatter_mod.blend_scatter(tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out, block=block)
+
+
+def test_mode_and_ramp_tables_equal_the_reference():
+    assert halo_gather_mod.GATHER_MODES == reference.GATHER_MODES
+    assert blend_scatter_mod.RAMPS == reference.RAMPS
+
+
+@pytest.mark.parametrize("planes, rows, cols", [(1, 1, 1), (208, 90, 160), (208, 106, 176), (13, 270, 480), (7, 5, 3)])
+def test_block_settings_are_powers_of_two_within_budget(planes, rows, cols):
+    cfg = halo_gather_mod.block_settings(planes, rows, cols)
+    blocks = (cfg["BLOCK_P"], cfg["BLOCK_H"], cfg["BLOCK_W"])
+    assert all(b >= 1 and b & (b - 1) == 0 for b in blocks)
+    assert blocks[0] * blocks[1] * blocks[2] <= halo_gather_mod.MAX_BLOCK_CELLS
+    assert cfg["BLOCK_W"] <= halo_gather_mod.MAX_BLOCK_W and cfg["num_warps"] in (1, 2, 4, 8)
+    assert halo_gather_mod.block_settings(planes, rows, cols) == cfg  # deterministic
+
+
+# --------------------------------------------------------------------------------------------------
+# halo_gather
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["torus", "zero", "replicate"])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "strided"])
+def test_gather_is_bit_exact(mode, dtype, layout):
+    gen = torch.Generator().manual_seed(_seed(mode, dtype, layout))
+    shape = (2, 3, 2, 11, 19)  # odd canvas
+    canvas = _canvas(shape, dtype, layout, gen)
+    tile_hw, halo = (5, 7), 3
+    origins = _origins(4, 11, 19, *tile_hw, wrap=mode == "torus", gen=gen)
+    expected = reference.halo_gather(canvas, origins, tile_hw, halo, mode)
+    assert torch.equal(_gather(canvas, origins, tile_hw, halo, mode), expected)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_gather_random_shapes_and_blocks(data):
+    B, C, T = (data.draw(st.integers(1, 3)) for _ in range(3))
+    H, W = data.draw(st.integers(1, 24)), data.draw(st.integers(1, 40))
+    h, w = data.draw(st.integers(1, H)), data.draw(st.integers(1, W))
+    halo = data.draw(st.integers(0, 5))
+    mode = data.draw(st.sampled_from(sorted(reference.GATHER_MODES)))
+    block = data.draw(st.sampled_from([None, (1, 8, 16), (2, 4, 32)]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    canvas = _canvas((B, C, T, H, W), torch.float32, data.draw(st.sampled_from(["contiguous", "permuted"])), gen)
+    origins = _origins(data.draw(st.integers(1, 4)), H, W, h, w, wrap=mode == "torus", gen=gen)
+    expected = reference.halo_gather(canvas, origins, (h, w), halo, mode)
+    assert torch.equal(_gather(canvas, origins, (h, w), halo, mode, block), expected)
+
+
+def test_gather_window_larger_than_canvas_wraps_repeatedly():
+    gen = torch.Generator().manual_seed(1)
+    canvas = _canvas((1, 2, 1, 5, 6), torch.float32, "contiguous", gen)
+    origins = torch.tensor([[0, 0], [4, 5], [2, 3]], device=DEVICE)
+    for mode in ("torus", "zero", "replicate"):
+        expected = reference.halo_gather(canvas, origins, (3, 4), 7, mode)  # 17 x 18 windows on 5 x 6
+        assert torch.equal(_gather(canvas, origins, (3, 4), 7, mode, block=(2, 8, 16)), expected), mode
+
+
+def test_gather_writes_through_out_strides():
+    gen = torch.Generator().manual_seed(2)
+    canvas = _canvas((2, 3, 2, 9, 14), torch.float16, "strided", gen)
+    origins = _origins(3, 9, 14, 4, 6, wrap=True, gen=gen)
+    expected = reference.halo_gather(canvas, origins, (4, 6), 1, "torus")
+    storage = torch.full((6, 2, 3, 8, 6), float("nan"), dtype=torch.float16, device=DEVICE)
+    out = storage.permute(0, 2, 1, 4, 3)[..., :6, :]  # (6, 3, 2, 6, 8), W not the fast axis
+    halo_gather_mod.halo_gather(canvas, origins, (4, 6), 1, "torus", out)
+    assert torch.equal(out, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# blend_scatter
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("ramp", ["linear", "cosine"])
+@pytest.mark.parametrize("overlap", [(0, 0), (2, 3)])
+@pytest.mark.parametrize("wrap", [True, False], ids=["torus", "clamp"])
+def test_scatter_matches_reference(wrap, overlap, ramp, dtype):
+    gen = torch.Generator().manual_seed(_seed(wrap, overlap, ramp, dtype))
+    H, W, h, w = 13, 21, 6, 9
+    origins = _origins(5, H, W, h, w, wrap=wrap, gen=gen)
+    tiles = _canvas((5 * 2, 3, 2, h, w), dtype, "permuted", gen)
+    expected = reference.blend_scatter(tiles, origins, (H, W), overlap, ramp, wrap)
+    actual = _scatter(tiles, origins, (H, W), overlap, ramp, wrap)
+    assert_verbose_close(actual, expected, what=f"blend_scatter wrap={wrap} overlap={overlap} {ramp} {dtype}")
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_scatter_random_shapes_and_blocks(data):
+    B, C, T = (data.draw(st.integers(1, 2)) for _ in range(3))
+    H, W = data.draw(st.integers(2, 20)), data.draw(st.integers(2, 36))
+    h, w = data.draw(st.integers(1, H)), data.draw(st.integers(1, W))
+    overlap = (data.draw(st.integers(0, h // 2)), data.draw(st.integers(0, w // 2)))
+    wrap = data.draw(st.booleans())
+    ramp = data.draw(st.sampled_from(sorted(reference.RAMPS)))
+    block = data.draw(st.sampled_from([None, (1, 8, 16), (4, 2, 16)]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    N = data.draw(st.integers(1, 5))
+    origins = _origins(N, H, W, h, w, wrap=wrap, gen=gen)
+    tiles = _canvas((N * B, C, T, h, w), torch.float32, data.draw(st.sampled_from(["contiguous", "strided"])), gen)
+    expected = reference.blend_scatter(tiles, origins, (H, W), overlap, ramp, wrap)
+    assert_verbose_close(_scatter(tiles, origins, (H, W), overlap, ramp, wrap, block), expected, what="blend_scatter")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scatter_is_deterministic_and_writes_through_out_strides(dtype):
+    gen = torch.Generator().manual_seed(3)
+    origins = _origins(6, 10, 15, 5, 7, wrap=True, gen=gen)
+    tiles = _canvas((6, 2, 3, 5, 7), dtype, "strided", gen)
+    first = _scatter(tiles, origins, (10, 15), (2, 2), "cosine", True, block=(2, 8, 16))
+    out = torch.full((1, 3, 2, 15, 10), float("nan"), dtype=dtype, device=DEVICE).permute(0, 2, 1, 4, 3)
+    again = blend_scatter_mod.blend_scatter(tiles, origins, (10, 15), (2, 2), "cosine", True, out, block=(2, 8, 16))
+    assert torch.equal(first, again)
+
+
+def test_uncovered_cells_are_zero_and_a_partition_is_copied_exactly():
+    tiles = torch.randn(2, 2, 1, 4, 5, device=DEVICE)
+    origins = torch.tensor([[0, 0], [6, 7]], device=DEVICE)  # two disjoint tiles on a 10 x 12 canvas
+    out = _scatter(tiles, origins, (10, 12), (0, 0), "linear", False)
+    cover = torch.zeros(10, 12, dtype=torch.bool)
+    cover[0:4, 0:5] = cover[6:10, 7:12] = True
+    assert torch.equal(out[..., ~cover], torch.zeros_like(out[..., ~cover]))
+    assert torch.equal(out[..., 0:4, 0:5], tiles[0:1]) and torch.equal(out[..., 6:10, 7:12], tiles[1:2])
+
+
+# --------------------------------------------------------------------------------------------------
+# gather -> scatter round trips
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torus_gather_then_scatter_reconstructs_the_canvas_exactly(dtype):
+    gen = torch.Generator().manual_seed(4)
+    canvas = _canvas((1, 2, 2, 12, 20), dtype, "permuted", gen)
+    shift = (5, 3)  # shifted 3 x 4 partition: every tile but the first row/col wraps
+    origins = torch.tensor([((r * 4 + shift[0]) % 12, (c * 5 + shift[1]) % 20) for r in range(3) for c in range(4)])
+    origins = origins.to(DEVICE)
+    tiles = _gather(canvas, origins, (4, 5), 0, "torus")
+    assert torch.equal(_scatter(tiles, origins, (12, 20), (0, 0), "linear", True), canvas)
+
+
+@pytest.mark.parametrize("ramp", ["linear", "cosine"])
+def test_overlapping_gather_then_scatter_reconstructs_within_rounding(ramp):
+    gen = torch.Generator().manual_seed(5)
+    canvas = _canvas((1, 2, 1, 12, 20), torch.float32, "contiguous", gen)
+    origins = torch.tensor([(r * 4, c * 5) for r in range(3) for c in range(4)], device=DEVICE)
+    tiles = _gather(canvas, origins, (6, 7), 0, "torus")  # stride (4, 5), overlap (2, 2)
+    out = _scatter(tiles, origins, (12, 20), (2, 2), ramp, True)
+    assert_verbose_close(out, canvas, what=f"round trip {ramp}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Through supergen.ops and bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ops_dispatch_to_the_kernels_when_triton_is_forced():
+    gen = torch.Generator().manual_seed(6)
+    canvas = _canvas((2, 2, 1, 10, 14), torch.bfloat16, "strided", gen)
+    origins = _origins(3, 10, 14, 4, 6, wrap=True, gen=gen)
+    with ops.backend("triton"):
+        tiles = ops.halo_gather(canvas, origins, (4, 6), halo=2, mode="torus")
+        fused = ops.blend_scatter(tiles[..., 2:-2, 2:-2], origins, (10, 14), overlap=(1, 2), ramp="cosine")
+    assert torch.equal(tiles, reference.halo_gather(canvas, origins, (4, 6), 2, "torus"))
+    expected = reference.blend_scatter(tiles[..., 2:-2, 2:-2], origins, (10, 14), (1, 2), "cosine", True)
+    assert_verbose_close(fused, expected, what="ops.blend_scatter(triton)")
+
+
+def _gather_args(**change):
+    canvas = torch.randn(1, 2, 1, 8, 8, device=DEVICE)
+    args = {
+        "canvas": canvas,
+        "origins": torch.tensor([[0, 0]], device=DEVICE),
+        "tile_hw": (4, 4),
+        "halo": 1,
+        "mode": "torus",
+        "out": torch.empty(1, 2, 1, 6, 6, device=DEVICE),
+    }
+    args.update(change)
+    return args
+
+
+def _scatter_args(**change):
+    args = {
+        "tiles": torch.randn(2, 2, 1, 4, 4, device=DEVICE),
+        "origins": torch.tensor([[0, 0], [4, 4]], device=DEVICE),
+        "canvas_hw": (8, 8),
+        "overlap_hw": (0, 0),
+        "ramp": "linear",
+        "wrap": True,
+        "out": torch.empty(1, 2, 1, 8, 8, device=DEVICE),
+    }
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        ({"canvas": torch.randn(1, 2, 1, 8, 8, dtype=torch.float64)}, TypeError, "float64"),
+        ({"out": torch.empty(1, 2, 1, 6, 6, dtype=torch.float16)}, TypeError, "float16"),
+        ({"out": torch.empty(1, 2, 1, 6, 5)}, ValueError, r"\(1, 2, 1, 6, 6\)"),
+        ({"origins": torch.tensor([[0.0, 0.0]])}, TypeError, "float32"),
+        ({"origins": torch.tensor([0, 0])}, ValueError, r"\(2,\)"),
+        ({"mode": "reflect"}, ValueError, "reflect"),
+        ({"canvas": torch.randn(1, 2, 1, 8, 8, device="meta")}, ValueError, "meta"),
+        ({"canvas": torch.randn(2, 8, 8)}, ValueError, r"\(2, 8, 8\)"),
+    ],
+)
+def test_gather_launcher_rejects_bad_input(change, exc, match):
+    with pytest.raises(exc, match=match):
+        halo_gather_mod.halo_gather(**_gather_args(**change))
+
+
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        ({"tiles": torch.randn(2, 2, 1, 4, 4).int()}, TypeError, "int32"),
+        ({"out": torch.empty(1, 2, 1, 8, 9)}, ValueError, r"\(1, 2, 1, 8, 8\)"),
+        ({"origins": torch.tensor([[0, 0], [4, 4], [1, 1]])}, ValueError, "multiple of the 3"),
+        ({"ramp": "hann"}, ValueError, "hann"),
+        ({"out": torch.empty(1, 2, 1, 8, 8, device="meta")}, ValueError, "meta"),
+    ],
+)
+def test_scatter_launcher_rejects_bad_input(change, exc, match):
+    with pytest.raises(exc, match=match):
+        blend_scatter_mod.blend_scatter(**_scatter_args(**change))
