@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
     AutoencoderKLCogVideoX,
     CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
     CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
@@ -114,6 +115,34 @@ def test_one_tile_equals_pipeline_prediction(kind, i2v, batch, dynamic):
         pred = adapter.predict(_bcthw(sample), t, cond, torch.zeros(1, 2, dtype=torch.int64), (h, w))
         assert pred.dtype == torch.float32
         assert torch.equal(pred, _bcthw(model_output)), f"t={int(t)}: {(pred - _bcthw(model_output)).abs().max()}"
+
+
+@pytest.mark.parametrize("kind,i2v,solver", [("rope10", False, "dpm"), ("rope15", True, "ddim")])
+def test_one_tile_loop_equals_the_pipeline_loop(kind, i2v, solver):
+    """predict + scheduler_step over a whole schedule reproduce the pipeline's final latent bit for bit
+    (DPM carries the previous x0 and draws SDE noise from the generator every step)."""
+    pipe = _pipeline(kind, i2v)
+    if solver == "dpm":
+        pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    adapter = adapter_for(pipe)
+    pe, ne = _text()
+    noise = torch.randn(1, 4, C, 8, 12, generator=torch.Generator().manual_seed(2))
+    kwargs = dict(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=6.0)
+    if i2v:
+        kwargs["image"] = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    stock = pipe(height=32, width=48, num_frames=13, num_inference_steps=3, latents=noise, output_type="latent",
+                 generator=torch.Generator().manual_seed(4), **kwargs).frames  # fmt: skip
+
+    cond = adapter.conditioning((1, C, 4, 8, 12), generator=torch.Generator().manual_seed(4), **kwargs)
+    scheduler, generator, state = pipe.scheduler, torch.Generator().manual_seed(4), {}
+    if i2v:  # the pipeline drew the image posterior from its generator before the loop
+        torch.randn(1, C, 1, 8, 12, generator=generator)
+    scheduler.set_timesteps(3)
+    x = _bcthw(noise)
+    for i, t in enumerate(scheduler.timesteps):
+        pred = adapter.predict(x, t, cond, [[0, 0]], (8, 12))
+        x = adapter.scheduler_step(scheduler, pred, t, x, step_index=i, state=state, generator=generator)
+    assert torch.equal(x, _bcthw(stock))
 
 
 def test_tiles_batched_per_forward_and_named_cache_contexts(monkeypatch):

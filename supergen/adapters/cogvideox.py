@@ -108,6 +108,7 @@ class CogVideoXAdapter(ModelAdapter):
 
     # -- stage 1 ------------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def sketch(self, height: int, width: int, num_frames: int, **pipeline_kwargs) -> torch.Tensor:
         if not self.spec.valid_frames(num_frames):
             raise ValueError(f"`num_frames` must be 4k+1 for the CogVideoX VAE but is {num_frames}.")
@@ -146,6 +147,7 @@ class CogVideoXAdapter(ModelAdapter):
             for name, value in saved.items():
                 setattr(vae, name, value)
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with self._vae_tiling():
@@ -153,19 +155,24 @@ class CogVideoXAdapter(ModelAdapter):
             return vae.decode((1 / vae.config.scaling_factor * latents).to(vae.dtype)).sample
 
     def _encode(self, pixels: torch.Tensor, generator) -> torch.Tensor:
-        """Posterior samples, one video at a time with its own generator, as CogVideoX's V2V/I2V pipelines encode."""
+        """One video at a time, as CogVideoX's V2V/I2V pipelines encode: a posterior sample drawn from
+        ``generator`` (a list: one per video); without one, the posterior mode, so that stage 2 stays
+        reproducible (its fresh randomness is the seeded re-noise)."""
         vae, out = self.pipe.vae, []
         with self._vae_tiling():
             for i, video in enumerate(pixels.to(vae.dtype)):
+                dist = vae.encode(video[None]).latent_dist
                 gen = generator[i] if isinstance(generator, list) else generator
-                out.append(vae.encode(video[None]).latent_dist.sample(gen))
+                out.append(dist.mode() if gen is None else dist.sample(gen))
         return torch.cat(out)
 
+    @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.pipe.vae.config.scaling_factor * self._encode(pixels, generator)
 
     # -- stage 2 ------------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def conditioning(self, canvas_shape: tuple[int, ...], **kw) -> Conditioning:
         pipe, config = self.pipe, self.pipe.transformer.config
         params = inspect.signature(pipe.__call__).parameters
@@ -312,6 +319,7 @@ class CogVideoXAdapter(ModelAdapter):
             )
         return n, batch
 
+    @torch.no_grad()
     def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
         transformer = self.pipe.transformer
         origins = torch.as_tensor(origins, dtype=torch.int64)
@@ -358,3 +366,29 @@ class CogVideoXAdapter(ModelAdapter):
             outputs.append(pred)
         pred = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return pred[:, pad:].permute(0, 2, 1, 3, 4)
+
+    @torch.no_grad()
+    def scheduler_step(self, scheduler, noise_pred, t, latents, *, step_index: int, state: dict, generator=None):
+        """One update of the whole canvas, as the CogVideoX pipelines step.
+
+        ``CogVideoXDPMScheduler.step`` is not the common signature: it takes the previous step's
+        predicted ``x0`` and the timestep before ``t``, and returns the new ``x0``, which ``state`` (a dict
+        the refine loop creates empty per generation) carries to the next call. ``step_index`` is ``t``'s
+        index in ``scheduler.timesteps``. It draws SDE noise from ``generator`` each step.
+        """
+        from diffusers import CogVideoXDPMScheduler
+
+        # Stepped in the pipeline's (B, T, C, H, W) layout: the SDE noise is drawn in that order, so the
+        # same generator gives the pipeline's noise (updates are elementwise: the layout changes nothing else).
+        latents, noise_pred = latents.permute(0, 2, 1, 3, 4), noise_pred.permute(0, 2, 1, 3, 4)
+        if isinstance(scheduler, CogVideoXDPMScheduler):
+            back = scheduler.timesteps[step_index - 1] if step_index > 0 else None
+            latents, state["old_pred_original_sample"] = scheduler.step(
+                noise_pred, state.get("old_pred_original_sample"), t, back, latents, generator=generator,
+                return_dict=False,
+            )  # fmt: skip
+        else:
+            accepts = inspect.signature(scheduler.step).parameters
+            kwargs = {"generator": generator} if "generator" in accepts else {}
+            latents = scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
+        return latents.permute(0, 2, 1, 3, 4)
