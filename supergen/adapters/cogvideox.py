@@ -95,6 +95,8 @@ class CogVideoXAdapter(ModelAdapter):
             patch=(config.patch_size_t or 1, p, p),
             vae_scale=(vae.config.temporal_compression_ratio, 2 ** (len(vae.config.block_out_channels) - 1)),
             latent_channels=config.out_channels,
+            # 1.0: 60x90 (480x720 px), its training size. 1.5 checkpoints declare 300x300 here, the bound of
+            # their RoPE table rather than a training size: pass `native_size` (e.g. 768x1360) for them.
             native_latent=(config.sample_height, config.sample_width),
             prediction=_PREDICTION[prediction],
         )
@@ -218,6 +220,7 @@ class CogVideoXAdapter(ModelAdapter):
             "family": "cogvideox",
             "batch": B,
             "frames": T,
+            "canvas_hw": (H, W),
             "attention_kwargs": value("attention_kwargs"),
             # The I2V pipelines' offset embedding (CogVideoX 1.5): a constant 2.0.
             "ofs": None if config.ofs_embed_dim is None else torch.full((1,), 2.0, device=embeds.device, dtype=dtype),
@@ -308,6 +311,8 @@ class CogVideoXAdapter(ModelAdapter):
                 f"`tiles` {tuple(tiles.shape)} must be ({n} tiles * batch {batch}, {self.spec.latent_channels}, "
                 f"{cond.extra['frames']} frames as in `cond`, h, w)."
             )
+        if tuple(int(v) for v in canvas_hw) != cond.extra["canvas_hw"]:
+            raise ValueError(f"`canvas_hw` {tuple(canvas_hw)} is not the canvas {cond.extra['canvas_hw']} of `cond`.")
         p = self.spec.patch[1]
         if h % p or w % p or bool((origins % p).any()):
             raise ValueError(f"tile size {h}x{w} and origins must be multiples of the patch {p}.")
@@ -348,7 +353,9 @@ class CogVideoXAdapter(ModelAdapter):
         for start in range(0, n_tiles, group):
             stop = min(start + group, n_tiles)
             xs = x[start * batch : stop * batch]
-            text = cond.embeds.view(-1, batch, *cond.embeds.shape[1:]).repeat_interleave(stop - start, 0).flatten(0, 1)
+            text = (
+                cond.embeds.reshape(-1, batch, *cond.embeds.shape[1:]).repeat_interleave(stop - start, 0).flatten(0, 1)
+            )
             name = f"cond_uncond/tile{start}" if stop - start == 1 else f"cond_uncond/tiles{start}-{stop - 1}"
             with transformer.cache_context(name, **context):
                 pred = transformer(
