@@ -11,4 +11,13 @@ from .ops import blend_scatter, halo_gather, masked_attention
 from .tiling import TileGrid
 
 __version__ = "0.1.0"
-__all__ = ["TileGrid", "TilingConfig", "blend_scatter", "halo_gather", "masked_attention", "__version__"]
+__all__ = ["SuperGen", "TileGrid", "TilingConfig", "blend_scatter", "halo_gather", "masked_attention", "__version__"]
+
+
+def __getattr__(name: str):
+    # SuperGen drives diffusers pipelines; import it (and diffusers) only when it is asked for.
+    if name == "SuperGen":
+        from .pipeline import SuperGen
+
+        return SuperGen
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

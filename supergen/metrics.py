@@ -1,0 +1,119 @@
+"""Measurements for the report: stage timers, a peak-memory probe and the seam score."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+
+import torch
+
+
+class PeakMemory:
+    """Peak memory since :meth:`reset`: CUDA allocator peak on a GPU, peak RSS (VmHWM) on the CPU.
+
+    On Linux, writing ``5`` to ``/proc/self/clear_refs`` resets the process's peak RSS, so each stage
+    gets its own peak; where that is not possible the probe reports the lifetime peak (``resettable``
+    is then False, and the report says so).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.resettable = True
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.resettable = False
+
+    def read(self) -> int:
+        """Peak bytes since the last reset."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_rss()
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (since the last VmHWM reset on Linux)."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes."""
+    kib = _status_kib("VmRSS")
+    return (kib or 0) * 1024
+
+
+class StageTimer:
+    """Wall-clock seconds and peak memory per named stage (synchronising CUDA at both ends)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
+        self._memory = PeakMemory(self.device)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self._memory.reset()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), self._memory.read())
+
+    @property
+    def peak_resettable(self) -> bool:
+        return self._memory.resettable
+
+
+def seam_score(video: torch.Tensor, rows: list[int], cols: list[int]) -> float | None:
+    """How much stronger the jumps across tile edges are than the jumps elsewhere (1.0 = no seam).
+
+    ``video``: ``(..., H, W)`` pixels; ``rows``/``cols``: pixel rows/columns ``e`` on which a tile edge
+    lies (the jump measured is between ``e − 1`` and ``e``; 0 and the far border are skipped, since the
+    output is not periodic). Returns the mean absolute jump across edge lines divided by the mean
+    absolute jump across all lines, or ``None`` when there is no interior edge.
+    """
+    video = video.float()
+    H, W = video.shape[-2:]
+    dy = (video[..., 1:, :] - video[..., :-1, :]).abs()  # dy[..., e - 1, :] is the jump into row e
+    dx = (video[..., :, 1:] - video[..., :, :-1]).abs()
+    rows = sorted({r for r in rows if 0 < r < H})
+    cols = sorted({c for c in cols if 0 < c < W})
+    if not rows and not cols:
+        return None
+    edge_sum = dy[..., [r - 1 for r in rows], :].sum() + dx[..., [c - 1 for c in cols]].sum()
+    edge_count = len(rows) * dy[..., :1, :].numel() + len(cols) * dx[..., :1].numel()
+    overall = (dy.sum() + dx.sum()) / (dy.numel() + dx.numel())
+    if float(overall) == 0.0:
+        return 1.0
+    return float(edge_sum / edge_count / overall)

@@ -1,0 +1,248 @@
+"""``SuperGen``: wrap a diffusers video pipeline you already run and generate at 2K/4K with it.
+
+>>> sg = SuperGen(pipe, tiling=TilingConfig(shift=True))
+>>> out = sg(prompt="a fox in the snow", height=1440, width=2560, num_frames=41,
+...          num_inference_steps=50, refine_steps=35, generator=torch.Generator().manual_seed(0))
+>>> out.frames, out.report["seconds"]
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from .adapters.base import POSITIONS, adapter_for
+from .config import TilingConfig
+from .metrics import StageTimer, seam_score
+from .stages import check_inputs, refine, sketch
+from .upscale import renoise, scheduler_family, upscale_latents
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+@dataclass
+class SuperGenOutput:
+    """``frames``: the video as ``output_type`` asks (``latents`` again for ``"latent"``);
+    ``latents``: the refined canvas latent ``(B, C, T, H, W)``; ``report``: what ran, how long, how big."""
+
+    frames: object
+    latents: torch.Tensor
+    report: dict
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("supergen", "torch", "diffusers", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class SuperGen:
+    """Two-stage, training-free high-resolution generation with an existing diffusers video pipeline.
+
+    Args:
+        pipe: a supported diffusers pipeline (``supergen.adapters.base.supported_transformers()``).
+        tiling: how stage 2 cuts the canvas (:class:`TilingConfig`); the tile defaults to the model's
+            native latent size.
+        positions: ``local`` (each tile sees the model's own positions) or ``canvas`` (each tile's
+            positions are its absolute place on the canvas, so objects are not repeated per tile).
+        native_size: the model's native ``(height, width)`` in pixels (sketch size and default tile);
+            default: ``pipe.native_size`` if the pipeline carries one, else the adapter's value.
+        max_tile_batch: tiles computed per forward.
+        cache, parallel: reserved for the region cache and tile parallelism (not available yet).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        tiling: TilingConfig | None = None,
+        cache=None,
+        parallel=None,
+        positions: str = "local",
+        native_size: tuple[int, int] | None = None,
+        max_tile_batch: int = 1,
+    ):
+        if cache is not None or parallel is not None:
+            raise NotImplementedError("`cache` and `parallel` are not available yet; pass None.")
+        tiling = tiling if tiling is not None else TilingConfig()
+        if not isinstance(tiling, TilingConfig):
+            raise TypeError(f"`tiling` must be a TilingConfig but is {type(tiling).__name__}.")
+        if positions not in POSITIONS:
+            raise ValueError(f"`positions` must be one of {POSITIONS} but is {positions!r}.")
+        self.pipe = pipe
+        self.tiling = tiling
+        self.adapter = adapter_for(pipe, positions=positions, max_tile_batch=max_tile_batch)
+        native_size = native_size if native_size is not None else getattr(pipe, "native_size", None)
+        if native_size is not None:
+            s = self.adapter.spec.vae_scale[1]
+            h, w = (int(v) for v in native_size)
+            if h % self.adapter.spec.pixel_multiple() or w % self.adapter.spec.pixel_multiple():
+                raise ValueError(
+                    f"`native_size` must be a multiple of {self.adapter.spec.pixel_multiple()} but is {(h, w)}."
+                )
+            self.adapter.spec = replace(self.adapter.spec, native_latent=(h // s, w // s))
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        s = self.adapter.spec.vae_scale[1]
+        return self.adapter.spec.native_latent[0] * s, self.adapter.spec.native_latent[1] * s
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        height: int,
+        width: int,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        refine_steps: int | None = None,
+        guidance_scale: float = 5.0,
+        sketch_height: int | None = None,
+        sketch_width: int | None = None,
+        sketch_latents: torch.Tensor | None = None,
+        upscale: str = "pixel",
+        generator: torch.Generator | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **pipeline_kwargs,
+    ) -> SuperGenOutput:
+        """Generate a ``num_frames x height x width`` video.
+
+        Takes the pipeline's usual arguments (prompt or embeddings, ``image`` for image-to-video,
+        ``guidance_scale``, ``generator``, ...) plus the target ``height``/``width``, ``refine_steps``
+        (k: stage 2 runs the last k of the N steps; default 70 % of N, as the Wan port of the method)
+        and the sketch size (default: the model's native size).
+        """
+        pipe, adapter = self.pipe, self.adapter
+        timer = StageTimer(pipe._execution_device)
+        started = time.perf_counter()
+
+        # 1. Check inputs: every size and count, before any model work.
+        if refine_steps is None:
+            refine_steps = max(1, round(0.7 * num_inference_steps)) if isinstance(num_inference_steps, int) else 0
+        native_h, native_w = self.native_size
+        plan, grid = check_inputs(
+            adapter.spec,
+            height=height,
+            width=width,
+            sketch_height=sketch_height if sketch_height is not None else native_h,
+            sketch_width=sketch_width if sketch_width is not None else native_w,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            refine_steps=refine_steps,
+            tiling=self.tiling,
+            upscale=upscale,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} but is {output_type!r}.")
+        family = scheduler_family(pipe.scheduler)
+        if getattr(adapter, "image_to_video", False) and pipeline_kwargs.get("image") is None:
+            raise ValueError("this is an image-to-video pipeline: pass `image` (the first frame).")
+        text = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "guidance_scale": guidance_scale,
+        }
+
+        # 2. Stage 1: sketch at the native size with the stock pipeline.
+        with timer.stage("sketch"):
+            low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+
+        # 3. Upscale the sketch to the canvas (pixel space by default).
+        with timer.stage("upscale"):
+            clean = upscale_latents(adapter, low, plan.canvas_latent, mode=upscale)
+
+        with timer.stage("refine"):
+            # 4. The same N-step schedule as the sketch; re-noise the canvas to step N-k.
+            pipe.scheduler.set_timesteps(plan.num_inference_steps, device=clean.device)
+            if len(pipe.scheduler.timesteps) != plan.num_inference_steps:
+                raise ValueError(
+                    f"scheduler {type(pipe.scheduler).__name__} makes {len(pipe.scheduler.timesteps)} timesteps "
+                    f"for {plan.num_inference_steps} steps; only one-evaluation-per-step schedulers are supported."
+                )
+            latents = renoise(pipe.scheduler, clean, plan.begin_index, generator)
+
+            # 5. Conditioning at canvas size (text embeddings; image latents cropped per tile later).
+            cond = adapter.conditioning(tuple(latents.shape), num_frames=plan.num_frames, **text, **pipeline_kwargs)
+
+            # 6. Stage 2: tiled refinement over the last k steps.
+            with pipe.progress_bar(total=plan.refine_steps) as bar:
+                latents = refine(
+                    adapter, pipe.scheduler, latents, cond, grid, plan,
+                    progress_bar=bar,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    callback_owner=pipe,
+                )  # fmt: skip
+
+        # 7. Decode with the VAE's tiling on.
+        frames, seam = latents, None
+        if output_type != "latent":
+            with timer.stage("decode"):
+                video = adapter.decode(latents)
+                s = adapter.spec.vae_scale[1]
+                rows, cols = grid.edges(plan.refine_steps - 1)
+                seam = seam_score(video, [r * s for r in rows], [c * s for c in cols])
+                frames = pipe.video_processor.postprocess_video(video, output_type=output_type)
+        timer.seconds["total"] = time.perf_counter() - started
+
+        # 8. Report.
+        transformer = pipe.transformer
+        report = {
+            "model": {
+                "pipeline": type(pipe).__name__,
+                "transformer": type(transformer).__name__,
+                "family": adapter.spec.family,
+                "parameters": sum(p.numel() for p in transformer.parameters()),
+                "dtype": str(transformer.dtype).replace("torch.", ""),
+                "scheduler": type(pipe.scheduler).__name__,
+                "scheduler_family": family,
+            },
+            "sizes": {
+                "frames": plan.num_frames,
+                "sketch": list(plan.sketch_hw),
+                "target": list(plan.target_hw),
+                "sketch_latent": [plan.latent_frames, *plan.sketch_latent],
+                "canvas_latent": [plan.latent_frames, *plan.canvas_latent],
+                "tile_latent": list(grid.tile),
+            },
+            "tiling": {
+                "tiles_per_step": grid.num_tiles,
+                "overlap": list(grid.overlap),
+                "boundary": grid.config.boundary,
+                "shift": grid.config.shift,
+                "positions": adapter.positions,
+                "upscale": upscale,
+            },
+            "steps": {"total": plan.num_inference_steps, "refine": plan.refine_steps, "begin_index": plan.begin_index},
+            "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
+            "peak_memory_bytes": dict(timer.peak_bytes),
+            "peak_memory_kind": "cuda allocator" if timer.device.type == "cuda" else "process peak RSS",
+            "cache": None,
+            "seam_score": seam,
+            "versions": versions(),
+            "device": device_name(timer.device),
+        }
+        return SuperGenOutput(frames=frames, latents=latents, report=report)

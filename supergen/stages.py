@@ -1,0 +1,196 @@
+"""The two stages of SuperGen, written as the method reads.
+
+Stage 1 (:func:`sketch`) is the stock pipeline at the model's native size. Between the stages the
+sketch is upscaled in pixel space and re-noised to step N−k of the same N-step schedule
+(:mod:`supergen.upscale`). Stage 2 (:func:`refine`) denoises the canvas for the last k steps: at each
+step the tile grid is placed (shifted every step, or overlapping with blend ramps), every tile is a
+native-size forward of the same model, the tile predictions are fused into one canvas prediction and
+the scheduler takes ONE step on the whole canvas — one trajectory, so multistep schedulers work
+unchanged. Model quirks live in the adapter; nothing here branches on the model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.base import Conditioning, ModelAdapter, ModelSpec
+from .config import TilingConfig
+from .ops import blend_scatter, halo_gather
+from .tiling import TileGrid
+from .upscale import UPSCALE_MODES
+
+#: Tensors ``callback_on_step_end`` may see (and replace: only ``latents`` is read back).
+CALLBACK_TENSOR_INPUTS = ("latents", "noise_pred", "origins")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Validated sizes and steps of one generation (pixels unless named ``*_latent``)."""
+
+    sketch_hw: tuple[int, int]
+    target_hw: tuple[int, int]
+    num_frames: int
+    latent_frames: int
+    sketch_latent: tuple[int, int]
+    canvas_latent: tuple[int, int]
+    num_inference_steps: int
+    refine_steps: int
+
+    @property
+    def begin_index(self) -> int:
+        """Index in the N-step schedule where stage 2 enters (re-noise level)."""
+        return self.num_inference_steps - self.refine_steps
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1 but is {value!r}.")
+    return value
+
+
+def check_inputs(
+    spec: ModelSpec,
+    *,
+    height: int,
+    width: int,
+    sketch_height: int,
+    sketch_width: int,
+    num_frames: int,
+    num_inference_steps: int,
+    refine_steps: int,
+    tiling: TilingConfig,
+    upscale: str = "pixel",
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+) -> tuple[Plan, TileGrid]:
+    """Validate every size and step count before any model work; returns the plan and the tile grid."""
+    multiple = spec.pixel_multiple()
+    for name, value in (("height", height), ("width", width), ("sketch_height", sketch_height),
+                        ("sketch_width", sketch_width)):  # fmt: skip
+        _positive_int(name, value)
+        if value % multiple:
+            raise ValueError(
+                f"`{name}` must be a multiple of {multiple} (VAE stride {spec.vae_scale[1]} x patch "
+                f"{max(spec.patch[1:])}) but is {value}."
+            )
+    if height < sketch_height or width < sketch_width:
+        raise ValueError(
+            f"the target {height}x{width} must be at least the native (sketch) size {sketch_height}x{sketch_width} "
+            "on both axes."
+        )
+    _positive_int("num_frames", num_frames)
+    if not spec.valid_frames(num_frames):
+        raise ValueError(
+            f"`num_frames` must be {spec.vae_scale[0]}k+1 for this model's VAE (e.g. "
+            f"{(num_frames - 1) // spec.vae_scale[0] * spec.vae_scale[0] + 1}) but is {num_frames}."
+        )
+    latent_frames = (num_frames - 1) // spec.vae_scale[0] + 1
+    if latent_frames % spec.patch[0]:
+        raise ValueError(
+            f"`num_frames` {num_frames} gives {latent_frames} latent frames, not a multiple of the temporal patch "
+            f"{spec.patch[0]}."
+        )
+    _positive_int("num_inference_steps", num_inference_steps)
+    _positive_int("refine_steps", refine_steps)
+    if refine_steps > num_inference_steps:
+        raise ValueError(
+            f"`refine_steps` must be in [1, num_inference_steps={num_inference_steps}] but is {refine_steps}."
+        )
+    if upscale not in UPSCALE_MODES:
+        raise ValueError(f"`upscale` must be one of {UPSCALE_MODES} but is {upscale!r}.")
+    bad = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+    if bad:
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` may hold only {CALLBACK_TENSOR_INPUTS} but has {bad}.")
+    s = spec.vae_scale[1]
+    plan = Plan(
+        sketch_hw=(sketch_height, sketch_width),
+        target_hw=(height, width),
+        num_frames=num_frames,
+        latent_frames=latent_frames,
+        sketch_latent=(sketch_height // s, sketch_width // s),
+        canvas_latent=(height // s, width // s),
+        num_inference_steps=num_inference_steps,
+        refine_steps=refine_steps,
+    )
+    # TileGrid validates the tile/overlap geometry against the canvas (ValueError on bad input).
+    grid = TileGrid(
+        (latent_frames, *plan.canvas_latent), tiling, multiple=spec.patch[1:], native_tile=spec.native_latent
+    )
+    return plan, grid
+
+
+def sketch(adapter: ModelAdapter, plan: Plan, latents: torch.Tensor | None = None, **pipeline_kwargs) -> torch.Tensor:
+    """Stage 1: the stock pipeline at native size, returning its final (normalised) latent.
+
+    ``latents`` given with the sketch's shape ``(B, C, T, h, w)`` is taken as a ready sketch (e.g. a
+    saved one), and the pipeline is not run.
+    """
+    if latents is not None:
+        expected = (adapter.spec.latent_channels, plan.latent_frames, *plan.sketch_latent)
+        if latents.dim() != 5 or tuple(latents.shape[1:]) != expected:
+            raise ValueError(
+                f"`sketch_latents` must have shape (B, {', '.join(map(str, expected))}) but has {tuple(latents.shape)}."
+            )
+        return latents
+    h, w = plan.sketch_hw
+    return adapter.sketch(h, w, plan.num_frames, num_inference_steps=plan.num_inference_steps, **pipeline_kwargs)
+
+
+def refine(
+    adapter: ModelAdapter,
+    scheduler,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    grid: TileGrid,
+    plan: Plan,
+    *,
+    progress_bar=None,
+    callback_on_step_end: Callable | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    callback_owner=None,
+) -> torch.Tensor:
+    """Stage 2: denoise the canvas over the last ``k`` steps of the scheduler's N-step schedule.
+
+    ``latents`` is the re-noised canvas ``(B, C, T, H, W)`` at step ``N − k``; the scheduler must hold
+    the N-step schedule (``set_timesteps(N)`` already called, no step taken yet).
+    """
+    # 1. Enter the SAME N-step schedule at step N-k. The begin index also spares schedulers the
+    #    device-to-host sync of looking the timestep up (diffusers PR 11696).
+    begin = plan.begin_index
+    timesteps = scheduler.timesteps[begin:]
+    scheduler.set_begin_index(begin)
+    sigmas = getattr(scheduler, "sigmas", None)
+    canvas_hw = tuple(latents.shape[-2:])
+    gather_mode = "torus" if grid.wrap else "zero"
+
+    for i, t in enumerate(timesteps):
+        # 2. Place the tile grid for this step (shifted windows, or the fixed overlapping grid).
+        origins = grid.at_step(i).to(latents.device)
+
+        # 3. Gather every tile window of the canvas in one call.
+        tiles = halo_gather(latents, origins, grid.tile, 0, gather_mode)
+
+        # 4. One native-size forward per tile (guidance applied per tile, by the adapter).
+        sigma = float(sigmas[begin + i]) if sigmas is not None else None
+        adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
+        tile_pred = adapter.predict(tiles, t, cond, origins, canvas_hw)
+
+        # 5. Fuse the tile predictions into ONE canvas prediction (blend ramps where tiles overlap).
+        noise_pred = blend_scatter(
+            tile_pred, origins, canvas_hw, overlap=grid.overlap, ramp=grid.config.ramp, wrap=grid.wrap
+        )
+
+        # 6. One scheduler step on the whole canvas: one trajectory, multistep history intact.
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+        if callback_on_step_end is not None:
+            visible = {"latents": latents, "noise_pred": noise_pred, "origins": origins}
+            callback_kwargs = {k: visible[k] for k in callback_on_step_end_tensor_inputs}
+            outputs = callback_on_step_end(callback_owner, begin + i, t, callback_kwargs) or {}
+            latents = outputs.pop("latents", latents)
+
+        if progress_bar is not None:
+            progress_bar.update()
+    return latents

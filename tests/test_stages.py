@@ -1,0 +1,237 @@
+"""Stages on the tiny Wan: the tiled refine loop against plain denoising loops, re-noise formulas,
+determinism, callbacks, and input checks that fire before any model work."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from supergen import SuperGen, TilingConfig  # noqa: E402
+from supergen.adapters.base import adapter_for  # noqa: E402
+from supergen.stages import check_inputs, refine  # noqa: E402
+from supergen.tiny import tiny_wan_pipeline  # noqa: E402
+from supergen.upscale import renoise, resize_frames, upscale_latents  # noqa: E402
+
+PROMPT = {"prompt": "a lighthouse at dusk", "negative_prompt": "low quality", "guidance_scale": 4.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: thread fan-out costs more than it saves (15x slower forwards measured with 2
+    # threads on a shared 2-core machine), so these tests run single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _setup(pipe, canvas_hw, tiling, steps, k, native=(8, 8), **adapter_kwargs):
+    adapter = adapter_for(pipe, **adapter_kwargs)
+    adapter.spec = replace(adapter.spec, native_latent=native)
+    plan, grid = check_inputs(
+        adapter.spec, height=canvas_hw[0] * 8, width=canvas_hw[1] * 8, sketch_height=native[0] * 8,
+        sketch_width=native[1] * 8, num_frames=9, num_inference_steps=steps, refine_steps=k, tiling=tiling,
+    )  # fmt: skip
+    return adapter, plan, grid
+
+
+def _plain_loop(pipe, latents, steps, begin, guidance_scale=4.0, **text):
+    """WanPipeline's denoising loop, written out (as diffusers-notes §3 verified it), from step `begin`."""
+    tf, s = pipe.transformer, pipe.scheduler
+    pe, ne = pipe.encode_prompt(do_classifier_free_guidance=True, **text)
+    s.set_timesteps(steps)
+    s.set_begin_index(begin)
+    for t in s.timesteps[begin:]:
+        x = latents.to(tf.dtype)
+        with torch.no_grad():
+            c = tf(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=pe, return_dict=False)[0]
+            u = tf(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=ne, return_dict=False)[0]
+        latents = s.step(u + guidance_scale * (c - u), t, latents, return_dict=False)[0]
+    return latents
+
+
+def _refine(pipe, adapter, plan, grid, latents, **kw):
+    pipe.scheduler.set_timesteps(plan.num_inference_steps)
+    cond = adapter.conditioning(tuple(latents.shape), num_frames=9, **PROMPT)
+    return refine(adapter, pipe.scheduler, latents, cond, grid, plan, **kw)
+
+
+@pytest.mark.parametrize("canvas_hw", [(8, 8), (8, 12)])
+def test_one_tile_refine_equals_plain_loop(pipe, canvas_hw):
+    """KEY: one tile covering the canvas, no shift: the refine loop IS the plain denoising loop (fp32, diff 0)."""
+    steps, k = 6, 4
+    adapter, plan, grid = _setup(pipe, canvas_hw, TilingConfig(shift=False), steps, k, native=canvas_hw)
+    assert grid.num_tiles == 1 and grid.tile == canvas_hw
+    x = torch.randn(1, 16, 3, *canvas_hw, generator=torch.Generator().manual_seed(0))
+    ours = _refine(pipe, adapter, plan, grid, x)
+    text = {k: PROMPT[k] for k in ("prompt", "negative_prompt")}
+    plain = _plain_loop(pipe, x, steps, steps - k, **text)
+    assert (ours - plain).abs().max().item() == 0.0
+
+
+def test_full_refine_from_noise_equals_the_stock_pipeline(pipe):
+    """With k = N from pure noise, stage 2 on one tile reproduces WanPipeline itself, bit for bit."""
+    adapter, plan, grid = _setup(pipe, (8, 8), TilingConfig(shift=False), 5, 5)
+    noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    stock = pipe(height=64, width=64, num_frames=9, num_inference_steps=5, latents=noise, output_type="latent",
+                 **PROMPT).frames  # fmt: skip
+    assert torch.equal(_refine(pipe, adapter, plan, grid, noise), stock)
+
+
+def test_i2v_full_refine_equals_the_stock_pipeline():
+    """Image-to-video: canvas-size conditioning + one tile reproduces WanImageToVideoPipeline exactly."""
+    import PIL.Image
+
+    i2v = tiny_wan_pipeline(image_to_video=True)
+    i2v.set_progress_bar_config(disable=True)
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    adapter, plan, grid = _setup(i2v, (8, 8), TilingConfig(shift=False), 3, 3)
+    noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    stock = i2v(image=image, height=64, width=64, num_frames=9, num_inference_steps=3, latents=noise,
+                output_type="latent", **PROMPT).frames  # fmt: skip
+    i2v.scheduler.set_timesteps(3)
+    cond = adapter.conditioning((1, 16, 3, 8, 8), num_frames=9, image=image, **PROMPT)
+    assert torch.equal(refine(adapter, i2v.scheduler, noise, cond, grid, plan), stock)
+
+
+def test_fixed_tiles_equal_independent_plain_loops(pipe):
+    """No shift, no overlap, local positions: fusing before one canvas step equals denoising each tile
+    on its own (the scheduler update is elementwise), so fusion adds nothing and loses nothing."""
+    steps, k = 5, 3
+    adapter, plan, grid = _setup(pipe, (16, 16), TilingConfig(shift=False), steps, k)
+    assert grid.num_tiles == 4
+    x = torch.randn(1, 16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = _refine(pipe, adapter, plan, grid, x)
+    text = {k: PROMPT[k] for k in ("prompt", "negative_prompt")}
+    for oy, ox in grid.at_step(0).tolist():
+        tile = _plain_loop(pipe, x[..., oy : oy + 8, ox : ox + 8], steps, steps - k, **text)
+        torch.testing.assert_close(ours[..., oy : oy + 8, ox : ox + 8], tile, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "tiling",
+    [TilingConfig(shift=True), TilingConfig(shift=False, overlap=2), TilingConfig(boundary="clamp", overlap=2)],
+)
+def test_tiled_refine_steps_the_scheduler_once_per_timestep(pipe, tiling, monkeypatch):
+    steps, k = 3, 2
+    adapter, plan, grid = _setup(pipe, (16, 24), tiling, steps, k, positions="canvas")
+    calls = []
+    original = type(pipe.scheduler).step
+    monkeypatch.setattr(
+        type(pipe.scheduler), "step", lambda s, *a, **kw: calls.append(a[0].shape) or original(s, *a, **kw)
+    )
+    seen = []
+
+    def callback(owner, i, t, tensors):
+        seen.append((i, sorted(tensors)))
+        return {"latents": tensors["latents"]}
+
+    x = torch.randn(1, 16, 3, 16, 24, generator=torch.Generator().manual_seed(4))
+    out = _refine(pipe, adapter, plan, grid, x, callback_on_step_end=callback,
+                  callback_on_step_end_tensor_inputs=("latents", "noise_pred"))  # fmt: skip
+    assert calls == [torch.Size([1, 16, 3, 16, 24])] * k  # one canvas-wide step per timestep
+    assert seen == [(i, ["latents", "noise_pred"]) for i in range(steps - k, steps)]
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_callback_can_replace_latents(pipe):
+    adapter, plan, grid = _setup(pipe, (8, 8), TilingConfig(shift=False), 3, 2)
+    x = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    zeroed = _refine(
+        pipe, adapter, plan, grid, x, callback_on_step_end=lambda o, i, t, d: {"latents": d["latents"] * 0}
+    )
+    assert not zeroed.any()
+
+
+def test_renoise_matches_diffusers_own_formulas():
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    x0 = torch.randn(1, 4, 2, 6, 6, generator=torch.Generator().manual_seed(6))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow.set_timesteps(10)
+    flow.set_begin_index(3)
+    want = flow.scale_noise(x0, flow.timesteps[3:4], noise)
+    torch.testing.assert_close(renoise(flow, x0, 3, torch.Generator().manual_seed(7)), want, atol=1e-6, rtol=1e-6)
+    ddim = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
+    ddim.set_timesteps(10)
+    want = ddim.add_noise(x0, noise, ddim.timesteps[3:4])
+    torch.testing.assert_close(renoise(ddim, x0, 3, torch.Generator().manual_seed(7)), want, atol=1e-6, rtol=1e-6)
+
+
+def test_upscale_modes(pipe):
+    adapter = adapter_for(pipe)
+    low = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(upscale_latents(adapter, low, (16, 24), mode="latent"), resize_frames(low, (16, 24)))
+    up = upscale_latents(adapter, low, (12, 16), mode="pixel")
+    assert up.shape == (1, 16, 3, 12, 16) and torch.isfinite(up).all()
+    with pytest.raises(ValueError, match="upscale"):
+        upscale_latents(adapter, low, (16, 24), mode="nearest")
+
+
+def test_supergen_same_seed_same_output(pipe):
+    sg = SuperGen(pipe, tiling=TilingConfig(), positions="canvas")
+    kw = dict(height=96, width=80, num_frames=9, num_inference_steps=4, refine_steps=3, **PROMPT)
+    a = sg(generator=torch.Generator().manual_seed(11), **kw)
+    b = sg(generator=torch.Generator().manual_seed(11), **kw)
+    c = sg(generator=torch.Generator().manual_seed(12), output_type="latent", **kw)
+    assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+    assert not torch.equal(a.latents, c.latents)
+    assert a.frames.shape == (1, 9, 96, 80, 3)
+    report = a.report
+    assert report["sizes"]["canvas_latent"] == [3, 12, 10] and report["tiling"]["tiles_per_step"] == 4
+    assert report["steps"] == {"total": 4, "refine": 3, "begin_index": 1}
+    assert set(report["seconds"]) == {"sketch", "upscale", "refine", "decode", "total"}
+    assert report["seam_score"] is not None and report["seam_score"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"height": 120}, "`height` must be a multiple of 16"),
+        ({"width": 48}, "at least the native"),
+        ({"num_frames": 8}, "`num_frames` must be 4k\\+1"),
+        ({"refine_steps": 0}, "`refine_steps` must be an int >= 1"),
+        ({"refine_steps": 5}, "`refine_steps` must be in \\[1, num_inference_steps=4\\]"),
+        ({"num_inference_steps": 0}, "`num_inference_steps`"),
+        ({"upscale": "nearest"}, "`upscale`"),
+        ({"output_type": "gif"}, "`output_type`"),
+        ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, "callback_on_step_end_tensor_inputs"),
+    ],
+)
+def test_bad_input_fails_before_model_work(pipe, monkeypatch, kwargs, match):
+    sg = SuperGen(pipe)
+
+    def no_model_work(*a, **kw):
+        raise AssertionError("model work before input checks")
+
+    monkeypatch.setattr(sg.adapter, "sketch", no_model_work)
+    monkeypatch.setattr(type(pipe.transformer), "forward", no_model_work)
+    call = dict(height=128, width=128, num_frames=9, num_inference_steps=4, refine_steps=3, **PROMPT)
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        sg(**call)
+
+
+def test_bad_tiling_and_unsupported_pipeline(pipe):
+    with pytest.raises(ValueError, match="overlap"):
+        SuperGen(pipe, tiling=TilingConfig(overlap=6))(height=128, width=128, num_frames=9, num_inference_steps=2,
+                                                      refine_steps=1, **PROMPT)  # fmt: skip
+
+    class NotAVideoPipe:
+        transformer = torch.nn.Linear(1, 1)
+
+    with pytest.raises(ValueError, match="supported transformers: .*WanTransformer3DModel"):
+        SuperGen(NotAVideoPipe())
