@@ -32,6 +32,7 @@ Design
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -276,10 +277,14 @@ def _prune(configs, named_args, **kwargs):
 # The autotune key holds what changes the best tile: lengths and head dim. Triton's autotuner also
 # appends every tensor argument's dtype to the key, so fp16/bf16/fp32 tune separately. Re-running
 # a config is harmless: the kernel writes the same values to the same rows (no accumulation).
+# Results are cached on disk where this Triton can (>= 3.2), since a video model runs the same few
+# tile shapes in every process.
+_CACHE_KW = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _masked_attn_fwd_tuned = triton.autotune(
     configs=_CONFIGS,
     key=["Lq", "Lk", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune},
+    **_CACHE_KW,
 )(_masked_attn_fwd)
 
 

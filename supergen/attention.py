@@ -22,9 +22,11 @@ Per-forward block masks come from :func:`attention_masks`, a context manager hol
 active and valid, and the result equals stock attention. The region cache uses it to compute only
 active query blocks and keep the cached output rows of the others (``outputs``).
 
-Model attention masks (text padding in HunyuanVideo/LTX, causal, dropout) are not expressible as
-64-token block masks: such a call falls back to SDPA *explicitly* (a one-time warning) when no block
-mask is in force, and raises when one is, because silently ignoring either mask would be wrong.
+Model attention masks: key padding (a bool or 0/-inf mask that drops a suffix of the keys, as
+HunyuanVideo's text padding does) is exact as attention over each batch element's key prefix, so it
+runs on the kernel. Anything else a 64-token block mask cannot express (general masks, LTX's -10000
+bias, causal, dropout) falls back to SDPA *explicitly* (a one-time warning per kind) when no block
+mask applies to the call, and raises when one does: silently ignoring either mask would be wrong.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import contextlib
 import contextvars
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -43,7 +46,8 @@ from .reference import ATTN_MASK_BLOCK
 
 #: Name of the attention backend registered with diffusers' dispatcher.
 BACKEND_NAME = "supergen"
-#: Models whose processors call ``dispatch_attention_fn``: routed through the backend.
+#: Models whose processors call ``dispatch_attention_fn``: routed through the backend (other models
+#: whose processors dispatch are routed too; these are the ones tested or documented to).
 DISPATCH_MODELS = (
     "WanTransformer3DModel",
     "WanVACETransformer3DModel",
@@ -101,9 +105,9 @@ def attention_masks(
         seq_len: the masks apply to calls whose query (resp. key) sequence has exactly this many
             tokens, e.g. the video tokens, and not to cross-attention over text. ``None``: to calls
             whose length has as many 64-blocks as the mask has entries.
-        outputs: a list that keeps each call's output buffer across forwards, in call order: call
-            ``i`` writes into ``outputs[i]`` (appended on first use), so rows of inactive query blocks
-            keep the values of the last forward that computed them. Without it, those rows are zero.
+        outputs: a list that keeps output buffers across forwards: the ``i``-th call the query mask
+            applies to writes into ``outputs[i]`` (appended on first use), so rows of inactive query
+            blocks keep the values of the last forward that computed them. Without it they are zero.
 
     The same list must only be reused with forwards of the same shapes (same model, same tile size).
     """
@@ -119,32 +123,102 @@ def attention_masks(
 # --------------------------------------------------------------------------------------------------
 
 _warned: set[str] = set()
+_lengths_cache: tuple = (None, -1, None)  # (weakref to the last attn_mask, its version, its lengths)
 
 
-def _unsupported(q, k, attn_mask, dropout_p, is_causal) -> str | None:
-    if attn_mask is not None:
-        return f"an attention mask of shape {tuple(attn_mask.shape)} ({attn_mask.dtype})"
+def _key_lengths(attn_mask: torch.Tensor, B: int, Lk: int) -> list[int] | None:
+    """Per-batch valid-key counts if ``attn_mask`` only pads keys at the end, else ``None``.
+
+    Such masks (HunyuanVideo's joint [video; text] mask, text padding in general) are exact as
+    attention over a key *prefix*, which needs no mask at all: ``k[b, :, :n_b]`` is a view. Accepted
+    forms: bool (True = attend) or additive float with only ``0``/``-inf``, shaped ``(B, Lk)`` or
+    ``(B | 1, 1, 1, Lk)`` (one mask for every head and query). Reading the lengths costs one host
+    sync, cached for the mask object a model passes to all of its blocks.
+    """
+    global _lengths_cache
+    ref, version, lengths = _lengths_cache
+    if ref is not None and ref() is attn_mask and version == attn_mask._version:
+        return lengths
+    m = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask
+    if m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1 or m.shape[3] != Lk or m.shape[0] not in (1, B):
+        return None
+    m = m[:, 0, 0, :].expand(B, Lk)
+    if m.dtype == torch.bool:
+        keep, exact = m, torch.ones((), dtype=torch.bool, device=m.device)
+    elif m.is_floating_point():
+        keep, exact = m == 0, ((m == 0) | (m == float("-inf"))).all()
+    else:
+        return None
+    n = keep.sum(-1)
+    is_prefix = (keep == (torch.arange(Lk, device=m.device) < n[:, None])).all()
+    *lengths, ok = torch.cat([n, (exact & is_prefix).reshape(1)]).tolist()  # the one sync
+    lengths = lengths if ok else None
+    _lengths_cache = (weakref.ref(attn_mask), attn_mask._version, lengths)
+    return lengths
+
+
+def _unsupported(q, k, attn_mask, dropout_p, is_causal) -> tuple[str | None, list[int] | None]:
+    """(why SDPA must do this call, or None; per-batch key lengths of a key-padding mask, or None)."""
     if is_causal:
-        return "causal attention"
+        return "causal attention", None
     if dropout_p:
-        return f"dropout_p={dropout_p}"
+        return f"dropout_p={dropout_p}", None
     if k.shape[1] != q.shape[1]:
-        return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key/value heads)"
-    return None
+        return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key/value heads)", None
+    if attn_mask is None:
+        return None, None
+    lengths = _key_lengths(attn_mask, q.shape[0], k.shape[2])
+    if lengths is None or 0 in lengths:  # SDPA's own convention for rows with no key at all
+        return f"an attention mask of shape {tuple(attn_mask.shape)} ({attn_mask.dtype}) that is not key padding", None
+    return None, lengths
+
+
+def _batch(mask: torch.Tensor | None, b: int, blocks: int | None = None) -> torch.Tensor | None:
+    """Batch element ``b`` of a block mask in any shape ops accepts, cut to ``blocks`` entries."""
+    if mask is None:
+        return None
+    if mask.dim() >= 2 and mask.shape[0] > 1:
+        mask = mask[b : b + 1]
+    return mask if blocks is None else mask[..., :blocks]
+
+
+def _output_buffer(state: _CallState, q: torch.Tensor, q_mask: torch.Tensor | None) -> torch.Tensor:
+    """Where this call writes: the cached buffer of this call (``outputs``) or a new one.
+
+    Buffers are ``(B, Lq, H, D)``-contiguous, viewed as ``(B, H, Lq, D)``, so both diffusers layouts
+    flatten the heads without a copy. Only calls the query mask applies to have cached rows.
+    """
+    B, H, Lq, D = q.shape
+    if state.outputs is not None and q_mask is not None:
+        index = state.calls
+        state.calls += 1
+        if index < len(state.outputs):
+            out = state.outputs[index]
+            if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+                raise ValueError(
+                    f"`outputs[{index}]` holds {tuple(out.shape)} {out.dtype} but masked attention call {index} "
+                    f"produces {tuple(q.shape)} {q.dtype}: reuse an `outputs` list only for same-shape forwards."
+                )
+            return out
+    # Uncomputed rows must read as zero unless every query block is known active.
+    alloc = torch.empty if q_mask is None else torch.zeros
+    out = alloc((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    if state.outputs is not None and q_mask is not None:
+        state.outputs.append(out)
+    return out
 
 
 def _attend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None) -> torch.Tensor:
     """Attention of ``(B, H, L, D)`` tensors (any strides) under the current :func:`attention_masks`.
 
-    Returns a ``(B, H, Lq, D)`` view of a ``(B, Lq, H, D)``-contiguous buffer, so both diffusers
-    layouts flatten the heads without a copy.
+    Returns ``(B, H, Lq, D)`` (see :func:`_output_buffer` for its memory layout).
     """
     state = _STATE.get() or _ALL_ACTIVE
     q_mask = state.mask_for(state.q_block_mask, q.shape[2])
     kv_mask = state.mask_for(state.kv_block_mask, k.shape[2])
-    reason = _unsupported(q, k, attn_mask, dropout_p, is_causal)
+    reason, lengths = _unsupported(q, k, attn_mask, dropout_p, is_causal)
     if reason is not None:
-        if q_mask is not None or kv_mask is not None or state.outputs is not None:
+        if q_mask is not None or kv_mask is not None:
             raise ValueError(
                 f"supergen masked attention cannot combine block masks with {reason} from the model; "
                 f"call the model outside `attention_masks(...)` or without that mask."
@@ -160,25 +234,21 @@ def _attend(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None)
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )
 
-    B, H, Lq, D = q.shape
-    out = None
-    if state.outputs is not None:
-        index = state.calls
-        state.calls += 1
-        if index < len(state.outputs):
-            out = state.outputs[index]
-            if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-                raise ValueError(
-                    f"`outputs[{index}]` holds {tuple(out.shape)} {out.dtype} but attention call {index} "
-                    f"produces {tuple(q.shape)} {q.dtype}: reuse an `outputs` list only for same-shape forwards."
-                )
-    if out is None:
-        # Uncomputed rows must read as zero unless every query block is known active.
-        alloc = torch.empty if q_mask is None else torch.zeros
-        out = alloc((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-        if state.outputs is not None:
-            state.outputs.append(out)
-    return ops.masked_attention(q, k, v, q_mask, kv_mask, out=out, scale=scale)
+    out = _output_buffer(state, q, q_mask)
+    Lk = k.shape[2]
+    if lengths is None or all(n == Lk for n in lengths):
+        return ops.masked_attention(q, k, v, q_mask, kv_mask, out=out, scale=scale)
+    for b, n in enumerate(lengths):  # key padding: attend to each batch element's key prefix
+        ops.masked_attention(
+            q[b : b + 1],
+            k[b : b + 1, :, :n],
+            v[b : b + 1, :, :n],
+            _batch(q_mask, b),
+            _batch(kv_mask, b, -(-n // ATTN_MASK_BLOCK)),
+            out=out[b : b + 1],
+            scale=scale,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +375,8 @@ def _attention_modules(transformer) -> dict:
     }
 
 
-def _route(transformer) -> str:
+def _route(transformer) -> tuple[str, dict]:
+    """(route, the attention modules it replaces) for ``transformer``, or a TypeError saying why not."""
     name = type(transformer).__name__
     modules = _attention_modules(transformer)
     if not modules:
@@ -322,12 +393,12 @@ def _route(transformer) -> str:
                 f"`{name}` uses attention processors {sorted(odd)}; supergen replaces only "
                 f"CogVideoXAttnProcessor2_0 (unfuse QKV projections first)."
             )
-        return "processor"
-    dispatching = all(hasattr(m.processor, "_attention_backend") for m in modules.values())
-    if name in DISPATCH_MODELS or dispatching:
-        if not dispatching:
-            raise TypeError(f"`{name}` has attention processors that bypass diffusers' attention dispatcher.")
-        return "backend"
+        return "processor", modules
+    # Only processors that dispatch are routed. The rest attend over text alone (HunyuanVideo's
+    # token refiner) and stay on SDPA: no video tokens, so nothing to mask or cache there.
+    dispatching = {n: m for n, m in modules.items() if hasattr(m.processor, "_attention_backend")}
+    if dispatching:
+        return "backend", dispatching
     raise TypeError(
         f"`{name}` is not supported by supergen attention: supported are {DISPATCH_MODELS + PROCESSOR_MODELS} "
         f"and models whose attention processors use diffusers' attention dispatcher."
@@ -342,8 +413,7 @@ def enable_masked_attention(transformer):
     """
     if getattr(transformer, _ATTR, None) is not None:
         return transformer
-    route = _route(transformer)
-    modules = _attention_modules(transformer)
+    route, modules = _route(transformer)
     if route == "backend":
         member = register_backend()
         saved = {name: m.processor._attention_backend for name, m in modules.items()}

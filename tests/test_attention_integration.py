@@ -213,36 +213,160 @@ def test_cached_outputs_fill_inactive_blocks(backend):
 
 def test_outputs_of_another_shape_raise():
     model = sa.enable_masked_attention(tiny_wan())
-    outputs = []
-    with sa.attention_masks(outputs=outputs):
-        forward(model, wan_inputs())
-    with pytest.raises(ValueError, match="same-shape forwards"), sa.attention_masks(outputs=outputs):
-        forward(model, wan_inputs(size=8))
+    outputs, two_blocks = [], torch.ones(2, dtype=torch.bool)
+    with sa.attention_masks(two_blocks, outputs=outputs):
+        forward(model, wan_inputs())  # 2 x 8 x 8 = 128 tokens
+    with pytest.raises(ValueError, match="same-shape forwards"), sa.attention_masks(two_blocks, outputs=outputs):
+        forward(model, wan_inputs(frames=3, size=12))  # 3 x 6 x 6 = 108 tokens: two blocks again
 
 
-# -- model masks the kernel cannot express ----------------------------------------------------------------
+# -- model masks ----------------------------------------------------------------------------------------
 
 
-def test_model_attention_mask_falls_back_to_sdpa_explicitly():
-    register = sa.register_backend()
-    q, k, v = (torch.randn(1, 70, 2, 12) for _ in range(3))  # diffusers layout (B, L, H, D)
-    pad = torch.ones(1, 1, 1, 70, dtype=torch.bool)
-    pad[..., 50:] = False
-    fn = _AttentionBackendRegistry._backends[register]
+def sdpa_blhd(q, k, v, mask=None):
+    """SDPA in diffusers' (B, L, H, D) layout."""
+    t = [x.transpose(1, 2) for x in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*t, attn_mask=mask).transpose(1, 2)
+
+
+def backend_fn():
+    return _AttentionBackendRegistry._backends[sa.register_backend()]
+
+
+@pytest.mark.parametrize("kind", ["bool-4d", "bool-2d", "additive-inf"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_padding_masks_run_on_the_kernel(backend, kind):
+    """Padding at the end of the keys (per batch element) is exact as attention over a key prefix."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn((2, 130, 2, 12), generator=g) for _ in range(3))
+    keep = torch.ones(2, 130, dtype=torch.bool)
+    keep[0, 100:] = False  # batch 0: 100 keys; batch 1: all 130
+    mask = {
+        "bool-4d": keep[:, None, None, :],
+        "bool-2d": keep,
+        "additive-inf": torch.zeros(2, 1, 1, 130).masked_fill(~keep[:, None, None, :], float("-inf")),
+    }[kind]
+    calls = []
+    with warnings.catch_warnings(), ops.backend(backend), _spy(calls):
+        warnings.simplefilter("error")  # no SDPA fallback
+        out = backend_fn()(q, k, v, attn_mask=mask)
+    assert [c[1][2] for c in calls] == [100, 130]  # one call per batch element, on its key prefix
+    torch.testing.assert_close(out, sdpa_blhd(q, k, v, keep[:, None, None, :]), atol=2e-6, rtol=1e-5)
+    # Block masks combine with key padding: query block 1 of batch 0 inactive, key block 0 invalid.
+    q_mask = torch.tensor([[True, False, True], [True, True, True]])
+    kv_mask = torch.tensor([False, True, True])
+    with ops.backend(backend), sa.attention_masks(q_mask, kv_mask):
+        out = backend_fn()(q, k, v, attn_mask=mask)
+    keep_blocks = keep.clone()
+    keep_blocks[:, :64] = False
+    expected = sdpa_blhd(q, k, v, keep_blocks[:, None, None, :])
+    expected[0, 64:128] = 0  # not computed, no cache: zero
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_other_model_masks_fall_back_to_sdpa_explicitly():
+    q, k, v = (torch.randn(1, 70, 2, 12) for _ in range(3))
+    holes = torch.ones(1, 1, 1, 70, dtype=torch.bool)
+    holes[..., 10:20] = False  # not a suffix: not expressible
+    fn = backend_fn()
     sa._warned.clear()
     with pytest.warns(UserWarning, match="scaled_dot_product_attention instead"):
-        out = fn(q, k, v, attn_mask=pad)
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=pad
-    ).transpose(1, 2)
-    torch.testing.assert_close(out, expected)
+        out = fn(q, k, v, attn_mask=holes)
+    torch.testing.assert_close(out, sdpa_blhd(q, k, v, holes))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once per reason, not per call
-        fn(q, k, v, attn_mask=pad)
+        warnings.simplefilter("error")  # warned once per kind, not per call
+        fn(q, k, v, attn_mask=holes)
+    bias = torch.zeros(1, 1, 1, 70).masked_fill(~holes, -10000.0)  # LTX-style finite bias: not a mask
+    with pytest.warns(UserWarning):
+        torch.testing.assert_close(fn(q, k, v, attn_mask=bias), sdpa_blhd(q, k, v, bias))
     with pytest.raises(ValueError, match="cannot combine block masks"), sa.attention_masks(torch.tensor([True, False])):
-        fn(q, k, v, attn_mask=pad)
+        fn(q, k, v, attn_mask=holes)
     with pytest.raises(ValueError, match="context parallelism"):
         fn(q, k, v, return_lse=True)
+
+
+def tiny_hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=2,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    ).eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hunyuan_video_with_text_padding_matches_stock(backend):
+    """HunyuanVideo always passes a joint [video; text] key-padding mask: it must run on our kernel."""
+    g = torch.Generator().manual_seed(1)
+    text_mask = torch.ones(2, 10, dtype=torch.long)
+    text_mask[0, 6:] = 0  # batch 0: 6 text tokens, batch 1: 10
+    inputs = {
+        "hidden_states": torch.randn((2, 4, 2, 16, 16), generator=g),  # 2 x 8 x 8 = 128 video tokens
+        "timestep": torch.tensor([500, 500]),
+        "encoder_hidden_states": torch.randn((2, 10, 16), generator=g),
+        "encoder_attention_mask": text_mask,
+        "pooled_projections": torch.randn((2, 8), generator=g),
+        "guidance": torch.tensor([3500.0, 3500.0]),
+    }
+    model = tiny_hunyuan()
+    stock = forward(model, inputs)
+    sa.enable_masked_attention(model)
+    calls = []
+    with ops.backend(backend), _spy(calls), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no SDPA fallback: the padding is a key suffix per batch element
+        ours = forward(model, inputs)
+    # Two blocks (dual- and single-stream) x two batch elements, each on its own key prefix; the
+    # text-only token refiner keeps its stock SDPA processor.
+    assert sorted(c[1][2] for c in calls) == [128 + 6, 128 + 6, 128 + 10, 128 + 10]
+    torch.testing.assert_close(ours, stock, atol=ATOL, rtol=1e-5)
+
+
+def test_ltx_video_matches_stock_with_explicit_fallback_for_its_bias():
+    """LTX self-attention runs on the kernel; its cross-attention text bias (-10000, per head) is not
+    a mask the kernel can express, so those calls go to SDPA with a warning, and the output is stock."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=1,
+        caption_channels=16,
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    T, H, W = 2, 8, 8
+    inputs = {
+        "hidden_states": torch.randn((1, T * H * W, 8), generator=g),  # LTX: packed (B, T*H*W, C)
+        "encoder_hidden_states": torch.randn((1, 7, 16), generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0, 0]]),
+        "num_frames": T,
+        "height": H,
+        "width": W,
+    }
+    stock = forward(model, inputs)
+    sa.enable_masked_attention(model)
+    sa._warned.clear()
+    calls = []
+    with ops.backend("triton"), _spy(calls), pytest.warns(UserWarning, match="not key padding"):
+        ours = forward(model, inputs)
+    assert [c[1][2] for c in calls] == [T * H * W]  # the self-attention
+    torch.testing.assert_close(ours, stock, atol=ATOL, rtol=1e-5)
 
 
 # -- switching on and off ----------------------------------------------------------------------------------
