@@ -25,8 +25,9 @@ Design
 * **Bounds safety without a host sync.** The canvas index is always brought into ``[0, H) x [0, W)``
   (modulo, clamp or mask) whatever the origins hold, so bad origins give wrong values but never an
   out-of-bounds access; ``supergen.ops`` validates them.
-* **int64 offsets.** Plane, row and column offsets are int64 before they meet a stride, so canvases
-  beyond 2**31 elements are addressed correctly.
+* **int64 where it can overflow.** Each plane's base offset is int64 (so tensors beyond 2**31
+  elements are addressed correctly); offsets inside a plane are int32 unless the launcher finds a
+  plane whose extent reaches 2**31 (``INDEX_64``), which halves the per-element address arithmetic.
 * **Block sizes** come from :func:`block_settings` (deterministic, no autotuning: the kernel is
   memory-bound and the best block depends on the window shape, which the function reads).
 """
@@ -87,16 +88,19 @@ def _fit_block(length: int, lo: int, hi: int) -> int:
     return min(candidates, key=lambda b: (waste[b], -b))
 
 
-def block_settings(planes: int, rows: int, cols: int) -> dict[str, int]:
+def block_settings(
+    planes: int, rows: int, cols: int, plane_cells: int = MAX_PLANE_CELLS, max_block_w: int = MAX_BLOCK_W
+) -> dict[str, int]:
     """Deterministic block sizes and warp count for a ``planes x rows x cols`` copy-like kernel.
 
-    Columns first (coalescing), then rows up to ``MAX_PLANE_CELLS``, then planes up to
-    ``MAX_BLOCK_CELLS``. Returns ``BLOCK_P``, ``BLOCK_H``, ``BLOCK_W`` and ``num_warps``.
+    Columns first (coalescing, at most ``max_block_w``), then rows up to ``plane_cells`` per plane,
+    then planes up to ``MAX_BLOCK_CELLS``. Returns ``BLOCK_P``, ``BLOCK_H``, ``BLOCK_W`` and
+    ``num_warps``.
     """
     if min(planes, rows, cols) < 1:
         raise ValueError(f"block_settings needs positive sizes but got {(planes, rows, cols)}.")
-    block_w = _fit_block(cols, MIN_BLOCK_W, MAX_BLOCK_W)
-    block_h = _fit_block(rows, MIN_BLOCK_H, max(1, MAX_PLANE_CELLS // block_w))
+    block_w = _fit_block(cols, MIN_BLOCK_W, max_block_w)
+    block_h = _fit_block(rows, MIN_BLOCK_H, max(1, plane_cells // block_w))
     block_p = min(triton.next_power_of_2(planes), max(1, MAX_BLOCK_CELLS // (block_h * block_w)))
     num_warps = min(8, max(1, block_p * block_h * block_w // (32 * CELLS_PER_THREAD)))
     return {"BLOCK_P": block_p, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
@@ -140,6 +144,21 @@ def check_block(op: str, block) -> dict[str, int] | None:
         raise ValueError(f"{op}: `block` must be three powers of two (BLOCK_P, BLOCK_H, BLOCK_W) but is {block!r}.")
     block_p, block_h, block_w = block
     return {"BLOCK_P": block_p, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": 4}
+
+
+@triton.jit
+def in_plane_offsets(rows, cols, stride_h, stride_w, INDEX_64: tl.constexpr):
+    """``(rows, cols)`` element offsets inside one plane. int32 unless ``INDEX_64``: the launcher sets it
+    only when a plane's extent reaches 2**31 elements, so the common case gets one-instruction 32-bit
+    address arithmetic (the 64-bit part is the per-plane base, computed once per plane)."""
+    if INDEX_64:
+        return (rows.to(tl.int64) * stride_h)[:, None] + (cols.to(tl.int64) * stride_w)[None, :]
+    return (rows * stride_h)[:, None] + (cols * stride_w)[None, :]
+
+
+def needs_index_64(*planes: tuple[int, int, int, int]) -> bool:
+    """Whether any ``(rows, cols, stride_h, stride_w)`` plane has offsets beyond int32."""
+    return any((r - 1) * abs(sh) + (c - 1) * abs(sw) >= 2**31 for r, c, sh, sw in planes)
 
 
 @triton.jit
@@ -196,6 +215,7 @@ def _halo_gather_kernel(
     col_blocks,
     MODE: tl.constexpr,
     MULTI_WRAP: tl.constexpr,
+    INDEX_64: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -230,17 +250,16 @@ def _halo_gather_kernel(
     store_mask = plane_ok[:, None, None] & (i < win_h)[None, :, None] & (j < win_w)[None, None, :]
     load_mask = store_mask & row_on[None, :, None] & col_on[None, None, :]
 
+    # int64 per-plane bases (B, C, T may make the tensor huge) plus in-plane offsets.
     src_plane = b.to(tl.int64) * stride_canvas_b + c.to(tl.int64) * stride_canvas_c + t.to(tl.int64) * stride_canvas_t
-    src_row = rows.to(tl.int64) * stride_canvas_h
-    src_col = cols.to(tl.int64) * stride_canvas_w
-    src = canvas_ptr + (src_plane[:, None] + src_row[None, :])[:, :, None] + src_col[None, None, :]
+    src_cell = in_plane_offsets(rows, cols, stride_canvas_h, stride_canvas_w, INDEX_64)
+    src = (canvas_ptr + src_plane)[:, None, None] + src_cell[None, :, :]
     # ``other=0`` is the zero padding; torus/replicate cells are all on the canvas.
     values = tl.load(src, mask=load_mask, other=0.0)
 
     dst_plane = nb.to(tl.int64) * stride_out_nb + c.to(tl.int64) * stride_out_c + t.to(tl.int64) * stride_out_t
-    dst_row = i.to(tl.int64) * stride_out_h
-    dst_col = j.to(tl.int64) * stride_out_w
-    dst = out_ptr + (dst_plane[:, None] + dst_row[None, :])[:, :, None] + dst_col[None, None, :]
+    dst_cell = in_plane_offsets(i, j, stride_out_h, stride_out_w, INDEX_64)
+    dst = (out_ptr + dst_plane)[:, None, None] + dst_cell[None, :, :]
     tl.store(dst, values, mask=store_mask)
 
 
@@ -333,6 +352,9 @@ def halo_gather(
         col_blocks=col_blocks,
         MODE=GATHER_MODES[mode],
         MULTI_WRAP=mode == "torus" and (win_h > H or win_w > W),
+        INDEX_64=needs_index_64(
+            (H, W, canvas.stride(3), canvas.stride(4)), (win_h, win_w, out.stride(3), out.stride(4))
+        ),
         **cfg,
     )
     return out

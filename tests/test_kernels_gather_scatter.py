@@ -102,7 +102,7 @@ def test_gather_is_bit_exact(mode, dtype, layout):
     assert torch.equal(_gather(canvas, origins, tile_hw, halo, mode), expected)
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_gather_random_shapes_and_blocks(data):
     B, C, T = (data.draw(st.integers(1, 3)) for _ in range(3))
@@ -110,7 +110,7 @@ def test_gather_random_shapes_and_blocks(data):
     h, w = data.draw(st.integers(1, H)), data.draw(st.integers(1, W))
     halo = data.draw(st.integers(0, 5))
     mode = data.draw(st.sampled_from(sorted(reference.GATHER_MODES)))
-    block = data.draw(st.sampled_from([None, (1, 8, 16), (2, 4, 32)]))
+    block = data.draw(st.sampled_from([None, (2, 8, 16), (1, 4, 32)]))
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     canvas = _canvas((B, C, T, H, W), torch.float32, data.draw(st.sampled_from(["contiguous", "permuted"])), gen)
     origins = _origins(data.draw(st.integers(1, 4)), H, W, h, w, wrap=mode == "torus", gen=gen)
@@ -180,9 +180,9 @@ def test_scatter_is_deterministic_and_writes_through_out_strides(dtype):
     gen = torch.Generator().manual_seed(3)
     origins = _origins(6, 10, 15, 5, 7, wrap=True, gen=gen)
     tiles = _canvas((6, 2, 3, 5, 7), dtype, "strided", gen)
-    first = _scatter(tiles, origins, (10, 15), (2, 2), "cosine", True, block=(2, 8, 16))
+    first = _scatter(tiles, origins, (10, 15), (2, 2), "cosine", True, block=(4, 8, 16))
     out = torch.full((1, 3, 2, 15, 10), float("nan"), dtype=dtype, device=DEVICE).permute(0, 2, 1, 4, 3)
-    again = blend_scatter_mod.blend_scatter(tiles, origins, (10, 15), (2, 2), "cosine", True, out, block=(2, 8, 16))
+    again = blend_scatter_mod.blend_scatter(tiles, origins, (10, 15), (2, 2), "cosine", True, out, block=(4, 8, 16))
     assert torch.equal(first, again)
 
 
@@ -194,6 +194,23 @@ def test_uncovered_cells_are_zero_and_a_partition_is_copied_exactly():
     cover[0:4, 0:5] = cover[6:10, 7:12] = True
     assert torch.equal(out[..., ~cover], torch.zeros_like(out[..., ~cover]))
     assert torch.equal(out[..., 0:4, 0:5], tiles[0:1]) and torch.equal(out[..., 6:10, 7:12], tiles[1:2])
+
+
+def test_index_64_paths_match_the_int32_paths(monkeypatch):
+    """The 64-bit in-plane offsets (planes of >= 2**31 elements) give the same results; forced here
+    because such planes do not fit in a test."""
+    assert halo_gather_mod.needs_index_64((2**16, 2**15 + 1, 2**15 + 1, 1))
+    assert not halo_gather_mod.needs_index_64((270, 480, 480, 1), (106, 176, 176, 1))
+    gen = torch.Generator().manual_seed(7)
+    canvas = _canvas((1, 2, 2, 9, 13), torch.float16, "permuted", gen)
+    origins = _origins(3, 9, 13, 4, 5, wrap=True, gen=gen)
+    tiles32 = _gather(canvas, origins, (4, 5), 2, "torus")
+    fused32 = _scatter(tiles32[..., 2:-2, 2:-2], origins, (9, 13), (1, 2), "linear", True)
+    monkeypatch.setattr(halo_gather_mod, "needs_index_64", lambda *planes: True)
+    monkeypatch.setattr(blend_scatter_mod, "needs_index_64", lambda *planes: True)
+    tiles64 = _gather(canvas, origins, (4, 5), 2, "torus")
+    assert torch.equal(tiles64, tiles32)
+    assert torch.equal(_scatter(tiles64[..., 2:-2, 2:-2], origins, (9, 13), (1, 2), "linear", True), fused32)
 
 
 # --------------------------------------------------------------------------------------------------
