@@ -50,7 +50,7 @@ struct Plan {
   std::vector<std::vector<Cover>> rows;  // [H]: tiles covering each canvas row, in tile order
   std::vector<std::vector<Run>> runs;    // [N]: column runs of each tile
   std::vector<float> wy, wx;             // [h], [w]: 1-D ramps
-  std::vector<float> wsum;               // [H, W]: fp32 weight sum, accumulated in tile order
+  std::vector<float> wsum;               // [H, W]: fp32 weight sum in tile order; 1 where uncovered
   std::vector<char> full;                // [H]: every cell of the row is covered
   bool copy;                             // unit weights and single cover: the output is a copy
 };
@@ -89,6 +89,9 @@ Plan make_plan(const std::vector<std::array<int64_t, 2>>& origins, int64_t h, in
     }
     p.full[y] = std::all_of(ws, ws + W, [](float s) { return s > 0.0f; });
     max_sum = std::max(max_sum, *std::max_element(ws, ws + W));
+    // Uncovered cells accumulate 0, and 0 / 1 keeps them 0 without a branch in the hot loop (a
+    // guarded division does not vectorise).
+    std::replace(ws, ws + W, 0.0f, 1.0f);
   }
   p.copy = overlap_h == 0 && overlap_w == 0 && max_sum <= 1.0f;
   return p;
@@ -146,8 +149,11 @@ void blend_rows(const at::Tensor& tiles, const Plan& p, at::Tensor& out) {
         }
       }
       const float* ws = p.wsum.data() + y * W;
-      for (int64_t x = 0; x < W; ++x) {
-        o[x * os[4]] = static_cast<scalar_t>(ws[x] > 0.0f ? acc[x] / ws[x] : 0.0f);
+      for (int64_t x = 0; x < W; ++x) acc[x] /= ws[x];
+      if (os[4] == 1) {
+        for (int64_t x = 0; x < W; ++x) o[x] = static_cast<scalar_t>(acc[x]);
+      } else {
+        for (int64_t x = 0; x < W; ++x) o[x * os[4]] = static_cast<scalar_t>(acc[x]);
       }
     }
   });
