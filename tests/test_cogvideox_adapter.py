@@ -299,7 +299,9 @@ def test_sketch_is_the_pipeline_latent_in_supergen_layout():
     args = dict(image=image, prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=1)
     stock = pipe(height=32, width=48, num_frames=9, output_type="latent", generator=torch.Generator().manual_seed(0),
                  **args).frames  # fmt: skip
+    pipe.scheduler.seen = []
     sketch = adapter.sketch(32, 48, 9, generator=torch.Generator().manual_seed(0), **args)
+    assert len(pipe.scheduler.seen) == 1  # the call's `num_inference_steps` reached the pipeline
     assert stock.shape == (1, 4, C, 8, 12)  # 3 latent frames + 1 leading padding frame
     assert torch.equal(sketch, _bcthw(stock[:, 1:]))  # what the pipeline would decode, as (B, C, T, H, W)
     with pytest.raises(ValueError, match="4k\\+1 .* but is 10"):
@@ -331,6 +333,8 @@ def test_decode_encode_layout_scaling_and_consistent_vae_tiles():
 
 
 def test_consistent_overlap_keeps_tiled_sizes_exact():
+    # The VAE's own 480x720 defaults (30x45 latent tiles at 1/6, 1/5) are consistent and kept as they are.
+    assert consistent_overlap(30, 1 / 6, 8) == 5 / 30 and consistent_overlap(45, 1 / 5, 8) == 9 / 45
     for lt in (2, 3, 4, 5, 16, 30, 45):
         for f in (1 / 6, 1 / 5, 0.25, 0.4):
             g = consistent_overlap(lt, f, 8)
