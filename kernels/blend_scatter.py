@@ -22,8 +22,8 @@ Design
   work. Only blocks straddling a tile edge pay for more than one tile.
 * **Weights in registers, never in memory.** The ramps are evaluated on ``(BLOCK_H,)`` and
   ``(BLOCK_W,)`` vectors of local positions and multiplied into a ``(BLOCK_H, BLOCK_W)`` weight that is
-  shared by all ``BLOCK_P`` planes, as is the weight sum: the ramp arithmetic and the normalising
-  reciprocal are amortised over planes (channels and frames share the geometry).
+  broadcast over the ``BLOCK_P`` planes, as are the weight sum and its reciprocal: channels and
+  frames share the geometry, so blocks are plane-major (see ``PLANE_CELLS``).
 * **Exact copy without overlap.** With ``overlap == 0`` the ramp code is compiled out (constexpr) and
   every weight is exactly 1, so a cell covered once is ``v * 1 / 1 == v`` bit for bit.
 * **Numerics.** Ramps multiply by ``1 / overlap`` (within 1 ulp of the reference's quotient); the
@@ -31,9 +31,9 @@ Design
   normalised by multiplying with an IEEE reciprocal of the weight
   sum (one extra rounding, <= 1 ulp of fp32, in exchange for one division per cell instead of one per
   plane-cell). Storing rounds to nearest even like ``Tensor.to``.
-* **Bounds safety without a host sync.** Local tile indices are always masked to ``[0, h) x [0, w)``
-  and canvas indices come from the program id, so bad origins give wrong values but never an
-  out-of-bounds access; ``supergen.ops`` validates them.
+* **Bounds safety without a host sync.** A tile cell is loaded only if its local index lies in
+  ``[0, h) x [0, w)`` (the load is masked) and canvas indices come from the program id, so bad
+  origins give wrong values but never an out-of-bounds access; ``supergen.ops`` validates them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from .halo_gather import (
 
 #: Blend ramps and their integer codes; equal to ``supergen.reference.RAMPS``.
 RAMPS = {"linear": 0, "cosine": 1}
-#: Blocks are 8 x 32 cells of up to 16 planes, where the gather uses 32 x 32 x 4: a block that
+#: Blocks are 8 x 32 cells of up to 16 planes (the gather's are up to 1024 cells per plane): a block that
 #: straddles a tile edge pays the full vector work once per tile it touches, so small spatial blocks
 #: waste less (for 90x160 tiles 1.31 instead of 1.65 tile visits per block on average), and more planes
 #: per block spread the per-row/column geometry and weights over more cells. Compiled for sm_90 (4K,

@@ -127,6 +127,16 @@ def test_gather_window_larger_than_canvas_wraps_repeatedly():
         assert torch.equal(_gather(canvas, origins, (3, 4), 7, mode, block=(2, 8, 16)), expected), mode
 
 
+def test_zero_padding_is_zero_even_next_to_non_finite_edge_cells():
+    # The contract says off-canvas cells "are zero". (reference.halo_gather multiplies the clamped
+    # window by a 0/1 mask, so it yields inf * 0 = nan there; the kernel does not.)
+    canvas = torch.zeros(1, 1, 1, 4, 4, device=DEVICE)
+    canvas[..., 0, 0], canvas[..., 0, 3] = float("inf"), float("nan")
+    out = _gather(canvas, torch.tensor([[0, 0], [0, 2]], device=DEVICE), (2, 2), 1, "zero")
+    assert not out[0, 0, 0, 0, :].any() and not out[1, 0, 0, :, 3].any()
+    assert out[0, 0, 0, 1, 1] == float("inf") and out[1, 0, 0, 1, 2].isnan()
+
+
 def test_gather_writes_through_out_strides():
     gen = torch.Generator().manual_seed(2)
     canvas = _canvas((2, 3, 2, 9, 14), torch.float16, "strided", gen)
