@@ -91,9 +91,11 @@ class HashedPromptMixin:
 
 def tiny_wan_pipeline(seed: int = SEED, dtype: torch.dtype = torch.float32, image_to_video: bool = False):
     """The tiny Wan: a ``WanPipeline`` (or ``WanImageToVideoPipeline``) with hashed-word prompts."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+    if image_to_video:  # imported only when needed: it pulls in transformers' CLIP processors
+        from diffusers import WanImageToVideoPipeline as base
+    else:
+        from diffusers import WanPipeline as base
 
-    base = WanImageToVideoPipeline if image_to_video else WanPipeline
     cls = type(f"Tiny{base.__name__}", (HashedPromptMixin, base), {"__doc__": HashedPromptMixin.__doc__})
     pipe = cls(tokenizer=None, text_encoder=None, **tiny_wan_components(seed, dtype, image_to_video))
     pipe.set_progress_bar_config(leave=False)

@@ -1,0 +1,170 @@
+"""`supergen generate`: the main job on the embedded tiny model, determinism, saved latents, a local
+diffusers folder, and every bad input answered with exit code 2 and no file written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("imageio_ffmpeg")
+
+from supergen.cli import main  # noqa: E402
+
+SMALL = ["--height", "96", "--width", "64", "--frames", "5", "--steps", "3", "--refine-steps", "2", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: thread fan-out costs more than it saves on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ffmpeg_frames(path):
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = reader.__next__()
+    w, h = meta["size"]
+    for frame in reader:
+        yield np.frombuffer(frame, dtype=np.uint8).reshape(h, w, 3)
+
+
+def test_main_job_writes_video_report_and_latents(tmp_path, capsys):
+    """The README's main job: default tiny model and sizes (64x64 sketch → 128x128, 9 frames)."""
+    out, report, latents = tmp_path / "fox.mp4", tmp_path / "fox.json", tmp_path / "fox.safetensors"
+    code = main(["generate", "--prompt", "a red fox", "--out", str(out), "--report", str(report),
+                 "--save-latents", str(latents), "--quiet"])  # fmt: skip
+    assert code == 0
+    frames = np.stack(list(_ffmpeg_frames(out)))
+    assert frames.shape == (9, 128, 128, 3)
+    data = json.loads(report.read_text())
+    assert data["sizes"]["target"] == [128, 128] and data["sizes"]["sketch"] == [64, 64]
+    assert data["tiling"]["tiles_per_step"] == 4 and data["steps"] == {"total": 10, "refine": 7, "begin_index": 3}
+    assert data["seed"] == 0 and data["outputs"]["out"] == str(out)
+    assert {"seconds", "peak_memory_bytes", "seam_score", "versions", "device"} <= set(data)
+    from safetensors.torch import load_file
+
+    assert load_file(str(latents))["latents"].shape == (1, 16, 3, 16, 16)
+    printed = capsys.readouterr().out
+    assert "tiles per step  4" in printed and "seam score" in printed
+    assert not list(tmp_path.glob(".*partial*"))  # temporary names renamed away
+
+
+def test_same_seed_same_bytes(tmp_path):
+    """Same seed → identical latents and mp4 bytes; another seed → different latents."""
+
+    def run(name, seed):
+        paths = tmp_path / f"{name}.mp4", tmp_path / f"{name}.safetensors"
+        argv = ["generate", *SMALL, "--seed", str(seed), "--out", str(paths[0]), "--save-latents", str(paths[1])]
+        assert main(argv) == 0
+        return paths[0].read_bytes(), paths[1].read_bytes()
+
+    a, b, c = run("a", 7), run("b", 7), run("c", 8)
+    assert a == b
+    assert c[1] != a[1]
+
+
+def test_image_to_video_with_the_tiny_model(tmp_path):
+    import PIL.Image
+
+    image = tmp_path / "first.png"
+    PIL.Image.fromarray((np.random.default_rng(0).random((64, 48, 3)) * 255).astype("uint8")).save(image)
+    out = tmp_path / "i2v.mp4"
+    assert main(["generate", *SMALL, "--image", str(image), "--positions", "canvas", "--out", str(out)]) == 0
+    assert np.stack(list(_ffmpeg_frames(out))).shape == (5, 96, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    """A real diffusers WanPipeline folder (tiny parts, word-level tokenizer, tiny UMT5), safetensors only."""
+    from diffusers import WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from supergen.tiny import tiny_wan_components
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate("a red fox in the snow".split())}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    )
+    folder = tmp_path_factory.mktemp("wan")
+    WanPipeline(tokenizer=tokenizer, text_encoder=encoder, **tiny_wan_components()).save_pretrained(
+        folder, safe_serialization=True
+    )
+    return folder
+
+
+def test_local_diffusers_folder(wan_folder, tmp_path):
+    out = tmp_path / "local.mp4"
+    argv = ["generate", "--model", str(wan_folder), "--sketch-size", "64,64", *SMALL, "--out", str(out)]
+    assert main(argv) == 0
+    assert np.stack(list(_ffmpeg_frames(out))).shape == (5, 96, 64, 3)
+
+
+def _folder(tmp_path, transformer="WanTransformer3DModel", weights="diffusion_pytorch_model.safetensors"):
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    index = {"_class_name": "SomePipeline", "transformer": ["diffusers", transformer],
+             "tokenizer": ["transformers", "T"], "text_encoder": ["transformers", "E"]}  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for component in ("transformer", "tokenizer", "text_encoder"):
+        (folder / component).mkdir()
+    (folder / "transformer" / weights).write_bytes(b"x")
+    return str(folder)
+
+
+BAD = [
+    (lambda p: ["--model", str(p / "missing")], "does not exist"),
+    (lambda p: ["--model", str(p)], "not a diffusers pipeline folder"),
+    (lambda p: ["--model", _folder(p, "HunyuanVideoTransformer3DModel")], "unsupported model family.*Wan"),
+    (lambda p: ["--model", _folder(p, weights="diffusion_pytorch_model.bin")], "--allow-pickle"),
+    (lambda p: ["--image", str(p / "nope.png")], "`--image`.*does not exist"),
+    (lambda p: ["--height", "100"], "`height` must be a multiple of 16"),
+    (lambda p: ["--width", "32"], "at least the native"),
+    (lambda p: ["--frames", "8"], "`num_frames` must be 4k\\+1"),
+    (lambda p: ["--steps", "4", "--refine-steps", "5"], "`--refine-steps` must be in \\[1, --steps=4\\]"),
+    (lambda p: ["--steps", "0"], "`--steps` must be >= 1"),
+    (lambda p: ["--tile-size", "40,40"], "`--tile-size` must be a multiple of 16"),
+    (lambda p: ["--tile-size", "big"], "`--tile-size` must be N or H,W"),
+    (lambda p: ["--overlap", "48"], "overlap"),
+    (lambda p: ["--report", str(p / "r.txt")], "`--report` must end in .json"),
+]
+
+
+@pytest.mark.parametrize("extra, match", BAD)
+def test_bad_input_exit_2_and_nothing_written(tmp_path, capsys, extra, match):
+    import re
+
+    out = tmp_path / "out.mp4"
+    code = main(["generate", "--quiet", "--out", str(out), *extra(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.search(match, err), err
+    assert not out.exists() and not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*partial*"))
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "taken.mp4"
+    out.write_bytes(b"keep me")
+    assert main(["generate", "--quiet", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_argparse_rejects_bad_choices(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--out", str(tmp_path / "x.mp4"), "--shift", "sometimes"])
+    assert e.value.code == 2
