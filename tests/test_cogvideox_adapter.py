@@ -145,6 +145,37 @@ def test_one_tile_loop_equals_the_pipeline_loop(kind, i2v, solver):
     assert torch.equal(x, _bcthw(stock))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="stages.refine calls scheduler.set_begin_index, which CogVideoXDDIMScheduler/CogVideoXDPMScheduler lack",
+)
+def test_one_tile_refine_equals_the_pipeline_loop():
+    """supergen's refine loop with one tile covering the canvas and no shift, entered at step 1 of 3,
+    continues the stock I2V pipeline's own trajectory bit for bit."""
+    from supergen import stages
+    from supergen.config import TilingConfig
+
+    pipe = _pipeline("rope15", i2v=True)
+    adapter = adapter_for(pipe)
+    pe, ne = _text()
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=6.0, image=image)
+    noise = torch.randn(1, 4, C, 8, 12, generator=torch.Generator().manual_seed(2))
+    stock = pipe(height=32, width=48, num_frames=13, num_inference_steps=3, latents=noise, output_type="latent",
+                 generator=torch.Generator().manual_seed(4), **kwargs).frames  # fmt: skip
+    entry = pipe.scheduler.seen[1][2]  # the pipeline's latent entering step 1
+
+    plan, grid = stages.check_inputs(
+        adapter.spec, height=32, width=48, sketch_height=32, sketch_width=48, num_frames=13,
+        num_inference_steps=3, refine_steps=2, tiling=TilingConfig(tile=(8, 12), shift=False),
+    )  # fmt: skip
+    cond = adapter.conditioning((1, C, 4, 8, 12), generator=torch.Generator().manual_seed(4), **kwargs)
+    pipe.scheduler.set_timesteps(3)
+    refined = stages.refine(adapter, pipe.scheduler, _bcthw(entry), cond, grid, plan)
+    assert torch.equal(refined, _bcthw(stock))
+
+
 def test_tiles_batched_per_forward_and_named_cache_contexts(monkeypatch):
     pipe = _pipeline("rope10")
     pe, ne = _text()
