@@ -22,7 +22,8 @@ Backends per case:
   ``triton.testing.do_bench`` (which flushes L2 between runs).
 * CPU: ``reference`` and ``cpp`` (through ``supergen.ops`` with the backend forced; rows are skipped
   when the extension is unavailable), timed interleaved rep by rep with ``time.perf_counter`` after a
-  warm-up, so load from other processes hits both alike; medians.
+  warm-up, so load from other processes hits both alike; medians. Expect minutes: one reference call
+  moves about a gigabyte here and took 5-20 s on the 2 shared cores this was written on.
 
 ``bytes`` counts each element once (see :func:`moved_bytes`); ``gb_s = bytes / time``. Within one run,
 ``ratio = reference_ms / ms`` (speed-up over the reference) and, on CUDA, ``of_copy = gb_s /

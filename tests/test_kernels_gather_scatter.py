@@ -303,7 +303,16 @@ def _scatter_args(**change):
         ({"origins": torch.tensor([[0.0, 0.0]])}, TypeError, "float32"),
         ({"origins": torch.tensor([0, 0])}, ValueError, r"\(2,\)"),
         ({"mode": "reflect"}, ValueError, "reflect"),
-        ({"canvas": torch.randn(1, 2, 1, 8, 8, device="meta")}, ValueError, "meta"),
+        ({"canvas": torch.randn(1, 2, 1, 8, 8, device="meta")}, ValueError, "one device"),
+        (
+            {
+                "canvas": torch.randn(1, 2, 1, 8, 8, device="meta"),
+                "origins": torch.zeros(1, 2, dtype=torch.int64, device="meta"),
+                "out": torch.empty(1, 2, 1, 6, 6, device="meta"),
+            },
+            ValueError,
+            "must be on a CUDA device.*meta",
+        ),
         ({"canvas": torch.randn(2, 8, 8)}, ValueError, r"\(2, 8, 8\)"),
     ],
 )
