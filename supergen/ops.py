@@ -166,7 +166,7 @@ def _check_pair(name: str, value, minimum: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _as_origins(origins, device: torch.device) -> torch.Tensor:
+def _as_origins(origins) -> torch.Tensor:
     if not isinstance(origins, torch.Tensor):
         try:
             origins = torch.tensor(origins)
@@ -176,15 +176,17 @@ def _as_origins(origins, device: torch.device) -> torch.Tensor:
         raise TypeError(f"`origins` must hold integers but has dtype {origins.dtype}.")
     if origins.dim() != 2 or origins.shape[1] != 2 or origins.shape[0] == 0:
         raise ValueError(f"`origins` must have shape (N, 2) with N >= 1 but has shape {tuple(origins.shape)}.")
-    return origins.to(device=device, dtype=torch.int64).contiguous()
+    return origins.to(dtype=torch.int64)
 
 
 def _check_origins(origins: torch.Tensor, canvas_hw, tile_hw, wrap: bool) -> None:
     """Torus origins lie on the canvas; padded/dropped-edge origins keep the core tile on the canvas.
 
-    The check reads the origins' values, so it is skipped on meta tensors and while torch.compile
-    traces (a data-dependent branch would break the graph); every backend is memory-safe for any
-    origin (it wraps, clamps or drops cells), so a skipped check can cost correctness, never safety.
+    Callers pass CPU origins (TileGrid makes them there) and the check runs before they move to the
+    device, so it costs no device-to-host sync. It reads the values, so it is skipped on meta tensors
+    and while torch.compile traces (a data-dependent branch would break the graph); every backend is
+    memory-safe for any origin (it wraps, clamps or drops cells): a skipped check can cost
+    correctness, never safety.
     """
     if origins.device.type == "meta" or torch.compiler.is_compiling():
         return
@@ -259,8 +261,9 @@ def halo_gather(
         raise ValueError(f"`halo` must be an int >= 0 but is {halo!r}.")
     if mode not in GATHER_MODES:
         raise ValueError(f"`mode` must be one of {tuple(GATHER_MODES)} but is {mode!r}.")
-    origins = _as_origins(origins, canvas.device)
-    _check_origins(origins, (H, W), (h, w), wrap=mode == "torus")
+    origins = _as_origins(origins)
+    _check_origins(origins, (H, W), (h, w), wrap=mode == "torus")  # before the move: no device sync
+    origins = origins.to(canvas.device).contiguous()
     return torch.ops.supergen.halo_gather(canvas, origins, h, w, halo, mode)
 
 
@@ -333,12 +336,13 @@ def blend_scatter(
         raise ValueError(f"`ramp` must be one of {tuple(RAMPS)} but is {ramp!r}.")
     if not isinstance(wrap, bool):
         raise TypeError(f"`wrap` must be a bool but is {wrap!r}.")
-    origins = _as_origins(origins, tiles.device)
+    origins = _as_origins(origins)
     if tiles.shape[0] % origins.shape[0] != 0:
         raise ValueError(
             f"`tiles` has {tiles.shape[0]} rows, which is not a multiple of the {origins.shape[0]} origins."
         )
-    _check_origins(origins, (H, W), (h, w), wrap=wrap)
+    _check_origins(origins, (H, W), (h, w), wrap=wrap)  # before the move: no device sync
+    origins = origins.to(tiles.device).contiguous()
     return torch.ops.supergen.blend_scatter(tiles, origins, H, W, oh, ow, ramp, wrap)
 
 

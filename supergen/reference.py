@@ -56,8 +56,8 @@ def halo_gather(
         rows, rows_in = _axis_index(oy - halo, h + 2 * halo, H, mode, canvas.device)
         cols, cols_in = _axis_index(ox - halo, w + 2 * halo, W, mode, canvas.device)
         window = canvas.index_select(3, rows).index_select(4, cols)
-        if mode == "zero":
-            window = window * (rows_in[:, None] & cols_in[None, :]).to(canvas.dtype)
+        if mode == "zero":  # where, not a 0/1 product: off-canvas cells are 0 even next to inf/nan
+            window = torch.where(rows_in[:, None] & cols_in[None, :], window, window.new_zeros(()))
         out[n * B : (n + 1) * B] = window
     return out
 
