@@ -82,6 +82,10 @@ def _masked_attn_inner(
     keys ``s * BLOCK_N ...`` directly when every block is valid (``GATHER`` off: the list is the
     identity, so the loads are plain contiguous tiles as in the tutorial). ``MASKED`` steps may run
     past the ``n_kv`` valid entries or past ``Lk``; unmasked ones may not.
+
+    On sm_90 the dense loop software-pipelines like the tutorial (cp.async ``num_stages - 1`` steps
+    ahead, wgmma); in the gathered loop the k/v addresses depend on an index load of the same step,
+    which Triton 3.9 prefetches only one step ahead, so key-masked calls run below the dense rate.
     """
     SUB: tl.constexpr = BLOCK_N // 64
     sub = tl.arange(0, BLOCK_N) // 64
@@ -260,7 +264,11 @@ def _fits(block_m: int, block_n: int, num_stages: int, block_d: int, itemsize: i
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles larger than the problem and pipelines that do not fit in shared memory."""
+    """Drop tiles larger than the problem and pipelines that do not fit in shared memory.
+
+    The estimate is optimistic: Triton may give the dense and the gathered loop separate buffers;
+    a config that then exceeds shared memory fails to launch and the autotuner skips it.
+    """
     args = {**named_args, **kwargs}  # the launcher passes everything by keyword
     Lq, Lk, D, itemsize = args["Lq"], args["Lk"], args["BLOCK_D"], args["Q"].element_size()
     kept = [
