@@ -281,9 +281,11 @@ def test_1_5_canvas_beyond_max_size_is_refused_unless_extended():
     assert torch.equal(cos, _window(wide.view(2, 8, 12, -1), (8, 12), (8, 12)))
 
 
-def test_sincos_models_refuse_canvas_positions():
+def test_sincos_models_refuse_canvas_positions_and_1_0_refuses_extension():
     with pytest.raises(ValueError, match="sincos positions .* use `positions='local'`"):
         CogVideoXAdapter(_pipeline("sincos"), positions="canvas")
+    with pytest.raises(ValueError, match="`extend_positions` applies to CogVideoX 1.5"):
+        CogVideoXAdapter(_pipeline("rope10"), positions="canvas", extend_positions=True)
 
 
 # -- (3) image-to-video conditioning ---------------------------------------------------------------------

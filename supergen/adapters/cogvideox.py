@@ -9,7 +9,10 @@ Model facts this adapter owns:
   them before decoding): the tile's first frame is repeated, and the padded rows of the prediction are
   dropped again;
 * the transformer predicts ``v`` (CogVideoX DDIM/DPM schedulers); CFG is batched (``[uncond; cond]``
-  in one forward, one ``cache_context`` per tile, guidance per tile before fusion);
+  in one forward, one ``cache_context`` per tile, guidance per tile before fusion). ``use_dynamic_cfg``
+  is implemented: the pipeline's cosine schedule, computed from the timestep and the call's step count;
+* ``CogVideoXDPMScheduler.step`` has its own signature and carries the previous ``x0``:
+  :meth:`CogVideoXAdapter.scheduler_step` steps the canvas as the pipelines do;
 * positions: 2b adds sincos positions inside its patch embedding, computed from the input size alone,
   so only ``local`` positions exist there (``canvas`` is refused at construction). 5b/1.5 take RoPE as
   an input: ``local`` is the table the pipeline builds for a tile-size video; ``canvas`` cuts each
@@ -19,6 +22,10 @@ Model facts this adapter owns:
   sample grid) unless ``extend_positions=True`` extrapolates past it;
 * image-to-video concatenates the image latent (frame 0, zeros after, scaled like the pipeline) on
   channels; it is encoded once at canvas size and cropped with each tile's window. 1.5 adds ``ofs``.
+  For 1.5 ``cond.canvas_extra`` holds the padded frame count, the image on the padded first frame,
+  exactly where the I2V pipeline puts it;
+* the tiled VAE keeps the VAE's tile size but snaps its overlaps to whole latent cells: CogVideoX's
+  ``tiled_decode``/``tiled_encode`` return wrong sizes otherwise (see :func:`consistent_overlap`).
 """
 
 from __future__ import annotations
@@ -83,6 +90,11 @@ class CogVideoXAdapter(ModelAdapter):
                 "`positions='canvas'` needs rotary positions, but this CogVideoX transformer "
                 "(`use_rotary_positional_embeddings=False`, e.g. CogVideoX-2b) adds sincos positions inside its "
                 "patch embedding, computed from the input size alone with no offset; use `positions='local'`."
+            )
+        if extend_positions and config.patch_size_t is None:
+            raise ValueError(
+                "`extend_positions` applies to CogVideoX 1.5 (integer RoPE positions capped at `max_size`); 1.0 "
+                "canvas positions are the canvas resized into the base grid and never exceed it."
             )
         self.extend_positions = bool(extend_positions)
         self.image_to_video = config.in_channels != config.out_channels
