@@ -2,7 +2,10 @@
 //
 // No torch.library registration here: the op schemas live in supergen/ops.py alone. The GIL is
 // released for the duration of a call so other Python threads run while the kernels work.
-#include <torch/extension.h>
+
+// torch's pybind11 header (tensor casters) rather than torch/extension.h, which drags in the whole C++
+// frontend: this file then compiles in about half the time (66 s vs 115 s on the 2-core dev machine).
+#include <torch/csrc/utils/pybind.h>
 
 #include "ops.h"
 

@@ -105,8 +105,8 @@ void blend_rows(const at::Tensor& tiles, const Plan& p, at::Tensor& out) {
   const auto os = out.strides();
   const int64_t B = out.size(0), C = out.size(1), T = out.size(2), H = out.size(3), W = out.size(4);
   const bool unit = ts[4] == 1 && os[4] == 1;
-  // Rows are one canvas width; hand each thread at least ATen's grain of elements.
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / W);
+  // Rows are one canvas width: hand each thread at least a grain of elements.
+  const int64_t grain = std::max<int64_t>(1, detail::kGrainElements / W);
   at::parallel_for(0, B * C * T * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(p.copy ? 0 : W);  // this thread's fp32 row accumulator
     for (int64_t row = begin; row < end; ++row) {
@@ -173,15 +173,15 @@ void blend_scatter(const at::Tensor& tiles, const at::Tensor& origins, int64_t c
   TORCH_CHECK(overlap_h >= 0 && overlap_w >= 0 && 2 * overlap_h <= h && 2 * overlap_w <= w,
               "blend_scatter: overlap ", overlap_h, "x", overlap_w, " must be in [0, half the tile ", h,
               "x", w, "]");
-  TORCH_CHECK(ramp == kLinear || ramp == kCosine, "blend_scatter: `ramp` must be 0 (linear) or 1 (cosine) but is ",
-              ramp);
+  TORCH_CHECK(ramp == kLinear || ramp == kCosine,
+              "blend_scatter: `ramp` must be 0 (linear) or 1 (cosine) but is ", ramp);
   const std::vector<int64_t> want = {tiles.size(0) / N, tiles.size(1), tiles.size(2), canvas_h, canvas_w};
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == tiles.scalar_type() && out.sizes() == want,
-              "blend_scatter: `out` must be a CPU ", tiles.scalar_type(), " tensor of shape ", want,
-              " but is a ", out.device(), " ", out.scalar_type(), " tensor of shape ", out.sizes());
+              "blend_scatter: `out` must be a CPU ", tiles.scalar_type(), " tensor of shape ",
+              c10::IntArrayRef(want), " but is a ", out.device(), " ", out.scalar_type(),
+              " tensor of shape ", out.sizes());
 
-  const Plan plan =
-      make_plan(tile_origins, h, w, canvas_h, canvas_w, overlap_h, overlap_w, ramp, wrap);
+  const Plan plan = make_plan(tile_origins, h, w, canvas_h, canvas_w, overlap_h, overlap_w, ramp, wrap);
   AT_DISPATCH_V2(tiles.scalar_type(), "blend_scatter", AT_WRAP([&] {
     blend_rows<scalar_t>(tiles, plan, out);
   }), at::kFloat, at::kHalf, at::kBFloat16);

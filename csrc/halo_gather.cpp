@@ -63,8 +63,8 @@ void gather_rows(const at::Tensor& canvas, const std::vector<int64_t>& rows,
   const auto os = out.strides();
   const int64_t B = canvas.size(0), C = out.size(1), T = out.size(2), hh = out.size(3), ww = out.size(4);
   const bool unit = cs[4] == 1 && os[4] == 1;
-  // Rows are short (a window width); hand each thread at least ATen's grain of elements.
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / ww);
+  // Rows are short (a window width): hand each thread at least a grain of elements.
+  const int64_t grain = std::max<int64_t>(1, detail::kGrainElements / ww);
   at::parallel_for(0, out.size(0) * C * T * hh, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t r = row % hh, t = row / hh % T, c = row / (hh * T) % C, nb = row / (hh * T * C);
@@ -105,8 +105,9 @@ void halo_gather(const at::Tensor& canvas, const at::Tensor& origins, int64_t ti
   const int64_t N = static_cast<int64_t>(tiles.size()), hh = tile_h + 2 * halo, ww = tile_w + 2 * halo;
   const std::vector<int64_t> want = {N * B, canvas.size(1), canvas.size(2), hh, ww};
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == canvas.scalar_type() && out.sizes() == want,
-              "halo_gather: `out` must be a CPU ", canvas.scalar_type(), " tensor of shape ", want,
-              " but is a ", out.device(), " ", out.scalar_type(), " tensor of shape ", out.sizes());
+              "halo_gather: `out` must be a CPU ", canvas.scalar_type(), " tensor of shape ",
+              c10::IntArrayRef(want), " but is a ", out.device(), " ", out.scalar_type(),
+              " tensor of shape ", out.sizes());
 
   std::vector<int64_t> rows(N * hh);  // [N, hh]: canvas row of each window row, -1 = zeros
   std::vector<std::vector<Segment>> segs(N);

@@ -6,7 +6,7 @@
 // Inputs may have any strides (no copies); offsets are int64. Dtypes: float32, float16, bfloat16.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <vector>
@@ -41,10 +41,15 @@ void blend_scatter(
 
 namespace detail {
 
+// Elements below which a thread hand-off costs more than it saves (ATen's internal GRAIN_SIZE, which
+// lives in the heavy TensorIterator.h).
+constexpr int64_t kGrainElements = 32768;
+
 // (row, col) of each origin, after checking that `origins` is an [N, 2] int64 CPU tensor (any strides).
 inline std::vector<std::array<int64_t, 2>> read_origins(const char* op, const at::Tensor& origins) {
   TORCH_CHECK(origins.device().is_cpu(), op, ": `origins` must be a CPU tensor but is on ", origins.device());
-  TORCH_CHECK(origins.scalar_type() == at::kLong, op, ": `origins` must be int64 but is ", origins.scalar_type());
+  TORCH_CHECK(origins.scalar_type() == at::kLong, op, ": `origins` must be int64 but is ",
+              origins.scalar_type());
   TORCH_CHECK(origins.dim() == 2 && origins.size(1) == 2 && origins.size(0) >= 1, op,
               ": `origins` must have shape [N, 2] with N >= 1 but has shape ", origins.sizes());
   const auto acc = origins.accessor<int64_t, 2>();

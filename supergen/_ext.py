@@ -6,8 +6,8 @@ through an ABI mismatch. So the sources ship as package data (``supergen._csrc``
 against the running torch the first time the CPU backend is needed, with ninja, into a cache:
 ``$SUPERGEN_CACHE`` or ``~/.cache/supergen``. The build directory's name holds the Python and torch
 versions and a hash of the sources and flags, so an upgrade or an edit builds afresh and a stale
-binary is never loaded. The first build takes about a minute; later processes load it in
-milliseconds.
+binary is never loaded. The first build takes about a minute on two cores (the kernels include only
+ATen's core headers to keep it so); later processes reuse the binary.
 
 :func:`load` raises :class:`ImportError` saying why when there is no compiler or the build fails;
 ``supergen.ops`` records that reason, falls back to the reference and ``supergen info`` prints it.
