@@ -89,6 +89,33 @@ def test_one_tile_equals_pipeline_prediction(true_cfg_scale):
         assert torch.equal(pred, model_output)
 
 
+def test_one_tile_refine_equals_the_pipeline_loop():
+    """supergen's refine loop, one tile covering the canvas and no shift, entered at step 1 of 3 of the
+    pipeline's own schedule, continues the stock pipeline's trajectory bit for bit."""
+    from supergen import stages
+    from supergen.config import TilingConfig
+
+    pipe = _pipeline()
+    adapter = adapter_for(pipe)
+    kwargs = dict(_text(), guidance_scale=4.5, true_cfg_scale=2.0)
+    noise = torch.randn(1, C, 2, 8, 12, generator=torch.Generator().manual_seed(2))
+    stock = pipe(height=32, width=48, num_frames=5, num_inference_steps=3, latents=noise, output_type="latent",
+                 **kwargs).frames  # fmt: skip
+    entry = pipe.scheduler.seen[1][2]
+
+    plan, grid = stages.check_inputs(
+        adapter.spec, height=32, width=48, sketch_height=32, sketch_width=48, num_frames=5,
+        num_inference_steps=3, refine_steps=2, tiling=TilingConfig(tile=(8, 12), shift=False),
+    )  # fmt: skip
+    cond = adapter.conditioning(tuple(noise.shape), **kwargs)
+    adapter.set_timesteps(pipe.scheduler, 3)
+    refined = stages.refine(adapter, pipe.scheduler, entry, cond, grid, plan)
+    assert torch.equal(refined, stock)
+    ours = pipe.scheduler.sigmas.clone()
+    pipe.scheduler.set_timesteps(3)  # the scheduler's default spacing is another schedule
+    assert not torch.equal(ours, pipe.scheduler.sigmas)
+
+
 def test_canvas_positions_are_slices_of_the_canvas_table():
     pipe = _pipeline()
     adapter = HunyuanVideoAdapter(pipe, positions="canvas", max_tile_batch=4)

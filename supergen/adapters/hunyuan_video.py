@@ -7,6 +7,8 @@ Model facts this adapter owns:
 * the transformer predicts a flow velocity. Guidance is *embedded* (``guidance_scale * 1000`` goes in
   as an input, one forward); true CFG (``true_cfg_scale > 1`` with a negative prompt) adds a second
   forward. Each forward runs in a ``cache_context`` named per branch and per tile (``"cond/tile3"``);
+* the pipeline sets explicit sigmas ``linspace(1, 0, N + 1)[:-1]``, not the scheduler's default
+  spacing: :meth:`HunyuanVideoAdapter.set_timesteps` gives stage 2 the same N-step schedule;
 * text is three tensors: LLaMA token embeddings, their attention mask and pooled CLIP embeddings;
 * rotary positions come from ``transformer.rope``, which builds ``arange`` grids from the input size
   (tile-local, no maximum). ``canvas`` positions install a hook on that module returning each tile's
@@ -104,6 +106,13 @@ class HunyuanVideoAdapter(ModelAdapter):
                 raise TypeError(f"`{key}` is set by supergen's sketch and cannot be passed.")
         kwargs = dict(height=height, width=width, num_frames=num_frames, output_type="latent", return_dict=False)
         return self.pipe(**kwargs, **pipeline_kwargs)[0]
+
+    def set_timesteps(self, scheduler, num_inference_steps: int, device=None) -> None:
+        """The pipeline's N-step schedule: explicit sigmas ``linspace(1, 0, N + 1)[:-1]`` (shifted by the
+        scheduler), not the scheduler's default spacing; stage 2 must continue this very schedule."""
+        import numpy as np
+
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1], device=device)
 
     # -- VAE ----------------------------------------------------------------------------------------
 
