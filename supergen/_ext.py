@@ -36,6 +36,8 @@ _HEADERS = ("ops.h",)
 _CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
+_COMPLAINT = re.compile(r"error|not found|no such file", re.IGNORECASE)
+
 _lock = threading.Lock()
 _ops: CppOps | None = None
 
@@ -91,10 +93,11 @@ def _build(src: Path):
 
 
 def _reason(error: Exception) -> str:
-    """The first compiler error lines of a failed build, not its whole log."""
-    lines = str(error).splitlines()
-    errors = [line.strip() for line in lines if "error" in line.lower()]
-    return " | ".join(errors[:3] or lines[-3:])
+    """The complaint of a failed build (its distinct error lines), not its whole log."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # Echoed compiler commands (they all name an output, "-o") mention errors only by accident.
+    found = [line[:300] for line in lines if _COMPLAINT.search(line) and " -o " not in line]
+    return " | ".join(list(dict.fromkeys(found))[:3]) or lines[-1][:300]
 
 
 def load() -> CppOps:
