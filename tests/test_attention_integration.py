@@ -26,6 +26,18 @@ from diffusers.models.attention_dispatch import (  # noqa: E402
 
 BACKENDS = ["reference", "triton"]
 ATOL = 2e-5  # fp32 end to end: attention differs from SDPA by rounding only (~5e-7)
+#: CUDA when present (the compiled kernel), else the CPU (conftest sets TRITON_INTERPRET=1).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dev(t: torch.Tensor) -> torch.Tensor:
+    return t.to(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def fixed_config(monkeypatch):
+    """One kernel config per launch: autotuning every tiny shape would dominate a GPU run."""
+    monkeypatch.setenv("SUPERGEN_NO_AUTOTUNE", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -100,8 +112,13 @@ def cogvideox_inputs(rope: bool, seed=1):
 
 
 def forward(model, inputs):
+    """The model's output on DEVICE (model and inputs moved there; tuples of tensors too)."""
+    inputs = {
+        k: dev(v) if isinstance(v, torch.Tensor) else tuple(map(dev, v)) if isinstance(v, tuple) else v
+        for k, v in inputs.items()
+    }
     with torch.no_grad():
-        return model(**inputs, return_dict=False)[0]
+        return model.to(DEVICE)(**inputs, return_dict=False)[0]
 
 
 # -- same output as stock attention -------------------------------------------------------------------
@@ -174,8 +191,8 @@ class _spy:
 def test_masks_apply_to_video_sequences_only():
     model, inputs = tiny_wan(), wan_inputs()  # 128 video tokens, 7 text tokens
     sa.enable_masked_attention(model)
-    q_mask = torch.tensor([True, False])
-    kv_mask = torch.tensor([False, True])
+    q_mask = dev(torch.tensor([True, False]))
+    kv_mask = dev(torch.tensor([False, True]))
     calls = []
     with ops.backend("reference"), _spy(calls), sa.attention_masks(q_mask, kv_mask, seq_len=128):
         forward(model, inputs)
@@ -196,14 +213,14 @@ def test_cached_outputs_fill_inactive_blocks(backend):
     sa.enable_masked_attention(model)
     outputs = []
     with ops.backend(backend):
-        with sa.attention_masks(torch.tensor([True, True]), seq_len=128, outputs=outputs):
+        with sa.attention_masks(dev(torch.tensor([True, True])), seq_len=128, outputs=outputs):
             first = forward(model, inputs)
         assert len(outputs) == 2
         buffers = [o.data_ptr() for o in outputs]
-        with sa.attention_masks(torch.tensor([False, True]), seq_len=128, outputs=outputs):
+        with sa.attention_masks(dev(torch.tensor([False, True])), seq_len=128, outputs=outputs):
             second = forward(model, inputs)  # same inputs: cached rows are exact
         other = wan_inputs(seed=7)
-        with sa.attention_masks(torch.tensor([False, False]), seq_len=128, outputs=outputs):
+        with sa.attention_masks(dev(torch.tensor([False, False])), seq_len=128, outputs=outputs):
             stale = forward(model, other)  # every attention row from the cache of `inputs`
     assert [o.data_ptr() for o in outputs] == buffers, "cache buffers must be updated in place"
     torch.testing.assert_close(first, stock, atol=ATOL, rtol=1e-5)
@@ -213,7 +230,7 @@ def test_cached_outputs_fill_inactive_blocks(backend):
 
 def test_outputs_of_another_shape_raise():
     model = sa.enable_masked_attention(tiny_wan())
-    outputs, two_blocks = [], torch.ones(2, dtype=torch.bool)
+    outputs, two_blocks = [], dev(torch.ones(2, dtype=torch.bool))
     with sa.attention_masks(two_blocks, outputs=outputs):
         forward(model, wan_inputs())  # 2 x 8 x 8 = 128 tokens
     with pytest.raises(ValueError, match="same-shape forwards"), sa.attention_masks(two_blocks, outputs=outputs):
@@ -238,13 +255,13 @@ def backend_fn():
 def test_key_padding_masks_run_on_the_kernel(backend, kind):
     """Padding at the end of the keys (per batch element) is exact as attention over a key prefix."""
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn((2, 130, 2, 12), generator=g) for _ in range(3))
-    keep = torch.ones(2, 130, dtype=torch.bool)
+    q, k, v = (dev(torch.randn((2, 130, 2, 12), generator=g)) for _ in range(3))
+    keep = dev(torch.ones(2, 130, dtype=torch.bool))
     keep[0, 100:] = False  # batch 0: 100 keys; batch 1: all 130
     mask = {
         "bool-4d": keep[:, None, None, :],
         "bool-2d": keep,
-        "additive-inf": torch.zeros(2, 1, 1, 130).masked_fill(~keep[:, None, None, :], float("-inf")),
+        "additive-inf": dev(torch.zeros(2, 1, 1, 130)).masked_fill(~keep[:, None, None, :], float("-inf")),
     }[kind]
     calls = []
     with warnings.catch_warnings(), ops.backend(backend), _spy(calls):
@@ -253,8 +270,8 @@ def test_key_padding_masks_run_on_the_kernel(backend, kind):
     assert [c[1][2] for c in calls] == [100, 130]  # one call per batch element, on its key prefix
     torch.testing.assert_close(out, sdpa_blhd(q, k, v, keep[:, None, None, :]), atol=2e-6, rtol=1e-5)
     # Block masks combine with key padding: query block 1 of batch 0 inactive, key block 0 invalid.
-    q_mask = torch.tensor([[True, False, True], [True, True, True]])
-    kv_mask = torch.tensor([False, True, True])
+    q_mask = dev(torch.tensor([[True, False, True], [True, True, True]]))
+    kv_mask = dev(torch.tensor([False, True, True]))
     with ops.backend(backend), sa.attention_masks(q_mask, kv_mask):
         out = backend_fn()(q, k, v, attn_mask=mask)
     keep_blocks = keep.clone()
@@ -265,8 +282,8 @@ def test_key_padding_masks_run_on_the_kernel(backend, kind):
 
 
 def test_other_model_masks_fall_back_to_sdpa_explicitly():
-    q, k, v = (torch.randn(1, 70, 2, 12) for _ in range(3))
-    holes = torch.ones(1, 1, 1, 70, dtype=torch.bool)
+    q, k, v = (dev(torch.randn(1, 70, 2, 12)) for _ in range(3))
+    holes = dev(torch.ones(1, 1, 1, 70, dtype=torch.bool))
     holes[..., 10:20] = False  # not a suffix: not expressible
     fn = backend_fn()
     sa._warned.clear()
@@ -276,10 +293,13 @@ def test_other_model_masks_fall_back_to_sdpa_explicitly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per kind, not per call
         fn(q, k, v, attn_mask=holes)
-    bias = torch.zeros(1, 1, 1, 70).masked_fill(~holes, -10000.0)  # LTX-style finite bias: not a mask
+    bias = dev(torch.zeros(1, 1, 1, 70)).masked_fill(~holes, -10000.0)  # LTX-style finite bias: not a mask
     with pytest.warns(UserWarning):
         torch.testing.assert_close(fn(q, k, v, attn_mask=bias), sdpa_blhd(q, k, v, bias))
-    with pytest.raises(ValueError, match="cannot combine block masks"), sa.attention_masks(torch.tensor([True, False])):
+    with (
+        pytest.raises(ValueError, match="cannot combine block masks"),
+        sa.attention_masks(dev(torch.tensor([True, False]))),
+    ):
         fn(q, k, v, attn_mask=holes)
     with pytest.raises(ValueError, match="context parallelism"):
         fn(q, k, v, return_lse=True)
