@@ -32,7 +32,8 @@ from .reference import GATHER_MODES, RAMPS
 _SOURCES = ("halo_gather.cpp", "blend_scatter.cpp", "bindings.cpp")
 _HEADERS = ("ops.h",)
 # -ffp-contract=off: blend_scatter forms products and sums separately, as the reference does, so it
-# stays bit-identical to it even when the compiler may emit fused multiply-adds.
+# stays bit-identical to it even when the compiler may emit fused multiply-adds. -fopenmp: ATen's
+# at::parallel_for is an OpenMP region compiled into the caller from ATen's header, as in libtorch.
 _CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 
