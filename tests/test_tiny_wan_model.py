@@ -1,0 +1,177 @@
+"""The embedded tiny Wan: a diffusers-format folder, its training script, and (slow) its quality."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from supergen import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "supergen" / "models" / "tiny-wan"
+SCRIPT = ROOT / "training" / "train_tiny_wan.py"
+
+
+def _load_script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train():
+    return _load_script("train_tiny_wan", SCRIPT)
+
+
+def _load(path: Path):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, prompt: str, steps: int, seed: int = 0):
+    return pipe(
+        prompt=prompt,
+        height=synthetic.SIZE,
+        width=synthetic.SIZE,
+        num_frames=synthetic.FRAMES,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).frames
+
+
+def _no_unknown_tokens(tokenizer):
+    ids = tokenizer(" ".join(synthetic.VOCABULARY)).input_ids
+    assert tokenizer.unk_token_id not in ids
+    assert len(ids) == len(synthetic.VOCABULARY) + 1 and ids[-1] == tokenizer.eos_token_id
+    for word in synthetic.VOCABULARY:
+        assert tokenizer.unk_token_id not in tokenizer(word.upper()).input_ids  # lower-cased first
+    assert tokenizer("a purple hexagon").input_ids.count(tokenizer.unk_token_id) == 2
+
+
+def test_tokenizer_encodes_the_vocabulary(train):
+    _no_unknown_tokens(train.build_tokenizer())
+
+
+def test_training_cross_attention_equals_the_padded_prompt(train):
+    """Training attends over one zero row with a log-count bias; inference over all padding rows."""
+    pipe = train.build_pipeline(0)
+    bank = train.TextBank(pipe.tokenizer, pipe.text_encoder, "cpu")
+    captions = [synthetic.sample_clip(s).caption for s in range(3)] + [""]
+    text, bias = bank.batch(captions)
+    transformer = pipe.transformer.eval()
+    x = torch.randn(len(captions), 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900.0, 500.0, 100.0, 10.0])
+    with torch.no_grad():
+        full = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=train.TEXT_LEN)[0]
+        stock = transformer(hidden_states=x, timestep=t, encoder_hidden_states=full, return_dict=False)[0]
+        processor = train.PaddedCrossAttnProcessor()
+        processor.bias = bias
+        saved = transformer.attn_processors
+        transformer.set_attn_processor({k: processor if ".attn2." in k else p for k, p in saved.items()})
+        try:
+            fast = transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        finally:
+            transformer.set_attn_processor(saved)
+    assert full.shape[1] == train.TEXT_LEN
+    torch.testing.assert_close(fast, stock, atol=2e-5, rtol=1e-4)
+
+
+def test_training_script_two_steps_saves_a_loadable_folder(tmp_path):
+    out = tmp_path / "tiny-wan"
+    cmd = [sys.executable, str(SCRIPT), "--seed", "3", "--max-steps", "2", "--out", str(out), "--threads", "1"]
+    cmd += ["--vae-batch", "2", "--dit-batch", "4", "--dit-clips", "4", "--log-every", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert {"model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["seed"] == 3 and log["vae_steps"] == 2 and log["dit_steps"] == 2
+    assert len(log["loss"]["vae"]) == 2 and len(log["loss"]["transformer"]) == 2
+    pipe = _load(out)
+    assert len(pipe.vae.config.latents_std) == 16 and min(pipe.vae.config.latents_std) > 0
+    assert pipe.vae.config.latents_std != [1.0] * 16  # measured, not the placeholder
+    frames = _generate(pipe, "a red circle moving left on a dark gradient", steps=2)
+    assert frames.shape == (1, synthetic.FRAMES, synthetic.SIZE, synthetic.SIZE, 3)
+
+
+# -- the committed model ----------------------------------------------------------------------------
+
+needs_model = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="no trained tiny-wan folder")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _load(MODEL)
+
+
+@needs_model
+def test_committed_folder_is_small_and_safetensors_only():
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 20 * 2**20
+    weights = [p for p in files if p.suffix not in {".json", ".txt", ".md"}]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    info = json.loads((MODEL / "supergen.json").read_text())
+    assert info["native_size"] == [synthetic.SIZE, synthetic.SIZE] and info["num_frames"] == synthetic.FRAMES
+
+
+@needs_model
+def test_committed_model_loads_and_generates(model):
+    _no_unknown_tokens(model.tokenizer)
+    frames = _generate(model, "a blue square moving right on a light texture", steps=4)
+    assert frames.shape == (1, synthetic.FRAMES, synthetic.SIZE, synthetic.SIZE, 3)
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
+
+
+@needs_model
+def test_committed_vae_normalisation_matches_the_data(model):
+    """``latents_mean``/``latents_std`` make held-out clips' latents roughly zero-mean, unit-variance."""
+    x = torch.from_numpy(synthetic.sample_batch(range(90_000_500, 90_000_516))[0])
+    with torch.no_grad():
+        z = model.vae.encode(x).latent_dist.mode()
+    mean = torch.tensor(model.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(model.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    zn = ((z - mean) / std).transpose(0, 1).flatten(1)
+    assert zn.mean(1).abs().max() < 0.5
+    assert ((zn.std(1) > 0.6) & (zn.std(1) < 1.5)).all()
+
+
+@needs_model
+def test_committed_vae_reconstructs_the_objects(model):
+    agree = 0
+    for seed in range(90_000_600, 90_000_610):
+        clip = synthetic.sample_clip(seed)
+        with torch.no_grad():
+            x = torch.from_numpy(clip.video)[None]
+            recon = model.vae.decode(model.vae.encode(x).latent_dist.mode()).sample[0].numpy()
+        found = synthetic.detect_objects(synthetic.to_unit_frames(recon))
+        agree += sorted((t.colour, t.shape) for t in found.tracks if t.present >= 5) == sorted(
+            (o.colour, o.shape) for o in clip.objects
+        )
+    assert agree >= 8
+
+
+@needs_model
+@pytest.mark.slow
+def test_generations_show_the_prompted_shape(model):
+    """The prompted colour is visible (detector, at least half the frames) for most held-out prompts."""
+    colour = shape = 0
+    prompts = [synthetic.sample_clip(90_001_000 + i, max_objects=1).caption for i in range(12)]
+    for i, prompt in enumerate(prompts):
+        frames = _generate(model, prompt, steps=20, seed=i)[0]
+        ((want_colour, want_shape),) = synthetic.parse_caption(prompt)
+        found = synthetic.detect_objects(frames)
+        colour += found.visible(want_colour)
+        shape += found.visible(want_colour, want_shape)
+    assert colour >= 9
+    assert shape >= 6

@@ -1,0 +1,548 @@
+"""Train supergen's embedded model, a tiny Wan 2.1, on the synthetic shapes domain (``supergen.synthetic``).
+
+    python training/train_tiny_wan.py --seed 0 --minutes 50 --out supergen/models/tiny-wan
+
+The result is a diffusers-format folder (``WanPipeline.from_pretrained(out, local_files_only=True)``):
+the same classes and code path as a real Wan 2.1 checkpoint, only small.
+
+* ``tokenizer/``: a word-level ``PreTrainedTokenizerFast`` over ``supergen.synthetic.VOCABULARY``,
+  built in code (nothing to download);
+* ``text_encoder/``: a random, frozen ``UMT5EncoderModel`` from a seeded config. Wan's T5 is frozen too;
+  a random transformer over a 24-word vocabulary still gives every caption distinct features, and the
+  Wan transformer learns to read them through its own text projection and cross-attention;
+* ``vae/``: a small ``AutoencoderKLWan`` (8x spatial, 4x temporal, 16 channels, as Wan 2.1) trained first;
+  its config's ``latents_mean``/``latents_std`` are measured on encoded training clips, so the
+  pipeline's normalisation makes the latents zero-mean, unit-variance per channel;
+* ``transformer/``: a 4-layer ``WanTransformer3DModel`` trained with flow matching on the VAE latents
+  (saved as an exponential moving average of the weights);
+* ``scheduler/``: ``UniPCMultistepScheduler`` with flow sigmas and shift 3, Wan 2.1's sampler at 480p;
+* ``supergen.json``: native size, frames, text length and sampling defaults; ``training_log.json``:
+  the seed, the exact step counts (to replay the run with ``--vae-steps``/``--dit-steps``), timings and
+  the loss curves.
+
+Time budget: ``--minutes`` is split between the VAE (``--vae-fraction``), encoding the transformer's
+data set, and the transformer. Each phase times its first steps, then fixes its step count so that it
+ends within its share; the learning-rate schedule is laid over that count. Given the same step counts,
+device, torch version and thread count the run is reproducible from ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from supergen import synthetic
+
+# -- the model ---------------------------------------------------------------------------------------
+
+#: Text length the pipeline pads prompts to (``WanPipeline.__call__``'s ``max_sequence_length``).
+TEXT_LEN = 512
+TEXT_DIM = 64
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2: T5's pad and end-of-sequence conventions
+FLOW_SHIFT = 3.0
+GUIDANCE_SCALE = 5.0
+NUM_INFERENCE_STEPS = 20
+# Seed offsets: separate, non-overlapping streams of clip seeds for each use.
+VAE_DATA, DIT_DATA = 10_000_000, 20_000_000
+
+
+def build_tokenizer():
+    """Word-level tokenizer over the caption vocabulary; appends ``</s>`` as T5 does."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *synthetic.VOCABULARY))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=TEXT_LEN
+    )
+
+
+def _seeded(seed: int, make):
+    """Build a module under a fixed global seed (diffusers/transformers initialise from it), then restore."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return make()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def build_text_encoder(seed: int, vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return _seeded(seed, lambda: UMT5EncoderModel(config)).eval().requires_grad_(False)
+
+
+def build_vae(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    # 8x spatial (three 2x downsamples) and 4x temporal like Wan 2.1, with narrow channels. Normalisation
+    # statistics are placeholders until measured on encoded data (`latent_stats`).
+    return _seeded(
+        seed,
+        lambda: AutoencoderKLWan(
+            base_dim=16,
+            z_dim=16,
+            dim_mult=[1, 2, 3, 3],
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[False, True, True],
+            dropout=0.0,
+            latents_mean=[0.0] * 16,
+            latents_std=[1.0] * 16,
+        ),
+    )
+
+
+def build_transformer(seed: int):
+    from diffusers import WanTransformer3DModel
+
+    return _seeded(
+        seed,
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=48,  # 192 wide; rotary split t/h/w = 16/16/16
+            in_channels=16,
+            out_channels=16,
+            text_dim=TEXT_DIM,
+            freq_dim=256,
+            ffn_dim=768,
+            num_layers=4,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,  # Wan's value: canvas positions of a 4K tiled canvas still fit
+        ),
+    )
+
+
+def build_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT)
+
+
+def build_pipeline(seed: int):
+    """The untrained pipeline (every part seeded): what training starts from."""
+    from diffusers import WanPipeline
+
+    tokenizer = build_tokenizer()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=build_text_encoder(seed + 1, len(tokenizer)),
+        vae=build_vae(seed + 2),
+        transformer=build_transformer(seed + 3),
+        scheduler=build_scheduler(),
+    )
+
+
+def save_pipeline(pipe, out: Path, extra: dict[str, dict]) -> None:
+    """Write the folder atomically: a temporary sibling, then one rename, so a reader (or a killed run)
+    never sees half a model."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, payload in extra.items():
+            (tmp / name).write_text(json.dumps(payload, indent=1) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- text --------------------------------------------------------------------------------------------
+
+
+class TextBank:
+    """Caption -> unpadded text-encoder features, computed once (the encoder is frozen).
+
+    The pipeline pads every prompt's features with zero rows to ``TEXT_LEN``; padded rows all become the
+    same key and value in cross-attention, so attending over ``n`` of them equals attending over one or
+    more of them with ``log(n / count)`` added to their logits. Training builds each batch that way
+    (``batch``), which is exact and skips ~500 identical rows per sample.
+    """
+
+    def __init__(self, tokenizer, text_encoder, device):
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(self, captions: list[str], chunk: int = 256) -> None:
+        todo = sorted({c for c in captions if c not in self.cache})
+        for i in range(0, len(todo), chunk):
+            part = todo[i : i + chunk]
+            # Same call as WanPipeline._get_t5_prompt_embeds, padded to the longest instead of TEXT_LEN:
+            # with the attention mask, real tokens' features do not depend on the padding length.
+            enc = self.tokenizer(part, padding="longest", truncation=True, max_length=TEXT_LEN, return_tensors="pt")
+            mask = enc.attention_mask
+            hidden = self.text_encoder(enc.input_ids, mask).last_hidden_state
+            for caption, h, m in zip(part, hidden, mask):
+                self.cache[caption] = h[: int(m.sum())].float().clone()
+
+    def batch(self, captions: list[str], generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, TEXT_DIM) features with at least one zero row each, and the (B, 1, 1, L) logit bias.
+
+        Each prompt stands for ``TEXT_LEN`` padded rows (the pipeline's default) in half of the samples;
+        with a ``generator``, the other half stand for a log-uniform number of padding rows instead, so
+        the model also works when a caller passes a shorter ``max_sequence_length``.
+        """
+        self.add(captions)
+        rows = [self.cache[c] for c in captions]
+        length = max(len(r) for r in rows) + 1
+        feats = torch.zeros(len(rows), length, TEXT_DIM)
+        bias = torch.zeros(len(rows), 1, 1, length)
+        for i, r in enumerate(rows):
+            feats[i, : len(r)] = r
+            n_pad = TEXT_LEN - len(r)
+            if generator is not None and torch.rand((), generator=generator) < 0.5:
+                n_pad = max(1, round(math.exp(torch.rand((), generator=generator).item() * math.log(n_pad))))
+            bias[i, ..., len(r) :] = math.log(n_pad / (length - len(r)))
+        return feats.to(self.device), bias.to(self.device)
+
+
+class PaddedCrossAttnProcessor:
+    """Training-only cross-attention of Wan (text, no image) with a per-key logit bias (``TextBank``).
+
+    Mirrors ``WanAttnProcessor`` for the text-only case; used while training, never saved (inference
+    uses the stock processor on the fully padded prompt, which computes the same function).
+    """
+
+    bias: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        bias = None if self.bias is None else self.bias.to(query.dtype)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class StepBudget:
+    """Fixes a phase's step count: ``steps`` if given, else as many as fit in ``seconds`` (timed over
+    steps ``warmup`` to ``probe``, after allocation and first-call costs), at most ``max_steps``.
+
+    A time-fitted phase also stops when ``slack`` times its seconds have passed, e.g. if the machine
+    gets busier after the probe; the step count actually run is what the log reports for a replay.
+    """
+
+    def __init__(self, seconds: float, steps: int | None, max_steps: int | None, probe: int = 20, warmup: int = 2):
+        self.seconds, self.total, self.max_steps = seconds, steps, max_steps
+        self.probe, self.warmup = probe, warmup
+        self.fitted = steps is None
+        self.started = time.perf_counter()
+        self.probe_started = None
+        if self.total is None and max_steps is not None and max_steps <= probe:
+            self.total, self.fitted = max_steps, False
+
+    def shown(self) -> str:
+        return "?" if self.total is None else str(self.total)
+
+    def planned(self, step: int) -> int:
+        """The total (provisional until the probe steps are done; then fixed)."""
+        if self.total is None and step == self.warmup:
+            self.probe_started = time.perf_counter()
+        if self.total is None and step == self.probe:
+            per_step = (time.perf_counter() - self.probe_started) / (self.probe - self.warmup)
+            left = self.seconds - (time.perf_counter() - self.started)
+            self.total = max(self.probe + 1, self.probe + int(left / per_step))
+            if self.max_steps is not None:
+                self.total = min(self.total, self.max_steps)
+        return self.total if self.total is not None else 10**9
+
+    def running(self, step: int, slack: float = 1.1) -> bool:
+        if self.fitted and time.perf_counter() - self.started > slack * self.seconds:
+            log(f"time budget spent: stopping at step {step} of {self.shown()}")
+            return False
+        return step < self.planned(step)
+
+
+def clip_batch(seeds, device) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    videos, captions, cover = synthetic.sample_batch(seeds)
+    return torch.from_numpy(videos).to(device), captions, torch.from_numpy(cover).to(device)
+
+
+# -- phase 1: VAE ------------------------------------------------------------------------------------
+
+
+def train_vae(vae, args, seconds: float, device, history: dict) -> int:
+    """Reconstruction (L1 + MSE, object pixels weighted up) plus a small KL, on fresh clips every step.
+
+    Shapes cover ~5 % of the pixels; without the weight the VAE spends its short budget on backgrounds
+    and blurs the shapes, which are what the detector (and a viewer) looks at. Training runs on random
+    ``--vae-crop`` crops of the first ``--vae-frames`` frames: the VAE is convolutional (its one attention
+    block sees the whole, small, bottleneck) and causal in time, so a first frame plus one 4-frame chunk
+    exercises every weight, at a seventh of the cost of full 9x64x64 clips (3D convolutions dominate
+    CPU time).
+    """
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    budget = StepBudget(seconds, args.vae_steps, args.max_steps)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 11)
+    step, seen = 0, 0
+    while budget.running(step):
+        seeds = range(args.seed * 1_000_003 + VAE_DATA + seen, args.seed * 1_000_003 + VAE_DATA + seen + args.vae_batch)
+        seen += args.vae_batch
+        x, _, cover = clip_batch(seeds, device)
+        top, left = (int(v) for v in torch.randint(0, synthetic.SIZE - args.vae_crop + 1, (2,), generator=gen))
+        window = (slice(None), slice(None), slice(0, args.vae_frames), slice(top, top + args.vae_crop))
+        x = x[window][..., left : left + args.vae_crop]
+        cover = cover[window][..., left : left + args.vae_crop]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, budget.planned(step), args.vae_lr, warmup=20)
+        posterior = vae.encode(x).latent_dist
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
+        z = posterior.mean + posterior.std * eps
+        recon = vae.decode(z).sample
+        weight = 1.0 + 4.0 * cover
+        l1 = (weight * (recon - x).abs()).mean()
+        l2 = (weight * (recon - x).square()).mean()
+        kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = l1 + l2 + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step + 1 == budget.planned(step):
+            record = {"step": step, "l1": round(l1.item(), 5), "mse": round(l2.item(), 5), "kl": round(kl.item(), 4)}
+            history.setdefault("vae", []).append(record)
+            log(f"vae {step + 1}/{budget.shown()} {record} lr {opt.param_groups[0]['lr']:.2e}")
+        step += 1
+    vae.eval()
+    return step
+
+
+@torch.no_grad()
+def encode_clips(vae, seeds, device, batch: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """Posterior modes (B, 16, 3, 8, 8), unnormalised: what the adapter's ``encode`` uses too."""
+    latents, captions = [], []
+    for i in range(0, len(seeds), batch):
+        x, caps, _ = clip_batch(seeds[i : i + batch], device)
+        latents.append(vae.encode(x).latent_dist.mode().float().cpu())
+        captions += caps
+    return torch.cat(latents), captions
+
+
+# -- phase 2: transformer ----------------------------------------------------------------------------
+
+
+def train_transformer(transformer, latents, captions, bank, args, seconds: float, device, history: dict):
+    """Flow matching in diffusers' convention: ``x_t = (1 - s) x0 + s noise`` and the model predicts the
+    velocity ``noise - x0`` (the Euler step ``x + (s_next - s) v`` of ``FlowMatchEulerDiscreteScheduler``
+    and UniPC's ``flow_prediction`` both read the output that way); the timestep input is ``1000 s``.
+
+    ``s`` is drawn as the inference schedule spaces it: ``u`` uniform, shifted by ``FLOW_SHIFT`` like
+    the scheduler's flow sigmas. Captions are dropped to the empty prompt with probability
+    ``--cfg-dropout`` so that classifier-free guidance has an unconditional model to contrast with.
+    Returns the EMA copy of the weights (what is saved).
+    """
+    processor = PaddedCrossAttnProcessor()
+    stock = transformer.attn_processors
+    transformer.set_attn_processor({name: processor if ".attn2." in name else p for name, p in stock.items()})
+    transformer.train()
+    ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+    opt = torch.optim.AdamW(transformer.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    budget = StepBudget(seconds, args.dit_steps, args.max_steps)
+    gen = torch.Generator().manual_seed(args.seed + 22)
+    n = latents.shape[0]
+    bank.add(captions + [""])
+    step = 0
+    recent = []
+    while budget.running(step):
+        idx = torch.randint(n, (args.dit_batch,), generator=gen)
+        x0 = latents[idx].to(device)
+        caps = [captions[i] for i in idx.tolist()]
+        drop = torch.rand(args.dit_batch, generator=gen) < args.cfg_dropout
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        text, processor.bias = bank.batch(caps, gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        u = torch.rand(args.dit_batch, generator=gen)
+        sigma = (FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)).to(device)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, budget.planned(step), args.dit_lr, warmup=100)
+        pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), (noise - x0).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))  # short warm-up so early steps are not frozen in
+        with torch.no_grad():
+            for k, v in transformer.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].lerp_(v, 1 - decay)
+        recent.append(loss.item())
+        if step % args.log_every == 0 or step + 1 == budget.planned(step):
+            record = {"step": step, "loss": round(sum(recent) / len(recent), 5)}
+            recent = []
+            history.setdefault("transformer", []).append(record)
+            log(f"dit {step + 1}/{budget.shown()} {record} lr {opt.param_groups[0]['lr']:.2e}")
+        step += 1
+    processor.bias = None
+    transformer.set_attn_processor(stock)
+    transformer.load_state_dict(ema)
+    transformer.eval()
+    return step
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=50.0, help="total wall-clock budget of the training phases")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-steps", type=int, default=None, help="cap on each phase's steps (smoke tests)")
+    p.add_argument("--vae-steps", type=int, default=None, help="exact VAE steps (replays a logged run)")
+    p.add_argument("--dit-steps", type=int, default=None, help="exact transformer steps (replays a logged run)")
+    p.add_argument("--vae-fraction", type=float, default=0.3, help="share of the budget for the VAE")
+    p.add_argument("--dit-clips", type=int, default=6000, help="clips encoded for the transformer")
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-crop", type=int, default=32, help="square crop (pixels) the VAE trains on")
+    p.add_argument("--vae-frames", type=int, default=5, help="frames (4k+1) the VAE trains on")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=5e-4)
+    p.add_argument("--dit-batch", type=int, default=64)
+    p.add_argument("--dit-lr", type=float, default=6e-4)
+    p.add_argument("--cfg-dropout", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    budget = args.minutes * 60.0
+    history: dict[str, list] = {}
+    log(f"device {device}, threads {torch.get_num_threads()}, seed {args.seed}, budget {args.minutes} min")
+
+    pipe = build_pipeline(args.seed)
+    vae, transformer = pipe.vae.to(device), pipe.transformer.to(device)
+    pipe.text_encoder.to(device)
+
+    # Phase 1: the VAE.
+    t0 = time.perf_counter()
+    vae_steps = train_vae(vae, args, args.vae_fraction * budget, device, history)
+    vae_seconds = time.perf_counter() - t0
+
+    # The transformer's data set: a fixed pool of encoded clips (encoding on every step would cost more
+    # than the transformer step itself). Its per-channel statistics go into the VAE config, so that the
+    # pipeline's (z - latents_mean) / latents_std is zero-mean and unit-variance.
+    t0 = time.perf_counter()
+    base = args.seed * 1_000_003
+    n_clips = args.dit_clips if args.max_steps is None else min(args.dit_clips, 16)
+    latents, captions = encode_clips(vae, list(range(base + DIT_DATA, base + DIT_DATA + n_clips)), device)
+    mean = latents.transpose(0, 1).flatten(1).mean(1)
+    std = latents.transpose(0, 1).flatten(1).std(1).clamp_min(1e-4)
+    vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()])
+    vae.register_to_config(latents_std=[round(v, 5) for v in std.tolist()])
+    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    encode_seconds = time.perf_counter() - t0
+    log(f"encoded {n_clips} clips in {encode_seconds:.0f}s; latent std {[round(v, 3) for v in std.tolist()]}")
+
+    # Phase 2: the transformer, with what is left of the budget.
+    bank = TextBank(pipe.tokenizer, pipe.text_encoder, device)
+    remaining = max(30.0, budget - (time.perf_counter() - started))
+    t0 = time.perf_counter()
+    dit_steps = train_transformer(transformer, latents, captions, bank, args, remaining, device, history)
+    dit_seconds = time.perf_counter() - t0
+
+    pipe.to("cpu")
+    info = {
+        "native_size": [synthetic.SIZE, synthetic.SIZE],
+        "num_frames": synthetic.FRAMES,
+        "max_sequence_length": TEXT_LEN,
+        "guidance_scale": GUIDANCE_SCALE,
+        "num_inference_steps": NUM_INFERENCE_STEPS,
+        "vocabulary": list(synthetic.VOCABULARY),
+        "domain": "supergen.synthetic: coloured circles/squares/triangles moving over grey gradients",
+    }
+    training = {
+        "command": " ".join(["python", "training/train_tiny_wan.py", *(argv if argv is not None else sys.argv[1:])]),
+        "replay": f"--seed {args.seed} --vae-steps {vae_steps} --dit-steps {dit_steps}",
+        "seed": args.seed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "vae_steps": vae_steps,
+        "dit_steps": dit_steps,
+        "seconds": {
+            "vae": round(vae_seconds),
+            "encode": round(encode_seconds),
+            "transformer": round(dit_seconds),
+            "total": round(time.perf_counter() - started),
+        },
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "loss": history,
+    }
+    save_pipeline(pipe, args.out, {"supergen.json": info, "training_log.json": training})
+    log(f"saved {args.out} after {training['seconds']['total']}s ({vae_steps} VAE, {dit_steps} transformer steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
