@@ -316,7 +316,7 @@ def blend_scatter(
         origins: ``(N, 2)`` integer ``(row, col)`` of each tile's top-left cell on the canvas.
         canvas_hw: ``(H, W)`` of the output canvas.
         overlap: cells over which each tile edge ramps (per axis); ``0`` means weight one everywhere,
-            so non-overlapping tiles are copied exactly. Must be less than half the tile size.
+            so non-overlapping tiles are copied exactly. At most half the tile size.
         ramp: ``linear`` or ``cosine``; weights come from the geometry (see
             :func:`supergen.reference.blend_ramp`) and are never stored per tile.
         wrap: tiles wrap around the canvas (torus) if ``True``; otherwise they must lie inside it.
