@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 MODEL = {"num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 2}
-NATIVE_LATENT = (2, 72, 72)  # (T, h, w) latent cells: 2592 tokens per native forward
+NATIVE_LATENT = (2, 76, 76)  # (T, h, w) latent cells: 2888 tokens per native forward
 AREAS = (4, 9)
 STEPS = 2
 GUIDANCE = 5.0

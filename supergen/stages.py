@@ -181,6 +181,7 @@ def refine(
         noise_pred = blend_scatter(
             tile_pred, origins, canvas_hw, overlap=grid.overlap, ramp=grid.config.ramp, wrap=grid.wrap
         )
+        del tiles, tile_pred  # two canvas-size buffers, freed before the scheduler's temporaries
 
         # 6. One scheduler step on the whole canvas: one trajectory, multistep history intact.
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]

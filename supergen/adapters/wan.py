@@ -24,7 +24,9 @@ import torch
 from ..ops import halo_gather
 from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter
 
-#: Wan 2.1 native sizes in pixels: 14B models were trained at 720p, 1.3B at 480p (the pipeline default).
+#: Wan 2.1 native sizes in pixels: 1.3B was trained at 480p (the pipeline default), the 14B T2V and
+#: I2V-720P models at 720p. The config cannot tell I2V-14B-480P from -720P (one architecture), so the
+#: 14B guess is 720p; pass ``SuperGen(native_size=...)`` to say otherwise.
 NATIVE_720P = (720, 1280)
 NATIVE_480P = (480, 832)
 _ROPE_HOOK = "supergen_canvas_rope"
@@ -226,7 +228,7 @@ class WanAdapter(ModelAdapter):
         embeds = cond.embeds
         guided = cond.guidance_scale > 1.0
         context = {k: v for k, v in self.step_context.items() if v is not None}
-        outputs = []
+        out = None
         for start in range(0, n_tiles, self.max_tile_batch):
             stop = min(start + self.max_tile_batch, n_tiles)
             n = stop - start
@@ -255,8 +257,12 @@ class WanAdapter(ModelAdapter):
                         )[0]
                     # Same expression (and rounding) as WanPipeline's guidance.
                     pred = uncond + cond.guidance_scale * (pred - uncond)
-            outputs.append(pred)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            if stop - start == n_tiles:
+                return pred
+            if out is None:  # written in place: a list + cat would hold two canvas-size copies
+                out = pred.new_empty((tiles.shape[0], *pred.shape[1:]))
+            out[start * batch : stop * batch] = pred
+        return out
 
     @contextlib.contextmanager
     def _positions(self, origins: torch.Tensor, canvas_hw: tuple[int, int], batch: int):
