@@ -18,6 +18,7 @@ Backends, chosen per call from the tensor's device:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -388,9 +389,7 @@ def _normalise_block_mask(name: str, mask, B: int, Hn: int, length: int, device)
             f"`{name}` must have shape (B, H, {blocks}), (B, {blocks}) or ({blocks},) — one entry per "
             f"{ATTN_MASK_BLOCK}-token block of {length} tokens — but has shape {tuple(mask.shape)}."
         )
-    full = mask.reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
-    if mask.dim() == 2:
-        full = mask[:, None, :]
+    full = mask[:, None, :] if mask.dim() == 2 else mask.reshape((1,) * (3 - mask.dim()) + tuple(mask.shape))
     try:
         return full.expand(B, Hn, blocks)
     except RuntimeError:
@@ -454,7 +453,14 @@ def masked_attention(
             f"`lse` must be float32 of shape {(B, Hn, Lq)} on {q.device} but is "
             f"{tuple(lse.shape)}, {lse.dtype}, {lse.device}."
         )
+    for name, t in (("k", k), ("v", v)):
+        # out may alias q (each program reads its q rows before writing them) but not k/v, which
+        # every program reads while others write.
+        if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            raise ValueError(f"`out` must not share memory with `{name}`: other query blocks still read it.")
     if scale is None:
         scale = D**-0.5
+    if not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"`scale` must be a finite number but is {scale!r}.")
     torch.ops.supergen.masked_attention(q, k, v, qm, km, out, lse, float(scale))
     return out

@@ -203,6 +203,8 @@ BAD_CALLS = [
     (lambda: masked_attention(Q, K, V, None, torch.ones(2, 2, dtype=torch.bool)), ValueError, r"does not broadcast"),
     (lambda: masked_attention(Q, K, V, out=torch.zeros(1, 2, 70, 8)), ValueError, r"`out` must match `q`"),
     (lambda: masked_attention(Q, K, V, lse=torch.zeros(1, 2, 70).double()), ValueError, r"`lse` must be float32"),
+    (lambda: masked_attention(Q, K, V, out=K), ValueError, r"`out` must not share memory with `k`"),
+    (lambda: masked_attention(Q, K, V, scale=float("nan")), ValueError, r"`scale` must be a finite number"),
 ]
 
 
