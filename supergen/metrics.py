@@ -100,8 +100,10 @@ def seam_score(video: torch.Tensor, rows: list[int], cols: list[int]) -> float |
 
     ``video``: ``(..., H, W)`` pixels; ``rows``/``cols``: pixel rows/columns ``e`` on which a tile edge
     lies (the jump measured is between ``e − 1`` and ``e``; 0 and the far border are skipped, since the
-    output is not periodic). Returns the mean absolute jump across edge lines divided by the mean
-    absolute jump across all lines, or ``None`` when there is no interior edge.
+    output is not periodic). Each edge line is compared with the average line of its own direction
+    (column edges with all column-to-column jumps, row edges with all row-to-row jumps): the score is
+    the summed jump across the edge lines over what average lines would sum to. ``None`` when there is
+    no interior edge.
     """
     video = video.float()
     H, W = video.shape[-2:]
@@ -111,9 +113,8 @@ def seam_score(video: torch.Tensor, rows: list[int], cols: list[int]) -> float |
     cols = sorted({c for c in cols if 0 < c < W})
     if not rows and not cols:
         return None
-    edge_sum = dy[..., [r - 1 for r in rows], :].sum() + dx[..., [c - 1 for c in cols]].sum()
-    edge_count = len(rows) * dy[..., :1, :].numel() + len(cols) * dx[..., :1].numel()
-    overall = (dy.sum() + dx.sum()) / (dy.numel() + dx.numel())
-    if float(overall) == 0.0:
-        return 1.0
-    return float(edge_sum / edge_count / overall)
+    edges = dy[..., [r - 1 for r in rows], :].sum() + dx[..., [c - 1 for c in cols]].sum()
+    expected = len(rows) * dy.sum() / max(1, H - 1) + len(cols) * dx.sum() / max(1, W - 1)
+    if float(expected) == 0.0:
+        return 1.0 if float(edges) == 0.0 else float("inf")
+    return float(edges / expected)

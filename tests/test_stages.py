@@ -235,3 +235,15 @@ def test_bad_tiling_and_unsupported_pipeline(pipe):
 
     with pytest.raises(ValueError, match="supported transformers: .*WanTransformer3DModel"):
         SuperGen(NotAVideoPipe())
+
+
+def test_seam_score_sees_a_step_at_a_tile_edge():
+    from supergen.metrics import seam_score
+
+    smooth = torch.linspace(0, 1, 32).repeat(1, 3, 2, 32, 1)  # (B, C, F, H, W): a horizontal ramp
+    assert seam_score(smooth, [], [16]) == pytest.approx(1.0)
+    stepped = smooth.clone()
+    stepped[..., 16:] += 0.5  # a visible seam at column 16
+    assert seam_score(stepped, [], [16]) > 5.0
+    assert seam_score(stepped, [], [8]) < 1.0  # elsewhere the jumps are below the (seam-raised) average
+    assert seam_score(stepped, [0], [32]) is None  # borders are not seams
