@@ -191,6 +191,7 @@ class SuperGen:
             with pipe.progress_bar(total=plan.refine_steps) as bar:
                 latents = refine(
                     adapter, pipe.scheduler, latents, cond, grid, plan,
+                    generator=generator,
                     progress_bar=bar,
                     callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,

@@ -146,6 +146,7 @@ def refine(
     grid: TileGrid,
     plan: Plan,
     *,
+    generator: torch.Generator | None = None,
     progress_bar=None,
     callback_on_step_end: Callable | None = None,
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -157,10 +158,13 @@ def refine(
     the N-step schedule (``set_timesteps(N)`` already called, no step taken yet).
     """
     # 1. Enter the SAME N-step schedule at step N-k. The begin index also spares schedulers the
-    #    device-to-host sync of looking the timestep up (diffusers PR 11696).
+    #    device-to-host sync of looking the timestep up (diffusers PR 11696); schedulers without one
+    #    (CogVideoX's DDIM/DPM) derive everything from the timestep itself.
     begin = plan.begin_index
     timesteps = scheduler.timesteps[begin:]
-    scheduler.set_begin_index(begin)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    scheduler_state: dict = {}  # what a family's stepping carries between steps (CogVideoX DPM: x0)
     sigmas = getattr(scheduler, "sigmas", None)
     canvas_hw = tuple(latents.shape[-2:])
     gather_mode = "torus" if grid.wrap else "zero"
@@ -184,7 +188,9 @@ def refine(
         del tiles, tile_pred  # two canvas-size buffers, freed before the scheduler's temporaries
 
         # 6. One scheduler step on the whole canvas: one trajectory, multistep history intact.
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        latents = adapter.scheduler_step(
+            scheduler, noise_pred, t, latents, step_index=begin + i, state=scheduler_state, generator=generator
+        )
 
         if callback_on_step_end is not None:
             visible = {"latents": latents, "noise_pred": noise_pred, "origins": origins}

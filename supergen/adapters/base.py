@@ -112,6 +112,16 @@ class ModelAdapter(ABC):
         """
         self.step_context = {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
 
+    def scheduler_step(self, scheduler, noise_pred, t, latents, *, step_index: int, state: dict, generator=None):
+        """One scheduler update of the whole canvas (``(B, C, T, H, W)``), as the family's pipeline steps.
+
+        The default is the common ``scheduler.step(noise_pred, t, latents)``; families whose pipelines
+        step differently (CogVideoX's DPM carries the previous ``x0`` in ``state``, a dict the refine
+        loop creates empty per generation) override it. ``step_index`` is ``t``'s index in
+        ``scheduler.timesteps``.
+        """
+        return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
     @abstractmethod
     def conditioning(self, canvas_shape: tuple[int, ...], **pipeline_kwargs) -> Conditioning:
         """Encode prompts (or take ``prompt_embeds``) and build canvas-size conditioning once."""
