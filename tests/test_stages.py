@@ -247,3 +247,34 @@ def test_seam_score_sees_a_step_at_a_tile_edge():
     assert seam_score(stepped, [], [16]) > 5.0
     assert seam_score(stepped, [], [8]) < 1.0  # elsewhere the jumps are below the (seam-raised) average
     assert seam_score(stepped, [0], [32]) is None  # borders are not seams
+
+
+def test_supergen_is_family_agnostic_cogvideox():
+    """The same SuperGen call drives CogVideoX (other layout, batched CFG, v-prediction DDIM re-noise)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(
+        latent_channels=4, down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+        block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=2,
+    )  # fmt: skip
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=1, max_text_seq_length=8, sample_height=8, sample_width=8, sample_frames=9,
+        use_rotary_positional_embeddings=True,
+    )  # fmt: skip
+    scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing", prediction_type="v_prediction")
+    cog = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    cog.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    text = {
+        "prompt_embeds": torch.randn(1, 8, 16, generator=g),
+        "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g),
+    }
+    sg = SuperGen(cog, native_size=(32, 32))
+    kw = dict(height=64, width=64, num_frames=9, num_inference_steps=3, refine_steps=2, guidance_scale=6.0, **text)
+    a = sg(generator=torch.Generator().manual_seed(2), output_type="latent", **kw)
+    b = sg(generator=torch.Generator().manual_seed(2), output_type="latent", **kw)
+    assert torch.equal(a.latents, b.latents) and a.latents.shape == (1, 4, 3, 16, 16)
+    assert a.report["model"]["family"] == "cogvideox" and a.report["model"]["scheduler_family"] == "ddpm"
+    assert a.report["tiling"]["tiles_per_step"] == 4
