@@ -84,6 +84,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--positions", choices=("local", "canvas"), default="local", help="rotary positions per tile")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="where the sketch is upscaled")
     g.add_argument("--sketch-size", default=None, help="stage-1 size H,W in pixels (default: native)")
+    g.add_argument("--cache", default="off", help="tile cache: off, gate or budget:F (fraction computed per step)")
+    g.add_argument("--cache-threshold", type=float, default=None, help="gate threshold (with --cache gate)")
     g.add_argument("--seed", type=int, default=0, help="seed for the sketch noise and the re-noise")
     g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     g.add_argument("--out", required=True, help="output video (.mp4)")
@@ -194,7 +196,13 @@ def _check_generate_args(args) -> dict:
     tile = _pixel_pair("--tile-size", args.tile_size)
     if tile is not None and min(tile) < 1:
         raise ValueError(f"`--tile-size` must be >= 1 on both axes but is {args.tile_size!r}.")
+    from .cache import CacheConfig
+
+    cache = CacheConfig.parse(args.cache, args.cache_threshold)
+    if cache.mode == "rehash":
+        raise ValueError("`--cache` rehash needs an offline step-similarity map; use off, gate or budget:F.")
     return {
+        "cache": None if cache.mode == "off" else cache,
         "out": out,
         "report": report,
         "latents": latents,
@@ -263,6 +271,8 @@ def report_table(report: dict) -> str:
         *((f"{k} s", f"{v:.2f}") for k, v in report["seconds"].items()),
         ("peak memory", f"{peak / 2**20:.0f} MiB ({report['peak_memory_kind']})"),
         ("seam score", "n/a (one tile)" if seam is None else f"{seam:.3f} (1.0 = no seam)"),
+        ("cache", "off" if not report["cache"] else f"{report['cache']['mode']}: "
+                  f"{report['cache']['compute_saved']:.0%} of tile forwards skipped"),
         ("device", report["device"]),
     ]  # fmt: skip
     return "\n".join(f"  {k:<15} {v}" for k, v in rows)
@@ -308,7 +318,7 @@ def run_generate(args) -> int:
     tiling = TilingConfig(tile=tile, overlap=overlap, boundary=args.boundary, shift=args.shift == "on")
     # The sketch size is the model's native size: it also sets the default tile.
     sketch = settings["sketch"] or probe.native_size
-    sg = SuperGen(pipe, tiling=tiling, positions=args.positions, native_size=sketch)
+    sg = SuperGen(pipe, tiling=tiling, positions=args.positions, native_size=sketch, cache=settings["cache"])
     call = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,

@@ -63,7 +63,9 @@ class SuperGen:
         native_size: the model's native ``(height, width)`` in pixels (sketch size and default tile);
             default: ``pipe.native_size`` if the pipeline carries one, else the adapter's value.
         max_tile_batch: tiles computed per forward.
-        cache, parallel: reserved for the region cache and tile parallelism (not available yet).
+        cache: a :class:`supergen.cache.CacheConfig` (``gate`` or ``budget``): skip the forwards of
+            tiles whose prediction would barely change, reusing their cached residual; ``None`` = off.
+        parallel: reserved for tile parallelism (not available yet).
     """
 
     def __init__(
@@ -76,8 +78,17 @@ class SuperGen:
         native_size: tuple[int, int] | None = None,
         max_tile_batch: int = 1,
     ):
-        if cache is not None or parallel is not None:
-            raise NotImplementedError("`cache` and `parallel` are not available yet; pass None.")
+        if parallel is not None:
+            raise NotImplementedError("`parallel` is not available yet; pass None.")
+        if cache is not None:
+            from .cache import CacheConfig, check_model_caches
+
+            if not isinstance(cache, CacheConfig):
+                raise TypeError(f"`cache` must be a CacheConfig or None but is {type(cache).__name__}.")
+            if cache.mode == "rehash":
+                raise ValueError("`cache` mode 'rehash' needs an offline step-similarity map; use 'gate' or 'budget'.")
+            check_model_caches(pipe.transformer)
+        self.cache = cache
         tiling = tiling if tiling is not None else TilingConfig()
         if not isinstance(tiling, TilingConfig):
             raise TypeError(f"`tiling` must be a TilingConfig but is {type(tiling).__name__}.")
@@ -187,7 +198,12 @@ class SuperGen:
             # 5. Conditioning at canvas size (text embeddings; image latents cropped per tile later).
             cond = adapter.conditioning(tuple(latents.shape), num_frames=plan.num_frames, **text, **pipeline_kwargs)
 
-            # 6. Stage 2: tiled refinement over the last k steps.
+            # 6. Stage 2: tiled refinement over the last k steps (a fresh tile cache per generation).
+            tile_cache = None
+            if self.cache is not None and self.cache.mode != "off":
+                from .cache import TileCache
+
+                tile_cache = TileCache(self.cache)
             with pipe.progress_bar(total=plan.refine_steps) as bar:
                 latents = refine(
                     adapter, pipe.scheduler, latents, cond, grid, plan,
@@ -196,6 +212,7 @@ class SuperGen:
                     callback_on_step_end=callback_on_step_end,
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                     callback_owner=pipe,
+                    cache=tile_cache,
                 )  # fmt: skip
 
         # 7. Decode with the VAE's tiling on.
@@ -241,7 +258,7 @@ class SuperGen:
             "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
             "peak_memory_bytes": dict(timer.peak_bytes),
             "peak_memory_kind": "cuda allocator" if timer.device.type == "cuda" else "process peak RSS",
-            "cache": None,
+            "cache": None if tile_cache is None else {"mode": self.cache.mode, **tile_cache.stats.as_dict()},
             "seam_score": seam,
             "versions": versions(),
             "device": device_name(timer.device),

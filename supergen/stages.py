@@ -151,11 +151,13 @@ def refine(
     callback_on_step_end: Callable | None = None,
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     callback_owner=None,
+    cache=None,
 ) -> torch.Tensor:
     """Stage 2: denoise the canvas over the last ``k`` steps of the scheduler's N-step schedule.
 
     ``latents`` is the re-noised canvas ``(B, C, T, H, W)`` at step ``N − k``; the scheduler must hold
-    the N-step schedule (``set_timesteps(N)`` already called, no step taken yet).
+    the N-step schedule (``set_timesteps(N)`` already called, no step taken yet). ``cache``: an optional
+    :class:`supergen.cache.TileCache` deciding per step which tiles to compute and which to reuse.
     """
     # 1. Enter the SAME N-step schedule at step N-k. The begin index also spares schedulers the
     #    device-to-host sync of looking the timestep up (diffusers PR 11696); schedulers without one
@@ -176,10 +178,14 @@ def refine(
         # 3. Gather every tile window of the canvas in one call.
         tiles = halo_gather(latents, origins, grid.tile, 0, gather_mode)
 
-        # 4. One native-size forward per tile (guidance applied per tile, by the adapter).
+        # 4. One native-size forward per tile (guidance applied per tile, by the adapter); with a
+        #    cache, only the tiles it picks are computed and the others reuse their cached residual.
         sigma = float(sigmas[begin + i]) if sigmas is not None else None
         adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
-        tile_pred = adapter.predict(tiles, t, cond, origins, canvas_hw)
+        if cache is None:
+            tile_pred = adapter.predict(tiles, t, cond, origins, canvas_hw)
+        else:
+            tile_pred = _predict_cached(adapter, cache, i, len(timesteps), latents, tiles, t, cond, origins, grid.tile)
 
         # 5. Fuse the tile predictions into ONE canvas prediction (blend ramps where tiles overlap).
         noise_pred = blend_scatter(
@@ -201,3 +207,27 @@ def refine(
         if progress_bar is not None:
             progress_bar.update()
     return latents
+
+
+def _predict_cached(adapter, cache, step, num_steps, latents, tiles, t, cond, origins, tile_hw) -> torch.Tensor:
+    """Tile predictions with the cache's plan: computed tiles from the model, the rest reused."""
+    compute = cache.plan(step, num_steps, latents, origins.cpu(), tile_hw).to(origins.device)
+    canvas_hw = tuple(latents.shape[-2:])
+    if bool(compute.all()):
+        pred = adapter.predict(tiles, t, cond, origins, canvas_hw)
+    else:
+        batch = latents.shape[0]
+        rows = torch.arange(tiles.shape[0], device=tiles.device).view(-1, batch)  # (N, B): tile-major rows
+        reused = cache.reuse(latents, origins[~compute].cpu(), tile_hw)
+        computed = (
+            adapter.predict(tiles[rows[compute].flatten()], t, cond, origins[compute], canvas_hw)
+            if bool(compute.any())
+            else None
+        )
+        like = computed if computed is not None else reused
+        pred = like.new_empty((tiles.shape[0], *like.shape[1:]))
+        if computed is not None:
+            pred[rows[compute].flatten()] = computed
+        pred[rows[~compute].flatten()] = reused.to(pred.dtype)
+    cache.record(step, latents, origins.cpu(), tile_hw, compute.cpu(), pred)
+    return pred

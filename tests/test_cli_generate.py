@@ -141,6 +141,7 @@ BAD = [
     (lambda p: ["--tile-size", "big"], "`--tile-size` must be N or H,W"),
     (lambda p: ["--overlap", "48"], "overlap"),
     (lambda p: ["--report", str(p / "r.txt")], "`--report` must end in .json"),
+    (lambda p: ["--cache", "sometimes"], "`--cache` must be off, gate, budget:F"),
 ]
 
 

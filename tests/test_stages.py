@@ -278,3 +278,29 @@ def test_supergen_is_family_agnostic_cogvideox():
     assert torch.equal(a.latents, b.latents) and a.latents.shape == (1, 4, 3, 16, 16)
     assert a.report["model"]["family"] == "cogvideox" and a.report["model"]["scheduler_family"] == "ddpm"
     assert a.report["tiling"]["tiles_per_step"] == 4
+
+
+def test_tile_cache_off_changes_nothing_and_budget_computes_its_share(pipe, monkeypatch):
+    """cache 'off' is the uncached loop bit for bit; 'budget' computes every tile during the warm-up and
+    until a gain has been measured (two consecutive computes), then ceil(budget * N) tiles per step, and
+    all of them on the last step; the report counts what was skipped."""
+    import math
+
+    from supergen.cache import CacheConfig
+
+    kw = dict(height=128, width=128, num_frames=9, num_inference_steps=6, refine_steps=5, output_type="latent")
+    plain = SuperGen(pipe)(generator=torch.Generator().manual_seed(3), **kw, **PROMPT)
+    off = SuperGen(pipe, cache=CacheConfig(mode="off"))(generator=torch.Generator().manual_seed(3), **kw, **PROMPT)
+    assert torch.equal(plain.latents, off.latents) and off.report["cache"] is None
+
+    sg = SuperGen(pipe, cache=CacheConfig(mode="budget", budget=0.5, warmup=1))
+    computed = []
+    original = sg.adapter.predict
+    monkeypatch.setattr(sg.adapter, "predict", lambda tiles, *a: computed.append(len(a[2])) or original(tiles, *a))
+    out = sg(generator=torch.Generator().manual_seed(3), **kw, **PROMPT)
+    n = out.report["tiling"]["tiles_per_step"]
+    assert computed == [n, n] + [math.ceil(0.5 * n)] * 2 + [n]
+    assert out.report["cache"]["skipped_tile_steps"] == 2 * (n - math.ceil(0.5 * n))
+    assert torch.isfinite(out.latents).all() and not torch.equal(out.latents, plain.latents)
+    with pytest.raises(ValueError, match="rehash"):
+        SuperGen(pipe, cache=CacheConfig(mode="rehash"))
