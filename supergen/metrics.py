@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import sys
 import time
@@ -118,3 +119,34 @@ def seam_score(video: torch.Tensor, rows: list[int], cols: list[int]) -> float |
     if float(expected) == 0.0:
         return 1.0 if float(edges) == 0.0 else float("inf")
     return float(edges / expected)
+
+
+def psnr(video: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB over all frames (``data_range`` 2 for pixels in [-1, 1]);
+    ``inf`` for identical videos."""
+    if video.shape != reference.shape:
+        raise ValueError(f"videos must have one shape but are {tuple(video.shape)} and {tuple(reference.shape)}.")
+    mse = float((video.double() - reference.double()).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def ssim(video: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0, window: int = 7) -> float:
+    """Mean structural similarity (Wang et al. 2004, uniform ``window`` x ``window`` statistics) over all
+    frames and channels of ``(..., H, W)`` videos."""
+    if video.shape != reference.shape:
+        raise ValueError(f"videos must have one shape but are {tuple(video.shape)} and {tuple(reference.shape)}.")
+    H, W = video.shape[-2:]
+    k = min(window, H, W)
+    x = video.double().reshape(-1, 1, H, W)
+    y = reference.double().reshape(-1, 1, H, W)
+
+    def local_mean(t):
+        return torch.nn.functional.avg_pool2d(t, k, stride=1)
+
+    mx, my = local_mean(x), local_mean(y)
+    vx = local_mean(x * x) - mx * mx
+    vy = local_mean(y * y) - my * my
+    cov = local_mean(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
