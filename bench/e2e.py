@@ -39,7 +39,7 @@ STEPS = 2
 GUIDANCE = 5.0
 SEED = 0
 THREADS = 1
-REPEATS = 2
+REPEATS = 3
 PROMPT = {"prompt": "a lighthouse on a cliff in a storm", "negative_prompt": "blurry"}
 TARGETS_9X = {"speedup_min": 5.5, "memory_ratio_max": 0.2}
 
@@ -144,6 +144,7 @@ def worker(mode: str, area: int) -> dict:
         "peak_rss_above_idle_bytes": peak,
         "peak_resettable": probe.resettable,
         "output_finite": bool(torch.isfinite(out).all()),
+        "load_average_1min_after": os.getloadavg()[0],  # other processes on the machine, for context
     }
 
 
