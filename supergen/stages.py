@@ -158,6 +158,9 @@ def refine(
     ``latents`` is the re-noised canvas ``(B, C, T, H, W)`` at step ``N − k``; the scheduler must hold
     the N-step schedule (``set_timesteps(N)`` already called, no step taken yet). ``cache``: an optional
     :class:`supergen.cache.TileCache` deciding per step which tiles to compute and which to reuse.
+    ``callback_on_step_end(callback_owner, step_index, t, tensors)`` is called after each step with
+    ``step_index`` in the N-step schedule and the requested tensors of :data:`CALLBACK_TENSOR_INPUTS`;
+    a returned ``"latents"`` replaces the canvas.
     """
     # 1. Enter the SAME N-step schedule at step N-k. The begin index also spares schedulers the
     #    device-to-host sync of looking the timestep up (diffusers PR 11696); schedulers without one
