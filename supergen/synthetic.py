@@ -265,7 +265,7 @@ class Detection:
     fill: float
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: tracks hold arrays, and linking removes them from lists
 class Track:
     """Detections of one colour linked across frames; ``centroids`` is (T, 2) with NaN where absent."""
 
@@ -427,7 +427,7 @@ def detect_objects(frames: np.ndarray, min_area: int | None = None) -> Detection
     n_frames = len(per_frame)
     tracks: list[Track] = []
     for t, detections in enumerate(per_frame):
-        free = [tr for tr in tracks]
+        free = list(tracks)
         for det in sorted(detections, key=lambda d: -d.area):
             best, best_dist = None, math.inf
             for tr in free:
@@ -443,7 +443,7 @@ def detect_objects(frames: np.ndarray, min_area: int | None = None) -> Detection
                 best = Track(det.colour, det.shape, np.full((n_frames, 2), np.nan), [None] * n_frames)
                 tracks.append(best)
             else:
-                free.remove(best)
+                free = [tr for tr in free if tr is not best]
             best.centroids[t] = det.centroid
             best.detections[t] = det
     for tr in tracks:  # class by majority over the frames the object is seen in

@@ -121,3 +121,20 @@ def test_numpy_labelling_matches_scipy():
 def test_import_does_not_pull_in_diffusers():
     code = "import sys, supergen.synthetic; assert 'diffusers' not in sys.modules, 'diffusers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_detector_links_several_same_colour_objects():
+    """Two objects of one colour (what a model that duplicates draws) give two tracks and a count of 2."""
+    seed = next(
+        s
+        for s in range(1000)
+        if len((c := synthetic.sample_clip(s)).objects) == 1 and (abs(c.objects[0].positions[:, 1] - 32) > 17).all()
+    )
+    clip = synthetic.sample_clip(seed)
+    frames = clip.frames()
+    mirrored = (clip.masks[0] > 0)[..., ::-1, None]  # the object mirrored left-right, far from itself
+    frames = np.where(mirrored, frames[:, :, ::-1], frames)
+    found = synthetic.detect_objects(frames)
+    assert [t.colour for t in found.tracks] == [clip.objects[0].colour] * 2
+    assert all(t.present == synthetic.FRAMES for t in found.tracks)
+    assert found.count == 2
