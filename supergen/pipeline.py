@@ -177,6 +177,13 @@ class SuperGen:
             "guidance_scale": guidance_scale,
         }
 
+        # Build/load the op backends now (the C++ extension compiles on first use), so that a first
+        # run's compile time is reported as such instead of inflating the refine stage.
+        with timer.stage("backends"):
+            from . import ops
+
+            ops.availability(load=True)
+
         # 2. Stage 1: sketch at the native size with the stock pipeline.
         with timer.stage("sketch"):
             low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)

@@ -145,11 +145,6 @@ def test_one_tile_loop_equals_the_pipeline_loop(kind, i2v, solver):
     assert torch.equal(x, _bcthw(stock))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="stages.refine calls scheduler.set_begin_index, which CogVideoXDDIMScheduler/CogVideoXDPMScheduler lack",
-)
 def test_one_tile_refine_equals_the_pipeline_loop():
     """supergen's refine loop with one tile covering the canvas and no shift, entered at step 1 of 3,
     continues the stock I2V pipeline's own trajectory bit for bit."""

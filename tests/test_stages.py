@@ -193,7 +193,7 @@ def test_supergen_same_seed_same_output(pipe):
     report = a.report
     assert report["sizes"]["canvas_latent"] == [3, 12, 10] and report["tiling"]["tiles_per_step"] == 4
     assert report["steps"] == {"total": 4, "refine": 3, "begin_index": 1}
-    assert set(report["seconds"]) == {"sketch", "upscale", "refine", "decode", "total"}
+    assert set(report["seconds"]) == {"backends", "sketch", "upscale", "refine", "decode", "total"}
     assert report["seam_score"] is not None and report["seam_score"] > 0
 
 
