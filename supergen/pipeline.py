@@ -194,7 +194,7 @@ class SuperGen:
 
         with timer.stage("refine"):
             # 4. The same N-step schedule as the sketch; re-noise the canvas to step N-k.
-            pipe.scheduler.set_timesteps(plan.num_inference_steps, device=clean.device)
+            adapter.set_timesteps(pipe.scheduler, plan.num_inference_steps, device=clean.device)
             if len(pipe.scheduler.timesteps) != plan.num_inference_steps:
                 raise ValueError(
                     f"scheduler {type(pipe.scheduler).__name__} makes {len(pipe.scheduler.timesteps)} timesteps "

@@ -129,7 +129,7 @@ def _folder(tmp_path, transformer="WanTransformer3DModel", weights="diffusion_py
 BAD = [
     (lambda p: ["--model", str(p / "missing")], "does not exist"),
     (lambda p: ["--model", str(p)], "not a diffusers pipeline folder"),
-    (lambda p: ["--model", _folder(p, "HunyuanVideoTransformer3DModel")], "unsupported model family.*Wan"),
+    (lambda p: ["--model", _folder(p, "MochiTransformer3DModel")], "unsupported model family.*Wan"),
     (lambda p: ["--model", _folder(p, weights="diffusion_pytorch_model.bin")], "--allow-pickle"),
     (lambda p: ["--image", str(p / "nope.png")], "`--image`.*does not exist"),
     (lambda p: ["--height", "100"], "`height` must be a multiple of 16"),

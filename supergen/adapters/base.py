@@ -14,7 +14,9 @@ fill in :class:`ModelSpec`, implement the abstract methods and decorate the clas
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +114,13 @@ class ModelAdapter(ABC):
         """
         self.step_context = {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
 
+    def set_timesteps(self, scheduler, num_inference_steps: int, device=None) -> None:
+        """Give ``scheduler`` the N-step schedule the family's pipeline uses (stage 2 continues it).
+
+        The default is the scheduler's own spacing; pipelines that pass explicit sigmas override it.
+        """
+        scheduler.set_timesteps(num_inference_steps, device=device)
+
     def scheduler_step(self, scheduler, noise_pred, t, latents, *, step_index: int, state: dict, generator=None):
         """One scheduler update of the whole canvas (``(B, C, T, H, W)``), as the family's pipeline steps.
 
@@ -143,6 +152,48 @@ class ModelAdapter(ABC):
         """
 
 
+@contextlib.contextmanager
+def vae_tiling(vae):
+    """Tiled VAE encode/decode inside the block (memory bounded at any canvas); restores the user's setting."""
+    was_tiling = bool(getattr(vae, "use_tiling", False))
+    vae.enable_tiling()
+    try:
+        yield vae
+    finally:
+        if not was_tiling:
+            vae.disable_tiling()
+
+
+_ROPE_HOOK = "supergen_canvas_rope"
+
+
+def rope_window_hook(rope, canvas_rope: Callable):
+    """The (idempotent) hook on a model's rotary module ``rope`` for canvas positions.
+
+    It passes through to the stock module unless its ``window`` is set, in which case it returns
+    ``canvas_rope(module, hidden_states, *window)``: the family's tables for the tiles' canvas places.
+    Adapters set ``hook.window`` around their forwards and reset it to ``None`` after.
+    """
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class CanvasRopeHook(ModelHook):
+        def __init__(self):
+            super().__init__()
+            self.window = None
+
+        def new_forward(self, module, hidden_states):
+            if self.window is None:  # outside supergen's refine loop the model behaves as stock
+                return self.fn_ref.original_forward(hidden_states)
+            return canvas_rope(module, hidden_states, *self.window)
+
+    registry = HookRegistry.check_if_exists_or_initialize(rope)
+    hook = registry.get_hook(_ROPE_HOOK)
+    if hook is None:
+        hook = CanvasRopeHook()
+        registry.register_hook(hook, _ROPE_HOOK)
+    return hook
+
+
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
 
 
@@ -165,7 +216,7 @@ def supported_transformers() -> tuple[str, ...]:
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for module in ("wan", "cogvideox"):
+    for module in ("wan", "cogvideox", "hunyuan_video"):
         try:
             importlib.import_module(f"{__package__}.{module}")
         except ModuleNotFoundError as e:

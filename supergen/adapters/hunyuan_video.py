@@ -25,10 +25,7 @@ import inspect
 
 import torch
 
-from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter
-from .wan import vae_tiling  # proposed for base.py: it is family-independent
-
-_ROPE_HOOK = "supergen_canvas_rope"
+from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter, rope_window_hook, vae_tiling
 
 
 def canvas_rope(rope, hidden_states: torch.Tensor, origin: tuple[int, int], canvas_hw: tuple[int, int]):
@@ -51,25 +48,8 @@ def canvas_rope(rope, hidden_states: torch.Tensor, origin: tuple[int, int], canv
 
 
 def _canvas_rope_hook(rope):
-    """The (idempotent) hook on ``transformer.rope``; pass-through unless a window is set."""
-    from diffusers.hooks import HookRegistry, ModelHook
-
-    class CanvasRopeHook(ModelHook):
-        def __init__(self):
-            super().__init__()
-            self.window = None  # (origin (row, col) latent cells, canvas (H, W) latent cells)
-
-        def new_forward(self, module, hidden_states):
-            if self.window is None:  # outside supergen's refine loop the model behaves as stock
-                return self.fn_ref.original_forward(hidden_states)
-            return canvas_rope(module, hidden_states, *self.window)
-
-    registry = HookRegistry.check_if_exists_or_initialize(rope)
-    hook = registry.get_hook(_ROPE_HOOK)
-    if hook is None:
-        hook = CanvasRopeHook()
-        registry.register_hook(hook, _ROPE_HOOK)
-    return hook
+    """The canvas-position hook on ``transformer.rope`` (pass-through unless a window is set)."""
+    return rope_window_hook(rope, canvas_rope)
 
 
 @register_adapter("HunyuanVideoTransformer3DModel")

@@ -22,14 +22,13 @@ import contextlib
 import torch
 
 from ..ops import halo_gather
-from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter
+from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter, rope_window_hook, vae_tiling
 
 #: Wan 2.1 native sizes in pixels: 1.3B was trained at 480p (the pipeline default), the 14B T2V and
 #: I2V-720P models at 720p. The config cannot tell I2V-14B-480P from -720P (one architecture), so the
 #: 14B guess is 720p; pass ``SuperGen(native_size=...)`` to say otherwise.
 NATIVE_720P = (720, 1280)
 NATIVE_480P = (480, 832)
-_ROPE_HOOK = "supergen_canvas_rope"
 
 
 def canvas_rope(rope, hidden_states: torch.Tensor, origins: torch.Tensor, canvas_hw: tuple[int, int], batch: int):
@@ -72,37 +71,8 @@ def canvas_rope(rope, hidden_states: torch.Tensor, origins: torch.Tensor, canvas
 
 
 def _canvas_rope_hook(rope):
-    """The (idempotent) hook on ``transformer.rope``; pass-through unless a window is set."""
-    from diffusers.hooks import HookRegistry, ModelHook
-
-    class CanvasRopeHook(ModelHook):
-        def __init__(self):
-            super().__init__()
-            self.window = None  # (origins (N, 2) latent cells, canvas (H, W) latent cells, batch)
-
-        def new_forward(self, module, hidden_states):
-            if self.window is None:  # outside supergen's refine loop the model behaves as stock
-                return self.fn_ref.original_forward(hidden_states)
-            return canvas_rope(module, hidden_states, *self.window)
-
-    registry = HookRegistry.check_if_exists_or_initialize(rope)
-    hook = registry.get_hook(_ROPE_HOOK)
-    if hook is None:
-        hook = CanvasRopeHook()
-        registry.register_hook(hook, _ROPE_HOOK)
-    return hook
-
-
-@contextlib.contextmanager
-def vae_tiling(vae):
-    """Tiled VAE encode/decode inside the block (memory bounded at any canvas); restores the user's setting."""
-    was_tiling = bool(getattr(vae, "use_tiling", False))
-    vae.enable_tiling()
-    try:
-        yield vae
-    finally:
-        if not was_tiling:
-            vae.disable_tiling()
+    """The canvas-position hook on ``transformer.rope`` (pass-through unless a window is set)."""
+    return rope_window_hook(rope, canvas_rope)
 
 
 @register_adapter("WanTransformer3DModel")
