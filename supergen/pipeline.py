@@ -63,6 +63,8 @@ class SuperGen:
         native_size: the model's native ``(height, width)`` in pixels (sketch size and default tile);
             default: ``pipe.native_size`` if the pipeline carries one, else the adapter's value.
         max_tile_batch: tiles computed per forward.
+        adapter_options: extra keyword arguments for the family's adapter (e.g. CogVideoX 1.5's
+            ``extend_positions=True`` to extrapolate canvas positions past its rotary table).
         cache: a :class:`supergen.cache.CacheConfig` (``gate`` or ``budget``): skip the forwards of
             tiles whose prediction would barely change, reusing their cached residual; ``None`` = off.
         parallel: reserved for tile parallelism (not available yet).
@@ -77,6 +79,7 @@ class SuperGen:
         positions: str = "local",
         native_size: tuple[int, int] | None = None,
         max_tile_batch: int = 1,
+        adapter_options: dict | None = None,
     ):
         if parallel is not None:
             raise NotImplementedError("`parallel` is not available yet; pass None.")
@@ -96,7 +99,7 @@ class SuperGen:
             raise ValueError(f"`positions` must be one of {POSITIONS} but is {positions!r}.")
         self.pipe = pipe
         self.tiling = tiling
-        self.adapter = adapter_for(pipe, positions=positions, max_tile_batch=max_tile_batch)
+        self.adapter = adapter_for(pipe, positions=positions, max_tile_batch=max_tile_batch, **(adapter_options or {}))
         native_size = native_size if native_size is not None else getattr(pipe, "native_size", None)
         if native_size is not None:
             s = self.adapter.spec.vae_scale[1]

@@ -86,12 +86,9 @@ def check_inputs(
             f"`num_frames` must be {spec.vae_scale[0]}k+1 for this model's VAE (e.g. "
             f"{(num_frames - 1) // spec.vae_scale[0] * spec.vae_scale[0] + 1}) but is {num_frames}."
         )
+    # A latent frame count that is not a multiple of the temporal patch (CogVideoX 1.5's standard 41 and
+    # 81 frames) is the adapter's to pad, as the family's pipeline does.
     latent_frames = (num_frames - 1) // spec.vae_scale[0] + 1
-    if latent_frames % spec.patch[0]:
-        raise ValueError(
-            f"`num_frames` {num_frames} gives {latent_frames} latent frames, not a multiple of the temporal patch "
-            f"{spec.patch[0]}."
-        )
     _positive_int("num_inference_steps", num_inference_steps)
     _positive_int("refine_steps", refine_steps)
     if refine_steps > num_inference_steps:

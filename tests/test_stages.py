@@ -249,7 +249,8 @@ def test_seam_score_sees_a_step_at_a_tile_edge():
     assert seam_score(stepped, [0], [32]) is None  # borders are not seams
 
 
-def test_supergen_is_family_agnostic_cogvideox():
+@pytest.mark.parametrize("patch_size_t", [None, 2])  # 2: CogVideoX 1.5, whose 3 latent frames the adapter pads
+def test_supergen_is_family_agnostic_cogvideox(patch_size_t):
     """The same SuperGen call drives CogVideoX (other layout, batched CFG, v-prediction DDIM re-noise)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
@@ -261,7 +262,7 @@ def test_supergen_is_family_agnostic_cogvideox():
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=16, num_layers=1, max_text_seq_length=8, sample_height=8, sample_width=8, sample_frames=9,
-        use_rotary_positional_embeddings=True,
+        use_rotary_positional_embeddings=True, patch_size_t=patch_size_t,
     )  # fmt: skip
     scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing", prediction_type="v_prediction")
     cog = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
