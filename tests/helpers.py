@@ -28,3 +28,23 @@ def assert_verbose_close(actual: torch.Tensor, expected: torch.Tensor, atol=None
             f"max abs diff {float((a - e).abs().nan_to_num(float('inf')).max()):.3e}; first at {idx}: "
             f"{[(float(a[tuple(i)]), float(e[tuple(i)])) for i in idx]}"
         )
+
+
+def tiny_wan_transformer(**overrides):
+    """A unit-test-sized WanTransformer3DModel (random weights, seed 0, eval mode)."""
+    from diffusers import WanTransformer3DModel
+
+    config = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=1,
+    )
+    config.update(overrides)
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**config).eval()

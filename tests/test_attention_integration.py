@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_wan_transformer
 
 import supergen.ops as ops
 from supergen import attention as sa
@@ -51,20 +52,7 @@ def global_backend_untouched():
 
 
 def tiny_wan():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=16,
-        num_layers=1,
-    ).eval()
+    return tiny_wan_transformer()
 
 
 def wan_inputs(frames=2, size=16, seed=1):

@@ -3,6 +3,7 @@ driven by synthetic canvases and synthetic "models" whose behaviour we control e
 
 import pytest
 import torch
+from helpers import tiny_wan_transformer
 
 from supergen import TileGrid, TilingConfig
 from supergen.cache import CacheConfig, TileCache, check_model_caches, step_rehash_schedule
@@ -226,20 +227,7 @@ def test_config_errors():
 
 
 def tiny_wan():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=16,
-        num_layers=2,
-    )
+    return tiny_wan_transformer(in_channels=4, out_channels=4, num_layers=2)
 
 
 def test_hook_state_caches_are_refused_and_context_caches_accepted():

@@ -17,13 +17,7 @@ from supergen.cli import main  # noqa: E402
 SMALL = ["--height", "96", "--width", "64", "--frames", "5", "--steps", "3", "--refine-steps", "2", "--quiet"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread fan-out costs more than it saves on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _ffmpeg_frames(path):

@@ -20,14 +20,7 @@ from supergen.upscale import renoise, resize_frames, upscale_latents  # noqa: E4
 PROMPT = {"prompt": "a lighthouse at dusk", "negative_prompt": "low quality", "guidance_scale": 4.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread fan-out costs more than it saves (15x slower forwards measured with 2
-    # threads on a shared 2-core machine), so these tests run single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
