@@ -27,8 +27,10 @@ Budget mode. Instead of a threshold, compute a fixed fraction of the tiles each 
 largest predicted change (forced computes first). Speed becomes predictable, and across ranks the work
 can be balanced.
 
-Step Rehash (Streamlined Inference) is the comparison policy :func:`step_rehash_schedule`: an offline
-key-step schedule from a step-by-step similarity map.
+Step Rehash (Streamlined Inference) is the comparison policy: whole refinement steps are either
+computed (key steps) or reuse the last key step's canvas residual (:class:`StepRehash`), following an
+offline key-step schedule (:func:`step_rehash_schedule`) from a step-by-step similarity map that a
+calibration run measures (:func:`step_similarity`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class CacheConfig:
         threshold: gate threshold on the accumulated predicted relative change (``gate``).
         budget: fraction of tiles computed per step, in (0, 1] (``budget``).
         rehash_gamma: similarity threshold of Step Rehash, in (0, 1] (``rehash``).
+        rehash_similarity: the ``(k, k)`` step-similarity map of Step Rehash (:func:`step_similarity`)
+            for ``k`` refinement steps; ``None``: ``SuperGen`` measures it first with a calibration run
+            (cache off, same model, sizes and prompt, seed ``rehash_seed``), timed as its own stage.
+        rehash_seed: seed of the calibration run.
         warmup: refinement steps always computed at the start.
         max_skips: most consecutive skips of one region.
         region_aware: adapt per-tile thresholds to how much each region's prediction moves.
@@ -61,6 +67,9 @@ class CacheConfig:
     threshold: float = 0.1
     budget: float = 0.5
     rehash_gamma: float = 0.9
+    # A tensor field: excluded from ==/repr (elementwise == has no truth value; a map is not a label).
+    rehash_similarity: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    rehash_seed: int = 0
     warmup: int = 3
     max_skips: int = 3
     region_aware: bool = True
@@ -75,7 +84,15 @@ class CacheConfig:
             raise ValueError(f"`budget` must be in (0, 1] but is {self.budget!r}.")
         if not (isinstance(self.rehash_gamma, int | float) and 0 < self.rehash_gamma <= 1):
             raise ValueError(f"`rehash_gamma` must be in (0, 1] but is {self.rehash_gamma!r}.")
-        for name in ("warmup", "max_skips"):
+        sim = self.rehash_similarity
+        if sim is not None:
+            if not isinstance(sim, torch.Tensor):
+                raise TypeError(f"`rehash_similarity` must be a torch.Tensor or None but is {type(sim).__name__}.")
+            if sim.dim() != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
+                raise ValueError(f"`rehash_similarity` must be a square (k, k) map but has shape {tuple(sim.shape)}.")
+            if not bool(torch.isfinite(sim).all()):
+                raise ValueError("`rehash_similarity` must be finite.")
+        for name in ("warmup", "max_skips", "rehash_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"`{name}` must be an int >= 0 but is {value!r}.")
@@ -312,6 +329,96 @@ def step_rehash_schedule(similarity: torch.Tensor, gamma: float) -> list[bool]:
         if not reuse:
             key = i
     return compute
+
+
+def step_similarity(residuals: list[torch.Tensor]) -> torch.Tensor:
+    """``(S, S)`` map of cosine similarities between the flattened canvas residuals of ``S`` steps.
+
+    What is compared is what Step Rehash reuses: the canvas residual ``prediction - input`` (see
+    :class:`StepRehash`), so ``similarity[i, j] >= gamma`` bounds the angle between the residual that
+    step ``i`` would compute and the one it is given. Cosine rather than a distance because it is
+    scale-free: one ``gamma`` means the same at every noise level and for any model's output scale.
+    Flattened over the whole canvas (batch, channels, frames, cells) because a whole step is reused.
+    Accumulated in float64 so that the map does not depend on summation order at the 1e-7 level where
+    ``gamma`` close to 1 would flip decisions.
+    """
+    if not residuals:
+        raise ValueError("`residuals` must hold at least one step.")
+    flat = torch.stack([r.detach().reshape(-1).to("cpu", torch.float64) for r in residuals])
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (unit @ unit.T).clamp(-1.0, 1.0).float()
+
+
+class StepRehash:
+    """Step Rehash in the refine loop: each step is computed whole (a key step) or not at all.
+
+    ``schedule[i]`` says whether step ``i`` is a key step (:func:`step_rehash_schedule`). On a key step
+    every tile is computed and the fused canvas residual ``R = prediction - input`` is kept; on any
+    other step no tile is gathered or computed, and the canvas prediction is ``input + R``.
+
+    Why the residual and not the key step's prediction itself: the input keeps changing between the
+    key step and the reusing step (the scheduler moves the canvas every step), and the residual form
+    carries that change into the prediction, as the tile cache does with its per-tile residuals
+    (EasyCache's measured observation on Wan/HunyuanVideo: the input-to-output transformation changes
+    more slowly than the output). It also keeps both cache policies on one definition of "reuse", so
+    the benchmark compares policies, not reuse forms.
+
+    ``keep_residuals=True`` (calibration) also keeps every step's residual for :meth:`similarity`.
+    """
+
+    def __init__(self, schedule: list[bool], keep_residuals: bool = False):
+        if not schedule or not bool(schedule[-1]):
+            raise ValueError("`schedule` must be non-empty and compute its last step.")
+        self.schedule = [bool(v) for v in schedule]
+        self.stats = CacheStats()
+        self.keep_residuals = keep_residuals
+        self.residuals: list[torch.Tensor] = []
+        self._residual: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, num_steps: int) -> StepRehash:
+        """The key-step schedule of ``config``'s similarity map and gamma for ``num_steps`` steps."""
+        sim = config.rehash_similarity
+        if sim is None:
+            raise ValueError("`rehash_similarity` is None: calibrate it first (SuperGen does).")
+        if tuple(sim.shape) != (num_steps, num_steps):
+            raise ValueError(
+                f"`rehash_similarity` must be ({num_steps}, {num_steps}) for {num_steps} refinement steps but has "
+                f"shape {tuple(sim.shape)}."
+            )
+        return cls(step_rehash_schedule(sim, config.rehash_gamma))
+
+    @classmethod
+    def calibration(cls, num_steps: int) -> StepRehash:
+        """Compute every step and keep every residual (the run that measures the similarity map)."""
+        return cls([True] * num_steps, keep_residuals=True)
+
+    def computes(self, step: int) -> bool:
+        return self.schedule[step]
+
+    def reuse(self, x: torch.Tensor) -> torch.Tensor:
+        """The canvas prediction of a non-key step: its input plus the last key step's residual."""
+        if self._residual is None:
+            raise RuntimeError("Step Rehash has no key step to reuse yet (step 0 is always a key step).")
+        return x + self._residual.to(x.dtype)
+
+    def record(self, step: int, x: torch.Tensor, prediction: torch.Tensor, num_tiles: int) -> None:
+        """After ``step``: keep a key step's canvas residual; count tile-steps computed or skipped."""
+        computed = self.schedule[step]
+        if computed:
+            self._residual = prediction - x
+            if self.keep_residuals:
+                self.residuals.append(self._residual.detach().to("cpu", torch.float32, copy=True))
+            self.stats.computed += num_tiles
+        else:
+            self.stats.skipped += num_tiles
+        self.stats.per_step.append([computed] * num_tiles)
+
+    def similarity(self) -> torch.Tensor:
+        """The ``(S, S)`` similarity map of the kept residuals (:func:`step_similarity`)."""
+        if len(self.residuals) != len(self.schedule):
+            raise RuntimeError("the similarity map needs a calibration run over every step.")
+        return step_similarity(self.residuals)
 
 
 def check_model_caches(transformer) -> None:

@@ -84,7 +84,12 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--positions", choices=("local", "canvas"), default="local", help="rotary positions per tile")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="where the sketch is upscaled")
     g.add_argument("--sketch-size", default=None, help="stage-1 size H,W in pixels (default: native)")
-    g.add_argument("--cache", default="off", help="tile cache: off, gate or budget:F (fraction computed per step)")
+    g.add_argument(
+        "--cache",
+        default="off",
+        help="tile cache: off, gate, budget:F (fraction of tiles computed per step) or rehash:G (Step Rehash: "
+        "whole steps reused while their calibrated similarity to the key step is >= G; adds a calibration pass)",
+    )
     g.add_argument("--cache-threshold", type=float, default=None, help="gate threshold (with --cache gate)")
     g.add_argument("--seed", type=int, default=0, help="seed for the sketch noise and the re-noise")
     g.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
@@ -199,8 +204,6 @@ def _check_generate_args(args) -> dict:
     from .cache import CacheConfig
 
     cache = CacheConfig.parse(args.cache, args.cache_threshold)
-    if cache.mode == "rehash":
-        raise ValueError("`--cache` rehash needs an offline step-similarity map; use off, gate or budget:F.")
     return {
         "cache": None if cache.mode == "off" else cache,
         "out": out,

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import time
@@ -65,8 +66,12 @@ class SuperGen:
         max_tile_batch: tiles computed per forward.
         adapter_options: extra keyword arguments for the family's adapter (e.g. CogVideoX 1.5's
             ``extend_positions=True`` to extrapolate canvas positions past its rotary table).
-        cache: a :class:`supergen.cache.CacheConfig` (``gate`` or ``budget``): skip the forwards of
-            tiles whose prediction would barely change, reusing their cached residual; ``None`` = off.
+        cache: a :class:`supergen.cache.CacheConfig`; ``None`` = off. ``gate`` or ``budget``: skip the
+            forwards of tiles whose prediction would barely change, reusing their cached residual.
+            ``rehash``: Step Rehash, whole steps computed (key steps) or reusing the key step's canvas
+            residual; without a ``rehash_similarity`` map each call first runs a calibration pass
+            (reported as the stage ``calibrate``, not counted in ``refine``), whose map the report
+            returns (``report["cache"]["similarity"]``) for reuse.
         parallel: reserved for tile parallelism (not available yet).
     """
 
@@ -88,8 +93,6 @@ class SuperGen:
 
             if not isinstance(cache, CacheConfig):
                 raise TypeError(f"`cache` must be a CacheConfig or None but is {type(cache).__name__}.")
-            if cache.mode == "rehash":
-                raise ValueError("`cache` mode 'rehash' needs an offline step-similarity map; use 'gate' or 'budget'.")
             check_model_caches(pipe.transformer)
         self.cache = cache
         tiling = tiling if tiling is not None else TilingConfig()
@@ -169,6 +172,13 @@ class SuperGen:
         )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} but is {output_type!r}.")
+        rehash = self.cache is not None and self.cache.mode == "rehash"
+        similarity = self.cache.rehash_similarity if rehash else None
+        if similarity is not None and tuple(similarity.shape) != (plan.refine_steps,) * 2:
+            raise ValueError(
+                f"`rehash_similarity` must be ({plan.refine_steps}, {plan.refine_steps}) for refine_steps="
+                f"{plan.refine_steps} but has shape {tuple(similarity.shape)}."
+            )
         family = scheduler_family(pipe.scheduler)
         if getattr(adapter, "image_to_video", False) and pipeline_kwargs.get("image") is None:
             raise ValueError("this is an image-to-video pipeline: pass `image` (the first frame).")
@@ -187,43 +197,44 @@ class SuperGen:
 
             ops.availability(load=True)
 
-        # 2. Stage 1: sketch at the native size with the stock pipeline.
-        with timer.stage("sketch"):
-            low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+        # 2-6. Step Rehash without a map: a calibration pass first (cache off, its own seed) measures
+        #      the step similarity. It is its own stage so that `refine` times the policy, not the
+        #      one-off offline measurement.
+        similarity_source = "given"
+        if rehash and similarity is None:
+            from .cache import StepRehash
 
-        # 3. Upscale the sketch to the canvas (pixel space by default).
-        with timer.stage("upscale"):
-            clean = upscale_latents(adapter, low, plan.canvas_latent, mode=upscale)
-
-        with timer.stage("refine"):
-            # 4. The same N-step schedule as the sketch; re-noise the canvas to step N-k.
-            adapter.set_timesteps(pipe.scheduler, plan.num_inference_steps, device=clean.device)
-            if len(pipe.scheduler.timesteps) != plan.num_inference_steps:
-                raise ValueError(
-                    f"scheduler {type(pipe.scheduler).__name__} makes {len(pipe.scheduler.timesteps)} timesteps "
-                    f"for {plan.num_inference_steps} steps; only one-evaluation-per-step schedulers are supported."
-                )
-            latents = renoise(pipe.scheduler, clean, plan.begin_index, generator)
-
-            # 5. Conditioning at canvas size (text embeddings; image latents cropped per tile later).
-            cond = adapter.conditioning(tuple(latents.shape), num_frames=plan.num_frames, **text, **pipeline_kwargs)
-
-            # 6. Stage 2: tiled refinement over the last k steps (a fresh tile cache per generation).
-            tile_cache = None
-            if self.cache is not None and self.cache.mode != "off":
-                from .cache import TileCache
-
-                tile_cache = TileCache(self.cache)
-            with pipe.progress_bar(total=plan.refine_steps) as bar:
-                latents = refine(
-                    adapter, pipe.scheduler, latents, cond, grid, plan,
-                    generator=generator,
-                    progress_bar=bar,
-                    callback_on_step_end=callback_on_step_end,
-                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                    callback_owner=pipe,
-                    cache=tile_cache,
+            similarity_source = "calibrated"
+            with timer.stage("calibrate"):
+                device = generator.device if generator is not None else "cpu"
+                calibration = StepRehash.calibration(plan.refine_steps)
+                self._generate_latents(
+                    plan, grid, text, pipeline_kwargs, sketch_latents, upscale,
+                    generator=torch.Generator(device).manual_seed(self.cache.rehash_seed),
+                    cache=calibration,
+                    stage=lambda name: contextlib.nullcontext(),
                 )  # fmt: skip
+                similarity = calibration.similarity()
+
+        # A fresh cache per generation.
+        step_cache = None
+        if rehash:
+            from .cache import StepRehash
+
+            step_cache = StepRehash.from_config(replace(self.cache, rehash_similarity=similarity), plan.refine_steps)
+        elif self.cache is not None and self.cache.mode != "off":
+            from .cache import TileCache
+
+            step_cache = TileCache(self.cache)
+        latents = self._generate_latents(
+            plan, grid, text, pipeline_kwargs, sketch_latents, upscale,
+            generator=generator,
+            cache=step_cache,
+            stage=timer.stage,
+            progress=True,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
 
         # 7. Decode with the VAE's tiling on.
         frames, seam = latents, None
@@ -268,9 +279,71 @@ class SuperGen:
             "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
             "peak_memory_bytes": dict(timer.peak_bytes),
             "peak_memory_kind": "cuda allocator" if timer.device.type == "cuda" else "process peak RSS",
-            "cache": None if tile_cache is None else {"mode": self.cache.mode, **tile_cache.stats.as_dict()},
+            "cache": self._cache_report(step_cache, similarity, similarity_source),
             "seam_score": seam,
             "versions": versions(),
             "device": device_name(timer.device),
         }
         return SuperGenOutput(frames=frames, latents=latents, report=report)
+
+    def _generate_latents(
+        self, plan, grid, text, pipeline_kwargs, sketch_latents, upscale, *, generator, cache, stage,
+        progress=False, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+    ) -> torch.Tensor:  # fmt: skip
+        """Stages 1 and 2 up to the refined canvas latent, each step timed under ``stage(name)``."""
+        pipe, adapter = self.pipe, self.adapter
+
+        # 2. Stage 1: sketch at the native size with the stock pipeline.
+        with stage("sketch"):
+            low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+
+        # 3. Upscale the sketch to the canvas (pixel space by default).
+        with stage("upscale"):
+            clean = upscale_latents(adapter, low, plan.canvas_latent, mode=upscale)
+
+        with stage("refine"):
+            # 4. The same N-step schedule as the sketch; re-noise the canvas to step N-k.
+            adapter.set_timesteps(pipe.scheduler, plan.num_inference_steps, device=clean.device)
+            if len(pipe.scheduler.timesteps) != plan.num_inference_steps:
+                raise ValueError(
+                    f"scheduler {type(pipe.scheduler).__name__} makes {len(pipe.scheduler.timesteps)} timesteps "
+                    f"for {plan.num_inference_steps} steps; only one-evaluation-per-step schedulers are supported."
+                )
+            latents = renoise(pipe.scheduler, clean, plan.begin_index, generator)
+
+            # 5. Conditioning at canvas size (text embeddings; image latents cropped per tile later).
+            cond = adapter.conditioning(tuple(latents.shape), num_frames=plan.num_frames, **text, **pipeline_kwargs)
+
+            # 6. Stage 2: tiled refinement over the last k steps.
+            bar = pipe.progress_bar(total=plan.refine_steps) if progress else contextlib.nullcontext()
+            with bar:
+                return refine(
+                    adapter, pipe.scheduler, latents, cond, grid, plan,
+                    generator=generator,
+                    progress_bar=bar if progress else None,
+                    callback_on_step_end=callback_on_step_end,
+                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                    callback_owner=pipe,
+                    cache=cache,
+                )  # fmt: skip
+
+    def _cache_report(self, cache, similarity, similarity_source) -> dict | None:
+        if cache is None:
+            return None
+        out = {"mode": self.cache.mode, **cache.stats.as_dict()}
+        if self.cache.mode == "rehash":
+            out.update(
+                gamma=self.cache.rehash_gamma,
+                key_steps=cache.schedule,
+                # The map itself, so a later call can pass it back (CacheConfig(rehash_similarity=...))
+                # and skip the calibration pass.
+                similarity=similarity.tolist(),
+                similarity_source=similarity_source,
+                similarity_measure="cosine of the flattened canvas residuals (prediction - input) of two steps",
+            )
+            if similarity_source == "calibrated":
+                out["calibration"] = (
+                    f"a cache-off pass with seed {self.cache.rehash_seed} measured the map; its time is "
+                    "seconds['calibrate'], not included in seconds['refine']"
+                )
+        return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters.base import Conditioning, ModelAdapter, ModelSpec
+from .cache import StepRehash
 from .config import TilingConfig
 from .ops import blend_scatter, halo_gather
 from .tiling import TileGrid
@@ -154,7 +155,8 @@ def refine(
 
     ``latents`` is the re-noised canvas ``(B, C, T, H, W)`` at step ``N − k``; the scheduler must hold
     the N-step schedule (``set_timesteps(N)`` already called, no step taken yet). ``cache``: an optional
-    :class:`supergen.cache.TileCache` deciding per step which tiles to compute and which to reuse.
+    :class:`supergen.cache.TileCache` deciding per step which tiles to compute and which to reuse, or a
+    :class:`supergen.cache.StepRehash` deciding per step whether to compute the step at all.
     ``callback_on_step_end(callback_owner, step_index, t, tensors)`` is called after each step with
     ``step_index`` in the N-step schedule and the requested tensors of :data:`CALLBACK_TENSOR_INPUTS`;
     a returned ``"latents"`` replaces the canvas.
@@ -170,28 +172,39 @@ def refine(
     sigmas = getattr(scheduler, "sigmas", None)
     canvas_hw = tuple(latents.shape[-2:])
     gather_mode = "torus" if grid.wrap else "zero"
+    step_cache = cache if isinstance(cache, StepRehash) else None
+    tile_cache = None if step_cache is not None else cache
 
     for i, t in enumerate(timesteps):
         # 2. Place the tile grid for this step (shifted windows, or the fixed overlapping grid).
         origins = grid.at_step(i).to(latents.device)
-
-        # 3. Gather every tile window of the canvas in one call.
-        tiles = halo_gather(latents, origins, grid.tile, 0, gather_mode)
-
-        # 4. One native-size forward per tile (guidance applied per tile, by the adapter); with a
-        #    cache, only the tiles it picks are computed and the others reuse their cached residual.
         sigma = float(sigmas[begin + i]) if sigmas is not None else None
         adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
-        if cache is None:
-            tile_pred = adapter.predict(tiles, t, cond, origins, canvas_hw)
-        else:
-            tile_pred = _predict_cached(adapter, cache, i, len(timesteps), latents, tiles, t, cond, origins, grid.tile)
 
-        # 5. Fuse the tile predictions into ONE canvas prediction (blend ramps where tiles overlap).
-        noise_pred = blend_scatter(
-            tile_pred, origins, canvas_hw, overlap=grid.overlap, ramp=grid.config.ramp, wrap=grid.wrap
-        )
-        del tiles, tile_pred  # two canvas-size buffers, freed before the scheduler's temporaries
+        if step_cache is not None and not step_cache.computes(i):
+            # Step Rehash, not a key step: no tile is gathered or computed; the canvas prediction is
+            # this step's input plus the key step's canvas residual.
+            noise_pred = step_cache.reuse(latents)
+        else:
+            # 3. Gather every tile window of the canvas in one call.
+            tiles = halo_gather(latents, origins, grid.tile, 0, gather_mode)
+
+            # 4. One native-size forward per tile (guidance applied per tile, by the adapter); with a
+            #    tile cache, only the tiles it picks are computed, the others reuse their cached residual.
+            if tile_cache is None:
+                tile_pred = adapter.predict(tiles, t, cond, origins, canvas_hw)
+            else:
+                tile_pred = _predict_cached(
+                    adapter, tile_cache, i, len(timesteps), latents, tiles, t, cond, origins, grid.tile
+                )
+
+            # 5. Fuse the tile predictions into ONE canvas prediction (blend ramps where tiles overlap).
+            noise_pred = blend_scatter(
+                tile_pred, origins, canvas_hw, overlap=grid.overlap, ramp=grid.config.ramp, wrap=grid.wrap
+            )
+            del tiles, tile_pred  # two canvas-size buffers, freed before the scheduler's temporaries
+        if step_cache is not None:
+            step_cache.record(i, latents, noise_pred, grid.num_tiles)
 
         # 6. One scheduler step on the whole canvas: one trajectory, multistep history intact.
         latents = adapter.scheduler_step(

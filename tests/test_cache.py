@@ -6,7 +6,14 @@ import torch
 from helpers import tiny_wan_transformer
 
 from supergen import TileGrid, TilingConfig
-from supergen.cache import CacheConfig, TileCache, check_model_caches, step_rehash_schedule
+from supergen.cache import (
+    CacheConfig,
+    StepRehash,
+    TileCache,
+    check_model_caches,
+    step_rehash_schedule,
+    step_similarity,
+)
 from supergen.ops import blend_scatter, halo_gather
 
 
@@ -185,6 +192,73 @@ def test_step_rehash_schedule():
         step_rehash_schedule(sim, 0.0)
 
 
+def test_step_similarity_is_the_cosine_of_flattened_residuals():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 2, 3, 4, 4, generator=g)
+    b = torch.randn(1, 2, 3, 4, 4, generator=g)
+    sim = step_similarity([a, 3 * a, b, -a])
+    cos_ab = float((a.flatten() @ b.flatten()) / (a.norm() * b.norm()))
+    assert sim.shape == (4, 4) and sim.dtype == torch.float32
+    torch.testing.assert_close(sim, sim.T)
+    torch.testing.assert_close(sim.diagonal(), torch.ones(4))
+    assert float(sim[0, 1]) == pytest.approx(1.0)  # scale-free: one gamma means the same at any scale
+    assert float(sim[0, 3]) == pytest.approx(-1.0)
+    assert float(sim[0, 2]) == pytest.approx(cos_ab, abs=1e-6)
+
+
+def test_step_rehash_reuses_the_key_steps_canvas_residual():
+    """A non-key step's prediction is its own input plus the last key step's residual (prediction -
+    input), so it follows the input the scheduler moved; key steps replace the residual."""
+    rehash = StepRehash([True, False, True, False, True])
+    x0, x1, x2, x3 = (torch.full((1, 2, 1, 4, 4), float(v)) for v in (1, 2, 3, 4))
+    assert rehash.computes(0)
+    rehash.record(0, x0, x0 + 10, num_tiles=4)
+    assert not rehash.computes(1)
+    torch.testing.assert_close(rehash.reuse(x1), x1 + 10)
+    rehash.record(1, x1, rehash.reuse(x1), num_tiles=4)
+    rehash.record(2, x2, 5 * x2, num_tiles=4)
+    torch.testing.assert_close(rehash.reuse(x3), x3 + 4 * x2)
+    assert (rehash.stats.computed, rehash.stats.skipped) == (8, 4)
+    assert rehash.stats.per_step[1] == [False] * 4
+
+
+def test_step_rehash_from_config_and_calibration():
+    sim = torch.ones(4, 4)
+    assert StepRehash.from_config(CacheConfig(mode="rehash", rehash_similarity=sim), 4).schedule == [
+        True, False, False, True,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"must be \(5, 5\) for 5 refinement steps"):
+        StepRehash.from_config(CacheConfig(mode="rehash", rehash_similarity=sim), 5)
+    with pytest.raises(ValueError, match="calibrate it first"):
+        StepRehash.from_config(CacheConfig(mode="rehash"), 4)
+    with pytest.raises(ValueError, match="compute its last step"):
+        StepRehash([True, False])
+    calib = StepRehash.calibration(3)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, 2, 1, 4, 4, generator=g) for _ in range(3)]
+    preds = [torch.randn(1, 2, 1, 4, 4, generator=g) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="every step"):
+        calib.similarity()
+    for i in range(3):
+        assert calib.computes(i)
+        calib.record(i, xs[i], preds[i], num_tiles=1)
+    torch.testing.assert_close(calib.similarity(), step_similarity([p - x for p, x in zip(preds, xs)]))
+
+
+def test_rehash_similarity_is_validated():
+    with pytest.raises(ValueError, match="square"):
+        CacheConfig(mode="rehash", rehash_similarity=torch.ones(3, 4))
+    with pytest.raises(ValueError, match="finite"):
+        CacheConfig(mode="rehash", rehash_similarity=torch.full((2, 2), float("nan")))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        CacheConfig(mode="rehash", rehash_similarity=[[1.0]])
+    with pytest.raises(ValueError, match="`rehash_seed` must be an int >= 0"):
+        CacheConfig(mode="rehash", rehash_seed=-1)
+    # a map is data, not part of the policy's identity: configs still compare and hash
+    assert CacheConfig(mode="rehash", rehash_similarity=torch.ones(2, 2)) == CacheConfig(mode="rehash")
+    hash(CacheConfig(mode="rehash", rehash_similarity=torch.ones(2, 2)))
+
+
 @pytest.mark.parametrize(
     "spec,expected",
     [
@@ -210,6 +284,8 @@ def test_cache_spec_parsing(spec, expected):
         ("budget:x", "`--cache` must be"),
         ("budget:1.5", "`budget` must be in"),
         ("gate:1", "`--cache`"),
+        ("rehash", "`--cache` must be"),
+        ("rehash:0", "`rehash_gamma` must be in"),
     ],
 )
 def test_cache_spec_errors(spec, match):

@@ -135,7 +135,8 @@ BAD = [
     (lambda p: ["--tile-size", "big"], "`--tile-size` must be N or H,W"),
     (lambda p: ["--overlap", "48"], "overlap"),
     (lambda p: ["--report", str(p / "r.txt")], "`--report` must end in .json"),
-    (lambda p: ["--cache", "sometimes"], "`--cache` must be off, gate, budget:F"),
+    (lambda p: ["--cache", "sometimes"], "`--cache` must be off, gate, budget:F or rehash:G"),
+    (lambda p: ["--cache", "rehash:1.5"], "`rehash_gamma` must be in \\(0, 1\\]"),
 ]
 
 
@@ -163,3 +164,16 @@ def test_argparse_rejects_bad_choices(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--out", str(tmp_path / "x.mp4"), "--shift", "sometimes"])
     assert e.value.code == 2
+
+
+def test_step_rehash_from_the_command_line(tmp_path, capsys):
+    """`--cache rehash:G`: a calibration pass, timed as its own stage, then key steps only."""
+    out, report = tmp_path / "r.mp4", tmp_path / "r.json"
+    argv = ["generate", *SMALL, "--steps", "6", "--refine-steps", "5", "--cache", "rehash:0.9"]
+    assert main([*argv, "--out", str(out), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    cache = data["cache"]
+    assert cache["mode"] == "rehash" and cache["gamma"] == 0.9 and cache["similarity_source"] == "calibrated"
+    assert len(cache["key_steps"]) == 5 and cache["key_steps"][0] and cache["key_steps"][-1]
+    assert len(cache["similarity"]) == 5 and "calibrate" in data["seconds"]
+    assert "calibrate s" in capsys.readouterr().out

@@ -296,5 +296,105 @@ def test_tile_cache_off_changes_nothing_and_budget_computes_its_share(pipe, monk
     assert computed == [n, n] + [math.ceil(0.5 * n)] * 2 + [n]
     assert out.report["cache"]["skipped_tile_steps"] == 2 * (n - math.ceil(0.5 * n))
     assert torch.isfinite(out.latents).all() and not torch.equal(out.latents, plain.latents)
-    with pytest.raises(ValueError, match="rehash"):
-        SuperGen(pipe, cache=CacheConfig(mode="rehash"))
+
+
+REHASH_KW = dict(height=128, width=128, num_frames=9, num_inference_steps=6, refine_steps=5, output_type="latent")
+
+
+def _count_forwards_per_step(sg, monkeypatch):
+    """{refine step index: tiles sent to the model} via the adapter's begin_step/predict."""
+    counts, current = {}, []
+    begin, predict = sg.adapter.begin_step, sg.adapter.predict
+
+    def counting_begin(step_index, *a):
+        current[:] = [step_index]
+        return begin(step_index, *a)
+
+    def counting_predict(tiles, t, cond, origins, canvas_hw):
+        counts[current[0]] = counts.get(current[0], 0) + len(origins)
+        return predict(tiles, t, cond, origins, canvas_hw)
+
+    monkeypatch.setattr(sg.adapter, "begin_step", counting_begin)
+    monkeypatch.setattr(sg.adapter, "predict", counting_predict)
+    return counts
+
+
+@pytest.mark.parametrize(
+    "far_step, key_steps",
+    [
+        (None, [True, False, False, False, True]),  # every step alike: only the first and the last compute
+        (3, [True, False, False, True, True]),  # step 3 unlike key step 0: a new key step
+    ],
+)
+def test_step_rehash_runs_the_model_on_key_steps_only(pipe, monkeypatch, far_step, key_steps):
+    from supergen.cache import CacheConfig
+
+    sim = torch.ones(5, 5)
+    if far_step is not None:
+        sim[far_step, 0] = sim[0, far_step] = 0.5
+    sg = SuperGen(pipe, cache=CacheConfig(mode="rehash", rehash_gamma=0.9, rehash_similarity=sim))
+    counts = _count_forwards_per_step(sg, monkeypatch)
+    out = sg(generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT)
+    n, begin = out.report["tiling"]["tiles_per_step"], out.report["steps"]["begin_index"]
+    # the sketch's own forwards run at pipeline steps too: count the refine steps only
+    refine_counts = [counts.get(begin + i, 0) for i in range(5)]
+    assert refine_counts == [n if key else 0 for key in key_steps]
+    cache = out.report["cache"]
+    assert cache["key_steps"] == key_steps and cache["similarity_source"] == "given"
+    assert cache["skipped_tile_steps"] == n * key_steps.count(False) and "calibrate" not in out.report["seconds"]
+    assert torch.isfinite(out.latents).all()
+
+
+def test_step_rehash_gamma_one_is_cache_off_bit_for_bit(pipe):
+    """gamma = 1 makes every step a key step (calibrated similarities are < 1): the uncached loop exactly,
+    calibration pass included (it must leave no state behind in the scheduler or the model)."""
+    from supergen.cache import CacheConfig
+
+    plain = SuperGen(pipe)(generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT)
+    out = SuperGen(pipe, cache=CacheConfig(mode="rehash", rehash_gamma=1.0))(
+        generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT
+    )
+    assert out.report["cache"]["key_steps"] == [True] * 5 and out.report["cache"]["skipped_tile_steps"] == 0
+    assert torch.equal(out.latents, plain.latents)
+
+
+def test_step_rehash_calibration_is_deterministic_and_timed_apart(pipe, monkeypatch):
+    """No map: a calibration pass (its own seed) measures one; the same seed gives the same map and the
+    same video, and passing that map back gives the same video without the calibration pass."""
+    from supergen.cache import CacheConfig
+
+    cfg = CacheConfig(mode="rehash", rehash_gamma=0.995, rehash_seed=7)
+    sg = SuperGen(pipe, cache=cfg)
+    counts = _count_forwards_per_step(sg, monkeypatch)
+    a = sg(generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT)
+    b = sg(generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT)
+    sim = torch.tensor(a.report["cache"]["similarity"])
+    assert sim.shape == (5, 5) and torch.equal(sim, torch.tensor(b.report["cache"]["similarity"]))
+    torch.testing.assert_close(sim, sim.T)
+    torch.testing.assert_close(sim.diagonal(), torch.ones(5))
+    assert bool((sim[~torch.eye(5, dtype=torch.bool)] < 1).all())  # distinct steps are never identical
+    assert torch.equal(a.latents, b.latents) and a.report["cache"]["similarity_source"] == "calibrated"
+    assert "calibrate" in a.report["seconds"] and "seconds['calibrate']" in a.report["cache"]["calibration"]
+    key_steps = a.report["cache"]["key_steps"]
+    assert key_steps[0] and key_steps[-1] and not all(key_steps), key_steps
+    # the main run's forwards follow the schedule; the calibration pass computed every refine step
+    begin, n = a.report["steps"]["begin_index"], a.report["tiling"]["tiles_per_step"]
+    per_run = [n * (1 + 1) if key else n for key in key_steps]  # calibration + main (key steps only)
+    assert [counts.get(begin + i, 0) for i in range(5)] == [2 * v for v in per_run]  # two calls a and b
+
+    given = SuperGen(pipe, cache=CacheConfig(mode="rehash", rehash_gamma=0.995, rehash_similarity=sim))
+    c = given(generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT)
+    assert torch.equal(c.latents, a.latents) and "calibrate" not in c.report["seconds"]
+
+    other = SuperGen(pipe, cache=CacheConfig(mode="rehash", rehash_seed=8))
+    d = other(generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT)
+    assert not torch.equal(torch.tensor(d.report["cache"]["similarity"]), sim)
+
+
+def test_step_rehash_map_size_is_checked_before_model_work(pipe, monkeypatch):
+    from supergen.cache import CacheConfig
+
+    sg = SuperGen(pipe, cache=CacheConfig(mode="rehash", rehash_similarity=torch.ones(4, 4)))
+    monkeypatch.setattr(sg.adapter, "sketch", lambda *a, **k: pytest.fail("model work before the check"))
+    with pytest.raises(ValueError, match=r"`rehash_similarity` must be \(5, 5\) for refine_steps=5"):
+        sg(generator=torch.Generator().manual_seed(3), **REHASH_KW, **PROMPT)

@@ -1,0 +1,244 @@
+"""Cache benchmark: refinement time and fidelity of every cache policy against the cache turned off.
+
+One model, one set of sizes, one seed for every row. Rows: cache off; the tile gate at thresholds
+{default / 2, default, default x 2} (default = ``CacheConfig().threshold``: the threshold's meaning is
+fixed by the gate, never tuned to the benchmark model); budget {0.75, 0.5}; Step Rehash. Per row:
+
+* ``refine_s``: median of ``REPEATS`` runs of the refinement stage (``report["seconds"]["refine"]``),
+  the repetitions interleaved across rows so that load on a shared machine hits every row alike;
+* ``speedup``: cache-off median / row median, both from this run;
+* computed / skipped tile-steps (one tile-step = one guided forward of one tile at one step);
+* ``psnr_db`` / ``ssim`` of the decoded video against the cache-off video (pixels in [0, 1]), and the
+  seam score of the row's own video (1.0 = no seam).
+
+Step Rehash's similarity map is measured once, before the timed rows, by a calibration pass with its own
+seed (``CALIBRATION_SEED``, not the evaluation seed, as an offline map would be); its time is recorded
+apart and is in no row's ``refine_s``.
+
+Model: ``supergen/models/tiny-wan`` (the project's small trained Wan) when it exists and loads; otherwise
+a random-weight Wan built like ``supergen.tiny`` with a wider transformer, so that model forwards, not
+Python overhead, dominate a step. Random weights do not make the slowly-varying predictions that caches
+exploit, so the quality and skip counts of a random model say little about a trained one.
+
+Usage: ``python bench/cache.py [--out bench/results/cache_cpu.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, print_table, write_json  # noqa: E402
+
+TRAINED = Path(__file__).resolve().parent.parent / "supergen" / "models" / "tiny-wan"
+# A random Wan built like supergen.tiny, wider (4 heads x 32, FFN 256) and with a 16x16-cell native tile:
+# a tile forward then costs ~10x the tiny model's, as a real model's forward dwarfs the cache's bookkeeping.
+RANDOM_MODEL = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 256, "num_layers": 2}
+RANDOM_NATIVE = (128, 128)  # pixels: 16x16 latent cells
+TILES = (3, 3)  # canvas = 3x3 native tiles
+FRAMES = 9
+STEPS, REFINE_STEPS = 20, 14
+GUIDANCE = 5.0
+SEED = 0
+CALIBRATION_SEED = 1
+REHASH_GAMMA = 0.95
+REPEATS = 3
+THREADS = 1  # tiny ops under thread contention on a shared machine are far slower and noisier
+PROMPT = {"prompt": "a red fox running through fresh snow, golden hour", "negative_prompt": "blurry, low quality"}
+
+
+def build_pipeline() -> tuple[object, dict]:
+    """The trained tiny Wan if present and loadable, else the random-weight bench Wan; and its description."""
+    if TRAINED.is_dir():
+        try:
+            from diffusers import WanPipeline
+
+            pipe = WanPipeline.from_pretrained(str(TRAINED), local_files_only=True)
+            pipe.set_progress_bar_config(disable=True)
+            native = tuple(getattr(pipe, "native_size", None) or RANDOM_NATIVE)
+            return pipe, {
+                "weights": "trained",
+                "source": str(TRAINED.relative_to(TRAINED.parents[2])),
+                "native_size": list(native),
+            }
+        except Exception as e:  # noqa: BLE001 - any load failure falls back to the random model, recorded
+            load_error = f"{type(e).__name__}: {e}"
+    else:
+        load_error = "not present"
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from supergen.tiny import TEXT_DIM, HashedPromptMixin, tiny_wan_components
+
+    parts = tiny_wan_components()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(SEED)
+    try:
+        parts["transformer"] = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=TEXT_DIM, freq_dim=256,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024, **RANDOM_MODEL,
+        ).eval()  # fmt: skip
+    finally:
+        torch.random.set_rng_state(state)
+    cls = type("BenchWanPipeline", (HashedPromptMixin, WanPipeline), {"native_size": RANDOM_NATIVE})
+    pipe = cls(tokenizer=None, text_encoder=None, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, {
+        "weights": "RANDOM (not trained): quality and skip counts say little about a trained model",
+        "source": "supergen.tiny components with a wider random transformer " + str(RANDOM_MODEL),
+        "trained_model": f"supergen/models/tiny-wan: {load_error}",
+        "native_size": list(RANDOM_NATIVE),
+    }
+
+
+def _db(value: float) -> float | str:
+    # JSON has no infinity: a row whose video equals the cache-off video bit for bit reads "inf".
+    return "inf" if value == float("inf") else round(value, 2)
+
+
+def rows_to_run(default_threshold: float) -> list[tuple[str, dict]]:
+    from supergen.cache import CacheConfig
+
+    return [
+        ("off", {"config": None}),
+        ("gate small", {"config": CacheConfig(mode="gate", threshold=default_threshold / 2)}),
+        ("gate default", {"config": CacheConfig(mode="gate", threshold=default_threshold)}),
+        ("gate large", {"config": CacheConfig(mode="gate", threshold=default_threshold * 2)}),
+        ("budget 0.75", {"config": CacheConfig(mode="budget", budget=0.75)}),
+        ("budget 0.5", {"config": CacheConfig(mode="budget", budget=0.5)}),
+        ("rehash", {"config": "rehash"}),  # filled in once the similarity map is calibrated
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS / "cache_cpu.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+
+    from supergen import SuperGen
+    from supergen.cache import CacheConfig
+    from supergen.metrics import psnr, ssim
+
+    pipe, model = build_pipeline()
+    native = tuple(model["native_size"])
+    call = dict(
+        height=TILES[0] * native[0], width=TILES[1] * native[1], num_frames=FRAMES, num_inference_steps=STEPS,
+        refine_steps=REFINE_STEPS, guidance_scale=GUIDANCE, sketch_height=native[0], sketch_width=native[1], **PROMPT,
+    )  # fmt: skip
+
+    def run(config, output_type):
+        out = SuperGen(pipe, cache=config, native_size=native)(
+            generator=torch.Generator().manual_seed(SEED), output_type=output_type, **call
+        )
+        return out
+
+    # Step Rehash's offline map: one calibration pass (cache off, its own seed), timed apart.
+    calibrated = SuperGen(pipe, cache=CacheConfig(mode="rehash", rehash_seed=CALIBRATION_SEED), native_size=native)(
+        generator=torch.Generator().manual_seed(SEED), output_type="latent", **call
+    )
+    similarity = torch.tensor(calibrated.report["cache"]["similarity"])
+    calibrate_s = calibrated.report["seconds"]["calibrate"]
+
+    default = CacheConfig().threshold
+    rows = rows_to_run(default)
+    rows[-1][1]["config"] = CacheConfig(
+        mode="rehash", rehash_gamma=REHASH_GAMMA, rehash_similarity=similarity, rehash_seed=CALIBRATION_SEED
+    )
+    run(None, "latent")  # warm-up: first-call allocations and lazy imports stay out of the timings
+
+    seconds = {name: [] for name, _ in rows}
+    results = {}
+    for rep in range(REPEATS):
+        for name, row in rows:  # interleaved: each repetition runs every row once
+            out = run(row["config"], "pt" if rep == 0 else "latent")
+            seconds[name].append(out.report["seconds"]["refine"])
+            if rep == 0:
+                results[name] = {"frames": out.frames, "report": out.report, "latents": out.latents}
+            elif not torch.equal(out.latents, results[name]["latents"]):
+                raise RuntimeError(f"row {name!r} is not deterministic across repetitions")
+            print(f"  rep {rep + 1}/{REPEATS} {name:<13} refine {seconds[name][-1]:.2f} s", flush=True)
+
+    reference = results["off"]["frames"].float()
+    off_median = statistics.median(seconds["off"])
+    table = []
+    for name, row in rows:
+        report, frames = results[name]["report"], results[name]["frames"].float()
+        cache = report["cache"] or {}
+        n_tiles = report["tiling"]["tiles_per_step"] * REFINE_STEPS
+        median = statistics.median(seconds[name])
+        entry = {
+            "row": name,
+            "mode": "off" if row["config"] is None else row["config"].mode,
+            "setting": None,
+            "refine_s": round(median, 4),
+            "refine_s_samples": [round(s, 4) for s in seconds[name]],
+            "speedup": round(off_median / median, 3),
+            "computed_tile_steps": cache.get("computed_tile_steps", n_tiles),
+            "skipped_tile_steps": cache.get("skipped_tile_steps", 0),
+            "psnr_db": None if name == "off" else _db(psnr(frames, reference, data_range=1.0)),
+            "ssim": None if name == "off" else round(ssim(frames, reference, data_range=1.0), 4),
+            "seam_score": None if report["seam_score"] is None else round(report["seam_score"], 4),
+        }
+        cfg = row["config"]
+        if cfg is not None:
+            entry["setting"] = {
+                "gate": f"threshold={cfg.threshold:g}",
+                "budget": f"budget={cfg.budget:g}",
+                "rehash": f"gamma={cfg.rehash_gamma:g}",
+            }[cfg.mode]
+        if name == "rehash":
+            entry["key_steps"] = cache["key_steps"]
+        table.append(entry)
+
+    payload = {
+        "benchmark": "cache",
+        "environment": environment("cpu"),
+        "model": model,
+        "setup": {
+            "canvas_px": [call["height"], call["width"]],
+            "tiles_per_step": results["off"]["report"]["tiling"]["tiles_per_step"],
+            "frames": FRAMES,
+            "steps": STEPS,
+            "refine_steps": REFINE_STEPS,
+            "guidance_scale": GUIDANCE,
+            "seed": SEED,
+            "threads": THREADS,
+            "repeats": REPEATS,
+            "gate_threshold_default": default,
+            "rehash": {
+                "gamma": REHASH_GAMMA,
+                "calibration_seed": CALIBRATION_SEED,
+                "calibrate_s": round(calibrate_s, 4),
+                "similarity": "cosine of the flattened canvas residuals (prediction - input) of two steps",
+                "note": "the calibration pass runs once before the rows; its time is in no row's refine_s",
+            },
+        },
+        "timing": "refine_s = median of the repeats (interleaved across rows) of the refinement stage only; "
+        "speedup = off median / row median from this run",
+        "fidelity": "psnr_db/ssim of the decoded video (pixels in [0, 1]) vs the cache-off video, same seed",
+        "target": ">= 1.8x faster at >= 30 dB PSNR with the default gate, on the project's TRAINED model",
+        "rows": table,
+        "bench_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(Path(args.out), payload)
+    print(f"\nmodel weights: {model['weights']}")
+    print(
+        f"canvas {call['height']}x{call['width']} px, {payload['setup']['tiles_per_step']} tiles/step, "
+        f"{REFINE_STEPS} of {STEPS} steps refined, seed {SEED}; rehash calibration {calibrate_s:.2f} s (apart)"
+    )
+    columns = ["row", "setting", "refine_s", "speedup", "computed_tile_steps", "skipped_tile_steps", "psnr_db",
+               "ssim", "seam_score"]  # fmt: skip
+    print_table(table, columns)
+    print(f"wrote {args.out} in {payload['bench_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
