@@ -105,6 +105,23 @@ def test_training_script_two_steps_saves_a_loadable_folder(tmp_path):
     assert frames.shape == (1, synthetic.FRAMES, synthetic.SIZE, synthetic.SIZE, 3)
 
 
+def test_vae_only_then_vae_from_resumes_phase_two(tmp_path):
+    """Phase 1 alone saves a VAE folder; a later run trains the transformer on it without retraining it."""
+    common = [sys.executable, str(SCRIPT), "--seed", "4", "--max-steps", "2", "--threads", "1"]
+    common += ["--vae-batch", "2", "--dit-batch", "4", "--dit-clips", "4"]
+    vae_dir, out = tmp_path / "vae", tmp_path / "model"
+    for extra in (["--vae-only", "--out", str(vae_dir)], ["--vae-from", str(vae_dir), "--out", str(out)]):
+        run = subprocess.run(common + extra, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((vae_dir / "vae_log.json").read_text())["vae_steps"] == 2
+    from safetensors.torch import load_file
+
+    weights = "diffusion_pytorch_model.safetensors"
+    before, after = load_file(vae_dir / weights), load_file(out / "vae" / weights)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((out / "training_log.json").read_text())["dit_steps"] == 2
+
+
 # -- the committed model ----------------------------------------------------------------------------
 
 needs_model = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="no trained tiny-wan folder")

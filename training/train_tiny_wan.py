@@ -474,11 +474,13 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="cap on each phase's steps (smoke tests)")
     p.add_argument("--vae-steps", type=int, default=None, help="exact VAE steps (replays a logged run)")
     p.add_argument("--dit-steps", type=int, default=None, help="exact transformer steps (replays a logged run)")
+    p.add_argument("--vae-only", action="store_true", help="train and save only the VAE (phase 1) into --out")
+    p.add_argument("--vae-from", type=Path, default=None, help="a --vae-only folder: skip phase 1")
     p.add_argument("--vae-fraction", type=float, default=0.4, help="share of the budget for the VAE")
     p.add_argument("--dit-clips", type=int, default=4000, help="clips encoded for the transformer")
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-crop", type=int, default=32, help="square crop (pixels) the VAE trains on")
-    p.add_argument("--vae-frames", type=int, default=5, help="frames (4k+1) the VAE trains on")
+    p.add_argument("--vae-frames", type=int, default=9, help="frames (4k+1) the VAE trains on")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=5e-4)
     p.add_argument("--dit-batch", type=int, default=64)
@@ -505,13 +507,33 @@ def main(argv=None) -> int:
     vae, transformer = pipe.vae.to(device), pipe.transformer.to(device)
     pipe.text_encoder.to(device)
 
-    # Phase 1: the VAE.
+    # Phase 1: the VAE (or a VAE trained before, by a `--vae-only` run).
     t0 = time.perf_counter()
-    vae_steps = train_vae(vae, args, args.vae_fraction * budget, device, history)
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(args.vae_from, local_files_only=True).to(device).eval()
+        pipe.vae = vae
+        previous = json.loads((Path(args.vae_from) / "vae_log.json").read_text())
+        vae_steps, history["vae"] = previous["vae_steps"], previous["loss"]["vae"]
+        log(f"VAE from {args.vae_from} ({vae_steps} steps)")
+    else:
+        vae_steps = train_vae(vae, args, (1.0 if args.vae_only else args.vae_fraction) * budget, device, history)
     vae_seconds = time.perf_counter() - t0
     base = args.seed * 1_000_003
     history["vae_check"] = check_vae(vae, list(range(base + CHECK_DATA, base + CHECK_DATA + 8)), device)
     log(f"vae on held-out clips: {history['vae_check']}")
+    if args.vae_only:  # phase 1 alone: the VAE and its log, for a later `--vae-from`
+        out = Path(args.out).resolve()
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        log_ = {"seed": args.seed, "vae_steps": vae_steps, "seconds": round(vae_seconds), "loss": history}
+        (tmp / "vae_log.json").write_text(json.dumps(log_, indent=1) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        log(f"saved the VAE to {out} after {vae_steps} steps")
+        return 0
 
     # The transformer's data set: a fixed pool of encoded clips (encoding on every step would cost more
     # than the transformer step itself). Its per-channel statistics go into the VAE config, so that the
