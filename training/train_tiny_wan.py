@@ -1,6 +1,7 @@
 """Train supergen's embedded model, a tiny Wan 2.1, on the synthetic shapes domain (``supergen.synthetic``).
 
-    python training/train_tiny_wan.py --seed 0 --minutes 50 --out supergen/models/tiny-wan
+    python training/train_tiny_wan.py --seed 0 --minutes 52 --out supergen/models/tiny-wan
+    # or in two sessions: --vae-only --out VAE_DIR, then --vae-from VAE_DIR --out MODEL_DIR
 
 The result is a diffusers-format folder (``WanPipeline.from_pretrained(out, local_files_only=True)``):
 the same classes and code path as a real Wan 2.1 checkpoint, only small.
@@ -8,7 +9,7 @@ the same classes and code path as a real Wan 2.1 checkpoint, only small.
 * ``tokenizer/``: a word-level ``PreTrainedTokenizerFast`` over ``supergen.synthetic.VOCABULARY``,
   built in code (nothing to download);
 * ``text_encoder/``: a random, frozen ``UMT5EncoderModel`` from a seeded config. Wan's T5 is frozen too;
-  a random transformer over a 24-word vocabulary still gives every caption distinct features, and the
+  a random transformer over a 19-word vocabulary still gives every caption distinct features, and the
   Wan transformer learns to read them through its own text projection and cross-attention;
 * ``vae/``: a small ``AutoencoderKLWan`` (8x spatial, 4x temporal, 16 channels, as Wan 2.1) trained first;
   its config's ``latents_mean``/``latents_std`` are measured on encoded training clips, so the
@@ -21,9 +22,10 @@ the same classes and code path as a real Wan 2.1 checkpoint, only small.
   the loss curves.
 
 Time budget: ``--minutes`` is split between the VAE (``--vae-fraction``), encoding the transformer's
-data set, and the transformer. Each phase times its first steps, then fixes its step count so that it
-ends within its share; the learning-rate schedule is laid over that count. Given the same step counts,
-device, torch version and thread count the run is reproducible from ``--seed``.
+data set, and the transformer. Each phase times its steps 2-20, then fixes its step count so that it
+ends within its share (it stops at 1.1x its share if the machine gets slower); the learning-rate
+schedule is laid over that count. Given the same step counts, device, torch version and thread count,
+the run is reproducible from ``--seed``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2: T5's pad and end-of-
 FLOW_SHIFT = 3.0
 GUIDANCE_SCALE = 5.0
 NUM_INFERENCE_STEPS = 20
-# Seed offsets: separate, non-overlapping streams of clip seeds for each use.
+# Seed offsets: separate, non-overlapping streams of clip seeds for each use (for --seed < 60; the
+# evaluation uses 90_000_000 and up).
 VAE_DATA, DIT_DATA, CHECK_DATA = 10_000_000, 20_000_000, 30_000_000
 
 
@@ -325,10 +328,10 @@ def train_vae(vae, args, seconds: float, device, history: dict) -> int:
 
     Shapes cover ~5 % of the pixels; without the weight the VAE spends its short budget on backgrounds
     and blurs the shapes, which are what the detector (and a viewer) looks at. Training runs on random
-    ``--vae-crop`` crops of the first ``--vae-frames`` frames: the VAE is convolutional (its one attention
-    block sees the whole, small, bottleneck) and causal in time, so a first frame plus one 4-frame chunk
-    exercises every weight, at a seventh of the cost of full 9x64x64 clips (3D convolutions dominate
-    CPU time).
+    ``--vae-crop`` crops (the VAE is convolutional; its one attention block sees the whole, small,
+    bottleneck), a quarter of the cost of full frames. Keep all 9 frames: the decoder's temporal
+    upsampler takes a different path for each of the first three latent frames (none, zero-padded,
+    cached), and a 5-frame clip never trains the third.
     """
     # Start nearly deterministic (posterior std ~0.05 instead of ~1): the encoder's first means are
     # ~0.2 in scale, so unit posterior noise would drown them and the decoder would learn only the
