@@ -177,7 +177,9 @@ def refine(
 
     for i, t in enumerate(timesteps):
         # 2. Place the tile grid for this step (shifted windows, or the fixed overlapping grid).
-        origins = grid.at_step(i).to(latents.device)
+        #    Origins stay on the CPU: the ops validate them there and move them themselves, so the
+        #    loop never waits on a device-to-host copy.
+        origins = grid.at_step(i)
         sigma = float(sigmas[begin + i]) if sigmas is not None else None
         adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
 
@@ -224,23 +226,20 @@ def refine(
 
 def _predict_cached(adapter, cache, step, num_steps, latents, tiles, t, cond, origins, tile_hw) -> torch.Tensor:
     """Tile predictions with the cache's plan: computed tiles from the model, the rest reused."""
-    compute = cache.plan(step, num_steps, latents, origins.cpu(), tile_hw).to(origins.device)
+    compute = cache.plan(step, num_steps, latents, origins, tile_hw)  # (N,) bool, on the CPU like origins
     canvas_hw = tuple(latents.shape[-2:])
     if bool(compute.all()):
         pred = adapter.predict(tiles, t, cond, origins, canvas_hw)
     else:
         batch = latents.shape[0]
-        rows = torch.arange(tiles.shape[0], device=tiles.device).view(-1, batch)  # (N, B): tile-major rows
-        reused = cache.reuse(latents, origins[~compute].cpu(), tile_hw)
-        computed = (
-            adapter.predict(tiles[rows[compute].flatten()], t, cond, origins[compute], canvas_hw)
-            if bool(compute.any())
-            else None
-        )
+        rows = torch.arange(tiles.shape[0]).view(-1, batch)  # (N, B): tile-major rows of each tile
+        kept, skipped = rows[compute].flatten().to(tiles.device), rows[~compute].flatten().to(tiles.device)
+        reused = cache.reuse(latents, origins[~compute], tile_hw)
+        computed = adapter.predict(tiles[kept], t, cond, origins[compute], canvas_hw) if bool(compute.any()) else None
         like = computed if computed is not None else reused
         pred = like.new_empty((tiles.shape[0], *like.shape[1:]))
         if computed is not None:
-            pred[rows[compute].flatten()] = computed
-        pred[rows[~compute].flatten()] = reused.to(pred.dtype)
-    cache.record(step, latents, origins.cpu(), tile_hw, compute.cpu(), pred)
+            pred[kept] = computed
+        pred[skipped] = reused.to(pred.dtype)
+    cache.record(step, latents, origins, tile_hw, compute, pred)
     return pred
