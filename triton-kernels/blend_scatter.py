@@ -43,12 +43,12 @@ import triton
 import triton.language as tl
 
 from .halo_gather import (
-    FLOAT_DTYPES,
     MAX_PROGRAMS,
     block_settings,
     check_block,
     check_device,
     check_origins,
+    check_source_and_out,
     in_plane_offsets,
     needs_index_64,
 )
@@ -259,15 +259,7 @@ def blend_scatter(
     ``out`` shape, tiles divisible among origins); argument policy is ``supergen.ops``'s.
     """
     op = "blend_scatter"
-    for name, t in (("tiles", tiles), ("out", out)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: `{name}` must be a torch.Tensor but is {type(t).__name__}.")
-    if tiles.dim() != 5:
-        raise ValueError(f"{op}: `tiles` must be (N * B, C, T, h, w) but has shape {tuple(tiles.shape)}.")
-    if tiles.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: `tiles` must be float32, float16 or bfloat16 but is {tiles.dtype}.")
-    if out.dtype != tiles.dtype:
-        raise TypeError(f"{op}: `out` must have the tiles' dtype {tiles.dtype} but is {out.dtype}.")
+    check_source_and_out(op, "tiles", "(N * B, C, T, h, w)", tiles, out, "the tiles' dtype")
     N = check_origins(op, origins)
     if ramp not in RAMPS:
         raise ValueError(f"{op}: `ramp` must be one of {tuple(RAMPS)} but is {ramp!r}.")

@@ -125,6 +125,20 @@ def check_device(kernel, op: str, **tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def check_source_and_out(op: str, name: str, layout: str, src, out, same_dtype: str) -> None:
+    """``src`` is a 5-D float tensor (``layout`` names its axes) and ``out`` a tensor of its dtype
+    (``same_dtype`` says whose dtype, e.g. "the canvas dtype"): the checks both launchers share."""
+    for label, t in ((name, src), ("out", out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: `{label}` must be a torch.Tensor but is {type(t).__name__}.")
+    if src.dim() != 5:
+        raise ValueError(f"{op}: `{name}` must be {layout} but has shape {tuple(src.shape)}.")
+    if src.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: `{name}` must be float32, float16 or bfloat16 but is {src.dtype}.")
+    if out.dtype != src.dtype:
+        raise TypeError(f"{op}: `out` must have {same_dtype} {src.dtype} but is {out.dtype}.")
+
+
 def check_origins(op: str, origins) -> int:
     """``origins`` is an integer ``(N, 2)`` tensor with ``N >= 1``; returns ``N``."""
     if not isinstance(origins, torch.Tensor):
@@ -289,15 +303,7 @@ def halo_gather(
     ``out`` shape); argument policy (origin ranges, tile <= canvas) is ``supergen.ops``'s.
     """
     op = "halo_gather"
-    for name, t in (("canvas", canvas), ("out", out)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: `{name}` must be a torch.Tensor but is {type(t).__name__}.")
-    if canvas.dim() != 5:
-        raise ValueError(f"{op}: `canvas` must be (B, C, T, H, W) but has shape {tuple(canvas.shape)}.")
-    if canvas.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: `canvas` must be float32, float16 or bfloat16 but is {canvas.dtype}.")
-    if out.dtype != canvas.dtype:
-        raise TypeError(f"{op}: `out` must have the canvas dtype {canvas.dtype} but is {out.dtype}.")
+    check_source_and_out(op, "canvas", "(B, C, T, H, W)", canvas, out, "the canvas dtype")
     N = check_origins(op, origins)
     if mode not in GATHER_MODES:
         raise ValueError(f"{op}: `mode` must be one of {tuple(GATHER_MODES)} but is {mode!r}.")
