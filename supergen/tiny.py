@@ -1,17 +1,26 @@
-"""The embedded default model (``--model tiny``): a Wan 2.1-architecture pipeline built in code.
+"""The embedded models: the trained tiny Wan (``--model tiny``) and a random one (``--model tiny-random``).
 
-Random weights from a fixed seed, so it needs no download and runs anywhere in seconds; its videos
-are noise-like textures, not pictures. It exists so that the whole two-stage path (sketch, upscale,
-tiled refinement, decode, export) runs on any fresh machine; a later issue swaps in a small trained
-model. Text is "encoded" by hashing each word into a fixed random table, because no tokenizer can be
-downloaded: the same prompt always gives the same embeddings, different prompts different ones.
+* ``tiny``: ``supergen/models/tiny-wan/``, a small Wan 2.1 trained on supergen's synthetic shapes
+  domain (``training/README.md`` is its model card). It is a plain diffusers folder; its sidecar
+  ``supergen.json`` gives what a Wan config does not say: the native size, frames, steps, guidance.
+* ``tiny-random``: a Wan 2.1-architecture pipeline built in code with random weights from a fixed
+  seed. It needs no files and runs anywhere in seconds; its videos are noise-like textures, not
+  pictures. Tests use it, and ``tiny`` falls back to it when the trained folder is absent. Text is
+  "encoded" by hashing each word into a fixed random table (no tokenizer to download): the same
+  prompt always gives the same embeddings, different prompts different ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import torch
+
+#: The trained embedded model (a diffusers folder) and its sidecar of sampling defaults.
+TRAINED_DIR = Path(__file__).resolve().parent / "models" / "tiny-wan"
+SIDECAR = "supergen.json"
 
 #: Native (stage-1) size in pixels: 8x8 latent cells, 4x4 tokens per frame.
 NATIVE_SIZE = (64, 64)
@@ -100,3 +109,39 @@ def tiny_wan_pipeline(seed: int = SEED, dtype: torch.dtype = torch.float32, imag
     pipe = cls(tokenizer=None, text_encoder=None, **tiny_wan_components(seed, dtype, image_to_video))
     pipe.set_progress_bar_config(leave=False)
     return pipe
+
+
+def trained_model_dir() -> Path | None:
+    """The trained tiny Wan's folder, or ``None`` if this installation does not have it."""
+    return TRAINED_DIR if (TRAINED_DIR / "model_index.json").is_file() else None
+
+
+def read_sidecar(folder: str | Path) -> dict:
+    """``supergen.json`` of a model folder (native size, frames, steps, guidance), ``{}`` if it has none."""
+    path = Path(folder) / SIDECAR
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text())
+    if "native_size" in info:
+        info["native_size"] = tuple(int(v) for v in info["native_size"])
+    return info
+
+
+def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
+    """A local diffusers folder, offline; a ``supergen.json`` sidecar's native size is attached as
+    ``pipe.native_size`` (read by :class:`supergen.SuperGen`) and the sidecar as ``pipe.supergen_info``."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype, **kwargs)
+    info = read_sidecar(folder)
+    if "native_size" in info:
+        pipe.native_size = info["native_size"]
+    pipe.supergen_info = info
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def tiny_pipeline(dtype: torch.dtype = torch.float32):
+    """``--model tiny``: the trained tiny Wan if installed, else the random one (``tiny_wan_pipeline``)."""
+    folder = trained_model_dir()
+    return tiny_wan_pipeline(dtype=dtype) if folder is None else load_pretrained(folder, dtype=dtype)
