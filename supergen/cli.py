@@ -101,6 +101,12 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--parallel-timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun (WORLD_SIZE > 1): seconds a rank waits for the others before all ranks fail",
+    )
 
 
 def _pixel_pair(flag: str, text: str | None) -> tuple[int, int] | None:
@@ -298,6 +304,13 @@ def run_generate(args) -> int:
         torch.set_num_threads(1)
     dtype = getattr(torch, DTYPES[args.dtype])
 
+    # Under torchrun (WORLD_SIZE > 1) the ranks share the refinement; only rank 0 writes outputs.
+    parallel = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .config import ParallelConfig
+
+        parallel = ParallelConfig(timeout=args.parallel_timeout)
+
     # 2. Load the pipeline (the tiny one is built in code; folders load offline, safetensors only).
     if args.model == "tiny":
         from .tiny import tiny_wan_pipeline
@@ -310,7 +323,7 @@ def run_generate(args) -> int:
         pipe = DiffusionPipeline.from_pretrained(
             args.model, local_files_only=True, use_safetensors=None if args.allow_pickle else True, dtype=dtype
         )
-    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+    pipe.set_progress_bar_config(disable=args.quiet or int(os.environ.get("RANK", "0")) != 0, leave=False)
 
     # 3. Map pixel options onto the model's latent grid (exact multiples only, never rounded).
     probe = SuperGen(pipe)
@@ -321,7 +334,9 @@ def run_generate(args) -> int:
     tiling = TilingConfig(tile=tile, overlap=overlap, boundary=args.boundary, shift=args.shift == "on")
     # The sketch size is the model's native size: it also sets the default tile.
     sketch = settings["sketch"] or probe.native_size
-    sg = SuperGen(pipe, tiling=tiling, positions=args.positions, native_size=sketch, cache=settings["cache"])
+    sg = SuperGen(
+        pipe, tiling=tiling, positions=args.positions, native_size=sketch, cache=settings["cache"], parallel=parallel
+    )
     call = dict(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -347,6 +362,8 @@ def run_generate(args) -> int:
 
     # 4. Generate (SuperGen checks sizes, frames and steps before the sketch starts).
     out = sg(**call)
+    if out.frames is None:  # a rank other than 0 of a parallel run: rank 0 holds the video
+        return 0
 
     # 5. Write every output atomically.
     write_mp4(out.frames[0], settings["out"], args.fps)

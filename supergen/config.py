@@ -63,3 +63,36 @@ class TilingConfig:
                 raise ValueError(f"`{name}` must be an int >= 1 but is {value!r}.")
         if self.ramp not in RAMPS:
             raise ValueError(f"`ramp` must be one of {RAMPS} but is {self.ramp!r}.")
+
+
+PARALLEL_BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tile parallelism across processes (:mod:`supergen.parallel`), launched with ``torchrun``.
+
+    The world size and rank come from the launcher's environment (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); with one process no process group is created.
+
+    Attributes:
+        backend: ``gloo`` (CPU tensors), ``nccl`` (CUDA tensors) or ``auto`` (``nccl`` when the
+            pipeline runs on CUDA, else ``gloo``).
+        timeout: seconds any collective or point-to-point transfer may wait before it fails; a rank
+            that dies or raises makes every other rank fail (exit non-zero) after at most this long
+            instead of hanging.
+        rebalance: assign each step's computed tiles to ranks by predicted cost (longest processing
+            time first, preferring each rank's own tiles); ``False`` = every tile on its home rank.
+    """
+
+    backend: str = "auto"
+    timeout: float = 600.0
+    rebalance: bool = True
+
+    def __post_init__(self):
+        if self.backend not in PARALLEL_BACKENDS:
+            raise ValueError(f"`backend` must be one of {PARALLEL_BACKENDS} but is {self.backend!r}.")
+        if not (isinstance(self.timeout, int | float) and not isinstance(self.timeout, bool) and self.timeout > 0):
+            raise ValueError(f"`timeout` must be a number of seconds > 0 but is {self.timeout!r}.")
+        if not isinstance(self.rebalance, bool):
+            raise ValueError(f"`rebalance` must be a bool but is {self.rebalance!r}.")
