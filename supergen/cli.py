@@ -56,8 +56,13 @@ def info_text() -> str:
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TINY_DEFAULTS = {"frames": 9, "steps": 10}
-PATH_DEFAULTS = {"frames": 81, "steps": 50}
+#: ``--model`` names of the embedded models (``supergen.tiny``); anything else is a local folder.
+EMBEDDED = ("tiny", "tiny-random")
+TINY_DEFAULTS = {"frames": 9, "steps": 10, "guidance_scale": 5.0}
+PATH_DEFAULTS = {"frames": 81, "steps": 50, "guidance_scale": 5.0}
+#: A prompt inside the embedded models' vocabulary (``supergen.synthetic.VOCABULARY``).
+TINY_PROMPT = "a red circle moving right and a blue square moving down on a dark gradient"
+OTHER_PROMPT = "a red fox running through fresh snow, golden hour"
 
 
 def add_generate_parser(sub) -> None:
@@ -67,16 +72,21 @@ def add_generate_parser(sub) -> None:
         description="Generate a video with a diffusers pipeline: a native-size sketch, then tiled refinement at "
         "the target size. Sizes are in pixels. No network access is ever attempted.",
     )
-    g.add_argument("--model", default="tiny", help="`tiny` (embedded, random weights) or a local diffusers folder")
-    g.add_argument("--prompt", default="a red fox running through fresh snow, golden hour", help="text prompt")
+    g.add_argument(
+        "--model",
+        default="tiny",
+        help="`tiny` (embedded, trained on supergen's synthetic shapes), `tiny-random` (embedded, random weights: "
+        "a smoke test) or a local diffusers folder",
+    )
+    g.add_argument("--prompt", default=None, help="text prompt (default: an in-vocabulary one for the tiny models)")
     g.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
     g.add_argument("--image", default=None, help="first frame for image-to-video (PNG/JPEG)")
     g.add_argument("--height", type=int, default=None, help="target height (default: 2x native)")
     g.add_argument("--width", type=int, default=None, help="target width (default: 2x native)")
-    g.add_argument("--frames", type=int, default=None, help="frames, 4k+1 (default: 9 tiny, 81 otherwise)")
-    g.add_argument("--steps", type=int, default=None, help="N, denoising steps (default: 10 tiny, 50 otherwise)")
+    g.add_argument("--frames", type=int, default=None, help="frames, 4k+1 (default: the model's, else 81)")
+    g.add_argument("--steps", type=int, default=None, help="N, denoising steps (default: the model's, else 50)")
     g.add_argument("--refine-steps", type=int, default=None, help="k, the last k of N steps refined (default 0.7 N)")
-    g.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: model's, or 5)")
     g.add_argument("--tile-size", default=None, help="tile H,W in pixels (default: the model's native size)")
     g.add_argument("--overlap", default="0", help="tile overlap in pixels, N or H,W (blended with ramps)")
     g.add_argument("--shift", choices=("on", "off"), default="on", help="shift the tile grid every step")
@@ -175,10 +185,35 @@ def _check_model_folder(path: str, allow_pickle: bool) -> dict:
     return index
 
 
+def resolve_model(name: str) -> tuple[str, Path | None]:
+    """``--model`` → (``"random"`` or ``"folder"``, folder): ``tiny`` is the trained embedded model's folder
+    (``tiny-random`` while an installation lacks it), ``tiny-random`` the random one, else the path itself."""
+    from .tiny import trained_model_dir
+
+    if name == "tiny-random" or (name == "tiny" and trained_model_dir() is None):
+        return "random", None
+    return "folder", trained_model_dir() if name == "tiny" else Path(name)
+
+
+def model_defaults(name: str, folder: Path | None) -> dict:
+    """Frames, steps and guidance when the command line does not give them: the folder's
+    ``supergen.json`` sidecar (the trained tiny model has one), else per-kind defaults."""
+    from .tiny import read_sidecar
+
+    if folder is None:
+        return dict(TINY_DEFAULTS)
+    side = read_sidecar(folder)
+    base = dict(TINY_DEFAULTS if name in EMBEDDED else PATH_DEFAULTS)
+    for key, side_key in (("frames", "num_frames"), ("steps", "num_inference_steps"), ("guidance_scale",) * 2):
+        if side_key in side:
+            base[key] = side[side_key]
+    return base
+
+
 def _check_generate_args(args) -> dict:
     """Everything that can be checked without touching a model; returns the resolved settings."""
-    tiny = args.model == "tiny"
-    index = None if tiny else _check_model_folder(args.model, args.allow_pickle)
+    kind, folder = resolve_model(args.model)
+    index = None if folder is None else _check_model_folder(str(folder), args.allow_pickle)
     if args.image is not None and not Path(args.image).is_file():
         raise ValueError(f"`--image` {args.image!r} does not exist or is not a file.")
     if index is not None:
@@ -194,7 +229,7 @@ def _check_generate_args(args) -> dict:
         p is not None for p in (out, report, latents)
     ):
         raise ValueError("`--out`, `--report` and `--save-latents` must be different files.")
-    defaults = TINY_DEFAULTS if tiny else PATH_DEFAULTS
+    defaults = model_defaults(args.model, folder)
     for flag, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames),
                         ("--steps", args.steps), ("--refine-steps", args.refine_steps), ("--fps", args.fps),
                         ("--threads", args.threads)):  # fmt: skip
@@ -211,6 +246,10 @@ def _check_generate_args(args) -> dict:
 
     cache = CacheConfig.parse(args.cache, args.cache_threshold)
     return {
+        "kind": kind,
+        "folder": folder,
+        "prompt": args.prompt if args.prompt is not None else TINY_PROMPT if args.model in EMBEDDED else OTHER_PROMPT,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
         "cache": None if cache.mode == "off" else cache,
         "out": out,
         "report": report,
@@ -298,8 +337,8 @@ def run_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif args.model == "tiny":
-        # The tiny model's ops are far too small to split across threads: measured 15x slower
+    elif args.model in EMBEDDED:
+        # The tiny models'' ops are far too small to split across threads: measured 15x slower
         # forwards with 2 threads than with 1 on a shared 2-core machine.
         torch.set_num_threads(1)
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -311,18 +350,16 @@ def run_generate(args) -> int:
 
         parallel = ParallelConfig(timeout=args.parallel_timeout)
 
-    # 2. Load the pipeline (the tiny one is built in code; folders load offline, safetensors only).
-    if args.model == "tiny":
+    # 2. Load the pipeline (the random tiny one is built in code; folders load offline, safetensors only).
+    if settings["kind"] == "random":
         from .tiny import tiny_wan_pipeline
 
         pipe = tiny_wan_pipeline(dtype=dtype, image_to_video=args.image is not None)
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from diffusers import DiffusionPipeline
+        from .tiny import load_pretrained
 
-        pipe = DiffusionPipeline.from_pretrained(
-            args.model, local_files_only=True, use_safetensors=None if args.allow_pickle else True, dtype=dtype
-        )
+        pipe = load_pretrained(settings["folder"], dtype=dtype, use_safetensors=None if args.allow_pickle else True)
     pipe.set_progress_bar_config(disable=args.quiet or int(os.environ.get("RANK", "0")) != 0, leave=False)
 
     # 3. Map pixel options onto the model's latent grid (exact multiples only, never rounded).
@@ -338,14 +375,14 @@ def run_generate(args) -> int:
         pipe, tiling=tiling, positions=args.positions, native_size=sketch, cache=settings["cache"], parallel=parallel
     )
     call = dict(
-        prompt=args.prompt,
+        prompt=settings["prompt"],
         negative_prompt=args.negative_prompt,
         height=args.height or 2 * sketch[0],
         width=args.width or 2 * sketch[1],
         num_frames=settings["frames"],
         num_inference_steps=settings["steps"],
         refine_steps=settings["refine_steps"],
-        guidance_scale=args.guidance_scale,
+        guidance_scale=settings["guidance_scale"],
         sketch_height=sketch[0],
         sketch_width=sketch[1],
         upscale=args.upscale,
@@ -378,7 +415,7 @@ def run_generate(args) -> int:
             save_file({"latents": out.latents.detach().float().contiguous().cpu()}, str(tmp), metadata=metadata)
     written = {k: str(settings[k]) for k in ("out", "report", "latents") if settings[k] is not None}
     argv = getattr(args, "argv", None) or sys.argv[1:]
-    report = dict(out.report, seed=args.seed, prompt=args.prompt, command=["supergen", *argv], outputs=written)
+    report = dict(out.report, seed=args.seed, prompt=settings["prompt"], command=["supergen", *argv], outputs=written)
     if settings["report"] is not None:
         with _atomic(settings["report"]) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")

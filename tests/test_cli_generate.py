@@ -14,7 +14,9 @@ pytest.importorskip("imageio_ffmpeg")
 
 from supergen.cli import main  # noqa: E402
 
-SMALL = ["--height", "96", "--width", "64", "--frames", "5", "--steps", "3", "--refine-steps", "2", "--quiet"]
+# The random embedded model: seconds per run (``tiny`` is the trained one once installed).
+SMALL = ["--model", "tiny-random", "--height", "96", "--width", "64", "--frames", "5", "--steps", "3",
+         "--refine-steps", "2", "--quiet"]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -31,10 +33,10 @@ def _ffmpeg_frames(path):
 
 
 def test_main_job_writes_video_report_and_latents(tmp_path, capsys):
-    """The README's main job: default tiny model and sizes (64x64 sketch → 128x128, 9 frames)."""
+    """The README's main job with the random embedded model: default sizes (64x64 sketch → 128x128, 9 frames)."""
     out, report, latents = tmp_path / "fox.mp4", tmp_path / "fox.json", tmp_path / "fox.safetensors"
-    code = main(["generate", "--prompt", "a red fox", "--out", str(out), "--report", str(report),
-                 "--save-latents", str(latents), "--quiet"])  # fmt: skip
+    code = main(["generate", "--model", "tiny-random", "--prompt", "a red fox", "--out", str(out),
+                 "--report", str(report), "--save-latents", str(latents), "--quiet"])  # fmt: skip
     assert code == 0
     frames = np.stack(list(_ffmpeg_frames(out)))
     assert frames.shape == (9, 128, 128, 3)
@@ -106,6 +108,37 @@ def test_local_diffusers_folder(wan_folder, tmp_path):
     argv = ["generate", "--model", str(wan_folder), "--sketch-size", "64,64", *SMALL, "--out", str(out)]
     assert main(argv) == 0
     assert np.stack(list(_ffmpeg_frames(out))).shape == (5, 96, 64, 3)
+
+
+def test_sidecar_sets_native_size_and_defaults(wan_folder, tmp_path):
+    """A folder's supergen.json (as the trained tiny model has) gives the sketch size, frames, steps and
+    guidance; the command line still wins over it."""
+    sidecar = wan_folder / "supergen.json"
+    sidecar.write_text(json.dumps({"native_size": [48, 32], "num_frames": 5, "num_inference_steps": 4,
+                                   "guidance_scale": 1.0}))  # fmt: skip
+    try:
+        report = tmp_path / "r.json"
+        argv = ["generate", "--model", str(wan_folder), "--quiet", "--out", str(tmp_path / "a.mp4"),
+                "--report", str(report)]  # fmt: skip
+        assert main(argv) == 0
+        data = json.loads(report.read_text())
+        assert data["sizes"]["sketch"] == [48, 32] and data["sizes"]["target"] == [96, 64]
+        assert data["sizes"]["frames"] == 5 and data["steps"]["total"] == 4
+        assert main([*argv[:-4], "--steps", "3", "--overwrite", "--out", str(tmp_path / "a.mp4"), "--report",
+                     str(report)]) == 0  # fmt: skip
+        assert json.loads(report.read_text())["steps"]["total"] == 3
+    finally:
+        sidecar.unlink()
+
+
+def test_tiny_falls_back_to_random_without_the_trained_folder(monkeypatch):
+    import supergen.cli as cli
+    import supergen.tiny as tiny
+
+    monkeypatch.setattr(tiny, "TRAINED_DIR", tiny.TRAINED_DIR.parent / "no-such-model")
+    assert cli.resolve_model("tiny") == ("random", None)
+    assert cli.resolve_model("tiny-random") == ("random", None)
+    assert cli.resolve_model("/x/y") == ("folder", __import__("pathlib").Path("/x/y"))
 
 
 def _folder(tmp_path, transformer="WanTransformer3DModel", weights="diffusion_pytorch_model.safetensors"):
