@@ -121,6 +121,22 @@ def test_vae_only_then_vae_from_resumes_phase_two(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "training_log.json").read_text())["dit_steps"] == 2
 
+    # `--vae-init` continues the saved VAE (its learned log-variance is kept) and logs both runs. Mark
+    # the saved log-variance bias (a fresh run sets it to -6) to see that continuing does not reset it.
+    from safetensors.torch import save_file
+
+    before["quant_conv.bias"][16:] = -2.0
+    save_file(before, vae_dir / weights)
+    more = tmp_path / "vae-more"
+    run = subprocess.run(common + ["--vae-only", "--vae-init", str(vae_dir), "--out", str(more)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = json.loads((more / "vae_log.json").read_text())
+    assert log["vae_steps"] == 4 and [r["vae_steps"] for r in log["runs"]] == [2, 2]
+    continued = load_file(more / weights)
+    assert not torch.equal(continued["quant_conv.weight"], before["quant_conv.weight"])  # trained further
+    assert (continued["quant_conv.bias"][16:] + 2.0).abs().max() < 0.05
+
 
 # -- the committed model ----------------------------------------------------------------------------
 

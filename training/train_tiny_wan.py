@@ -323,7 +323,7 @@ def clip_batch(seeds, device) -> tuple[torch.Tensor, list[str], torch.Tensor]:
 # -- phase 1: VAE ------------------------------------------------------------------------------------
 
 
-def train_vae(vae, args, seconds: float, device, history: dict) -> int:
+def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = True) -> int:
     """Reconstruction (L1 + MSE, object pixels weighted up) plus a small KL, on fresh clips every step.
 
     Shapes cover ~5 % of the pixels; without the weight the VAE spends its short budget on backgrounds
@@ -336,8 +336,9 @@ def train_vae(vae, args, seconds: float, device, history: dict) -> int:
     # Start nearly deterministic (posterior std ~0.05 instead of ~1): the encoder's first means are
     # ~0.2 in scale, so unit posterior noise would drown them and the decoder would learn only the
     # mean colour. The small KL term lets the variance grow where it costs no reconstruction.
-    with torch.no_grad():
-        vae.quant_conv.bias[vae.config.z_dim :] = -6.0
+    if fresh:  # not when continuing a saved VAE (`--vae-init`): its log-variance is learned
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.z_dim :] = -6.0
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=1e-4)
     budget = StepBudget(seconds, args.vae_steps, args.max_steps)
@@ -479,6 +480,12 @@ def parse_args(argv=None):
     p.add_argument("--dit-steps", type=int, default=None, help="exact transformer steps (replays a logged run)")
     p.add_argument("--vae-only", action="store_true", help="train and save only the VAE (phase 1) into --out")
     p.add_argument("--vae-from", type=Path, default=None, help="a --vae-only folder: skip phase 1")
+    p.add_argument(
+        "--vae-init",
+        type=Path,
+        default=None,
+        help="a --vae-only folder to continue training (a fresh warm-up/cosine schedule over this run's steps)",
+    )
     p.add_argument("--vae-fraction", type=float, default=0.4, help="share of the budget for the VAE")
     p.add_argument("--dit-clips", type=int, default=4000, help="clips encoded for the transformer")
     p.add_argument("--vae-batch", type=int, default=8)
@@ -521,7 +528,20 @@ def main(argv=None) -> int:
         vae_steps, history["vae"] = previous["vae_steps"], previous["loss"]["vae"]
         log(f"VAE from {args.vae_from} ({vae_steps} steps)")
     else:
-        vae_steps = train_vae(vae, args, (1.0 if args.vae_only else args.vae_fraction) * budget, device, history)
+        before = []
+        if args.vae_init is not None:  # continue a saved VAE; its runs are logged ahead of this one
+            from diffusers import AutoencoderKLWan
+
+            vae = AutoencoderKLWan.from_pretrained(args.vae_init, local_files_only=True).to(device)
+            pipe.vae = vae
+            previous = json.loads((Path(args.vae_init) / "vae_log.json").read_text())
+            before = previous.get("runs", [{"vae_steps": previous["vae_steps"], "seed": previous["seed"]}])
+            history["vae_before"] = previous["loss"].get("vae", [])
+            log(f"continuing the VAE of {args.vae_init} ({sum(r['vae_steps'] for r in before)} steps)")
+        share = (1.0 if args.vae_only else args.vae_fraction) * budget
+        steps = train_vae(vae, args, share, device, history, fresh=args.vae_init is None)
+        history["vae_runs"] = [*before, {"vae_steps": steps, "seed": args.seed, "lr": args.vae_lr}]
+        vae_steps = sum(r["vae_steps"] for r in history["vae_runs"])
     vae_seconds = time.perf_counter() - t0
     base = args.seed * 1_000_003
     history["vae_check"] = check_vae(vae, list(range(base + CHECK_DATA, base + CHECK_DATA + 8)), device)
@@ -531,7 +551,8 @@ def main(argv=None) -> int:
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
-        log_ = {"seed": args.seed, "vae_steps": vae_steps, "seconds": round(vae_seconds), "loss": history}
+        log_ = {"seed": args.seed, "vae_steps": vae_steps, "runs": history.get("vae_runs", []),
+                "seconds": round(vae_seconds), "loss": history}  # fmt: skip
         (tmp / "vae_log.json").write_text(json.dumps(log_, indent=1) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
