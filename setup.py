@@ -11,5 +11,9 @@ setup(
     # importable as the well-known, unrelated `kernels` package whenever the repository root is on
     # sys.path (`python -m pytest`), and transformers' availability probe then imports it.
     package_dir={"supergen.kernels": "triton-kernels", "supergen._csrc": "csrc"},
-    package_data={"supergen._csrc": ["*.cpp", "*.h"]},
+    # The trained embedded model (`--model tiny`): a diffusers folder of JSON, text and safetensors files.
+    package_data={
+        "supergen._csrc": ["*.cpp", "*.h"],
+        "supergen": ["models/*/*.json", "models/*/*/*.json", "models/*/*/*.safetensors", "models/*/*/*.txt"],
+    },
 )
