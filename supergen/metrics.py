@@ -150,3 +150,23 @@ def ssim(video: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0, 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(s.mean())
+
+
+def downsampled_psnr(video: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> float:
+    """PSNR of ``video`` area-averaged down to ``reference``'s size, against ``reference``.
+
+    ``video``/``reference``: ``(..., H, W)`` and ``(..., h, w)`` with the same leading dimensions and
+    ``H >= h``, ``W >= w``; each output pixel is the mean of the ``video`` pixels it covers (exact block
+    means when ``H/h`` and ``W/w`` are integers). Measures how faithfully a high-resolution output keeps
+    the low-resolution content it was made from.
+    """
+    if video.shape[:-2] != reference.shape[:-2]:
+        raise ValueError(
+            f"videos must share their leading dimensions but are {tuple(video.shape)} and {tuple(reference.shape)}."
+        )
+    (H, W), (h, w) = video.shape[-2:], reference.shape[-2:]
+    if H < h or W < w:
+        raise ValueError(f"`video` ({H}x{W}) must be at least as large as `reference` ({h}x{w}).")
+    flat = video.double().reshape(-1, 1, H, W)
+    small = torch.nn.functional.interpolate(flat, size=(h, w), mode="area").reshape(*video.shape[:-2], h, w)
+    return psnr(small, reference, data_range)

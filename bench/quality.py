@@ -1,0 +1,254 @@
+"""Does supergen keep the sketch's content? Measured on the trained tiny Wan with the synthetic domain's detector.
+
+For each case (a held-out caption of ``supergen.synthetic`` and a seed) the stock pipeline makes the
+native-size sketch once; then, at each target scale (2x each side = 4x area by default):
+
+* ``supergen``: the sketch refined on shifted tiles (``supergen generate``'s defaults);
+* ``supergen-noshift``: the same run on a fixed, non-overlapping grid (the seam ablation);
+* ``naive``: every step tiled from the seed's noise on a fixed grid, with no sketch
+  (``supergen.compare.Comparison.naive``).
+
+Measures (targets from issue 8):
+
+* **seam score** (``metrics.seam_score`` on the last step's tile edges, 1.0 = no seam): supergen's mean
+  over the cases <= 1.05; the fixed grid and naive tiling beside it;
+* **duplication**: the detector's object count (``synthetic.detect_objects(frames).count``) of the
+  output against the sketch's; supergen must match on >= 90 % of the cases; naive tiling beside it;
+* **consistency**: PSNR (dB, frames in [0, 1]) of the output area-averaged to the sketch size against
+  the decoded sketch (``metrics.downsampled_psnr``);
+* **native quality**: the fraction of sketches (9 x 64 x 64) in which every prompted object is visible
+  with its colour and class (``DetectionResult.visible(colour, shape)``); target: most (> 50 %).
+
+Usage: ``python bench/quality.py [--model PATH] [--cases 20] [--scale 2 3] [--out FILE]``; writes
+``bench/results/quality_<device>.json`` (per-case rows, summary, targets, pass/fail, the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, device_slug, environment, print_table, write_json  # noqa: E402
+
+#: Held-out clip seeds for the captions: training draws clips from 1e7, 2e7 and 3e7 on, and
+#: training/eval_tiny_wan.py uses 9e7 .. 9e7 + 1999.
+PROMPT_SEEDS = 90_002_000
+CASES = 20
+TARGETS = {
+    "seam_score_mean_max": 1.05,
+    "count_match_fraction_min": 0.9,
+    "native_visible_fraction_above": 0.5,
+}
+METHODS = ("supergen", "supergen-noshift", "naive")
+
+
+def cases(n: int) -> list[dict]:
+    """``n`` (caption, seed) cases: alternately one- and two-object captions, seed = case index."""
+    from supergen import synthetic
+
+    out = []
+    for i in range(n):
+        clip = synthetic.sample_clip(PROMPT_SEEDS + i, max_objects=1 if i % 2 == 0 else 2)
+        out.append({"case": i, "prompt": clip.caption, "seed": i, "clip_seed": PROMPT_SEEDS + i})
+    return out
+
+
+def channels_first(frames: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) → (F, 3, H, W) float64."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(frames, -1, 1))).double()
+
+
+def measure_case(pipe, case: dict, scales: list[int], settings: dict) -> dict:
+    from supergen import synthetic
+    from supergen.compare import Comparison
+    from supergen.metrics import downsampled_psnr
+
+    comparison = Comparison(
+        pipe, prompt=case["prompt"], num_frames=settings["frames"], num_inference_steps=settings["steps"],
+        refine_steps=settings["refine_steps"], guidance_scale=settings["guidance_scale"],
+    )  # fmt: skip
+    sketch = comparison.sketch(case["seed"])
+    found = synthetic.detect_objects(sketch.frames)
+    wanted = synthetic.parse_caption(case["prompt"])
+    row = dict(
+        case,
+        prompted_objects=len(wanted),
+        sketch_count=found.count,
+        native_visible=all(found.visible(c, s) for c, s in wanted),
+        native_colour_visible=all(found.visible(c) for c, _ in wanted),
+        sketch_seconds=round(sketch.seconds, 3),
+    )
+    reference = channels_first(sketch.frames)
+    native = comparison.native_size
+    for scale in scales:
+        height, width = native[0] * scale, native[1] * scale
+        per_method = {}
+        for method in METHODS:
+            if method == "naive":
+                v = comparison.naive(case["seed"], height, width)
+            else:
+                v = comparison.supergen(sketch, height, width, shift=method == "supergen")
+            count = synthetic.detect_objects(v.frames).count
+            per_method[method] = {
+                "seam_score": v.seam,
+                "count": count,
+                "count_matches_sketch": count == found.count,
+                "psnr_vs_sketch_db": downsampled_psnr(channels_first(v.frames), reference, data_range=1.0),
+                "tiles_per_step": v.tiles,
+                "seconds": round(v.seconds, 3),
+            }
+        row[f"x{scale}"] = per_method
+    return row
+
+
+def summarise(rows: list[dict], scales: list[int]) -> dict:
+    n = len(rows)
+    summary = {
+        "cases": n,
+        "native": {
+            "visible_fraction": sum(r["native_visible"] for r in rows) / n,
+            "colour_visible_fraction": sum(r["native_colour_visible"] for r in rows) / n,
+            "count_equals_prompt_fraction": sum(r["sketch_count"] == r["prompted_objects"] for r in rows) / n,
+        },
+    }
+    for scale in scales:
+        per = {}
+        for method in METHODS:
+            cells = [r[f"x{scale}"][method] for r in rows]
+            seams = [c["seam_score"] for c in cells if c["seam_score"] is not None]
+            psnrs = [c["psnr_vs_sketch_db"] for c in cells]
+            per[method] = {
+                "seam_score_mean": statistics.fmean(seams) if seams else None,
+                "seam_score_max": max(seams) if seams else None,
+                "count_match_fraction": sum(c["count_matches_sketch"] for c in cells) / n,
+                "count_mean": statistics.fmean(c["count"] for c in cells),
+                # The median: a PSNR is inf for a perfect match, which a mean would let dominate.
+                "psnr_vs_sketch_db_median": statistics.median(psnrs),
+                "seconds_mean": statistics.fmean(c["seconds"] for c in cells),
+            }
+        summary[f"x{scale}"] = per
+    summary["sketch_count_mean"] = statistics.fmean(r["sketch_count"] for r in rows)
+    return summary
+
+
+def verdicts(summary: dict, scales: list[int]) -> dict:
+    out = {"native_visible": summary["native"]["visible_fraction"] > TARGETS["native_visible_fraction_above"]}
+    for scale in scales:
+        sg = summary[f"x{scale}"]["supergen"]
+        seam = sg["seam_score_mean"]
+        out[f"x{scale}_seam"] = seam is not None and seam <= TARGETS["seam_score_mean_max"]
+        out[f"x{scale}_duplication"] = sg["count_match_fraction"] >= TARGETS["count_match_fraction_min"]
+    out["all"] = all(out.values())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a tiny-Wan diffusers folder (default: the trained embedded one)")
+    parser.add_argument("--cases", type=int, default=CASES, help="prompt x seed cases")
+    parser.add_argument("--scale", type=int, nargs="+", default=[2], help="target scale(s) per side, e.g. 2 3")
+    parser.add_argument("--steps", type=int, default=None, help="N (default: the model's sidecar)")
+    parser.add_argument("--refine-steps", type=int, default=None, help="k (default 0.7 N)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny ops: 1 is fastest)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--out", default=None, help="JSON (default: bench/results/quality_<device>.json)")
+    args = parser.parse_args(argv)
+
+    from supergen.tiny import load_pretrained, read_sidecar, trained_model_dir
+
+    folder = Path(args.model) if args.model else trained_model_dir()
+    if folder is None:
+        print("quality: the trained tiny model is not installed (supergen/models/tiny-wan/model_index.json is "
+              "missing); train it (training/README.md) or pass --model PATH.", file=sys.stderr)  # fmt: skip
+        return 2
+    if not (folder / "model_index.json").is_file():
+        print(f"quality: --model {str(folder)!r} is not a diffusers pipeline folder (no model_index.json).",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    for flag, value in (("--cases", args.cases), ("--threads", args.threads), ("--steps", args.steps or 1),
+                        ("--refine-steps", args.refine_steps or 1), *(("--scale", s) for s in args.scale)):  # fmt: skip
+        if value < 1:
+            print(f"quality: {flag} must be >= 1 but is {value}.", file=sys.stderr)
+            return 2
+    sidecar = read_sidecar(folder)
+    steps = args.steps or sidecar.get("num_inference_steps", 20)
+    settings = {
+        "frames": sidecar.get("num_frames", 9),
+        "steps": steps,
+        "refine_steps": args.refine_steps or max(1, round(0.7 * steps)),
+        "guidance_scale": sidecar.get("guidance_scale", 5.0),
+    }
+    if settings["refine_steps"] > steps:
+        print(f"quality: --refine-steps must be in [1, {steps}] but is {settings['refine_steps']}.", file=sys.stderr)
+        return 2
+    scales = sorted(set(args.scale))
+    out = Path(args.out) if args.out else RESULTS / f"quality_{device_slug(args.device)}.json"
+
+    torch.set_num_threads(args.threads)
+    env = environment(args.device)
+    # The command as given (environment() reads sys.argv, which is the caller's when main() is called).
+    given = sys.argv[1:] if argv is None else argv
+    env["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "bench/quality.py", *given])
+    started = time.perf_counter()
+    pipe = load_pretrained(folder).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for case in cases(args.cases):
+        row = measure_case(pipe, case, scales, settings)
+        rows.append(row)
+        cells = "  ".join(
+            f"x{s} {m} count {row[f'x{s}'][m]['count']} seam {row[f'x{s}'][m]['seam_score']:.3f}"
+            for s in scales
+            for m in ("supergen", "naive")
+        )
+        print(f"[{time.perf_counter() - started:6.0f} s] case {row['case']:2d} sketch count {row['sketch_count']} "
+              f"native {'ok' if row['native_visible'] else 'MISS'}  {cells}", flush=True)  # fmt: skip
+    summary = summarise(rows, scales)
+    passed = verdicts(summary, scales)
+    payload = {
+        "benchmark": "quality",
+        "model": str(folder),
+        "model_sidecar": {k: v for k, v in sidecar.items() if k != "vocabulary"},
+        "settings": dict(settings, scales=scales, native_size=list(getattr(pipe, "native_size", ())),
+                         threads=args.threads, device=args.device,
+                         prompts=f"supergen.synthetic.sample_clip({PROMPT_SEEDS} + i).caption, generation seed i"),
+        "targets": TARGETS,
+        "summary": summary,
+        "pass": passed,
+        "seconds_total": round(time.perf_counter() - started, 1),
+        "environment": env,
+        "command": env["command"],
+        "cases": rows,
+    }  # fmt: skip
+    write_json(out, payload)
+
+    def line(measure, value, target="", ok=""):
+        return {"measure": measure, "value": value, "target": target, "pass": ok}
+
+    table = [line("native: prompted colour+class visible", summary["native"]["visible_fraction"], "> 0.5",
+                  passed["native_visible"])]  # fmt: skip
+    for s in scales:
+        for m in METHODS:
+            x, sg = summary[f"x{s}"][m], m == "supergen"
+            table += [
+                line(f"x{s} {m}: seam score (mean)", x["seam_score_mean"], "<= 1.05" if sg else "",
+                     passed[f"x{s}_seam"] if sg else ""),
+                line(f"x{s} {m}: count = sketch count", x["count_match_fraction"], ">= 0.9" if sg else "",
+                     passed[f"x{s}_duplication"] if sg else ""),
+                line(f"x{s} {m}: PSNR vs sketch, dB (median)", x["psnr_vs_sketch_db_median"]),
+            ]  # fmt: skip
+    print_table(table, ["measure", "value", "target", "pass"])
+    print(f"wrote {out} ({'PASS' if passed['all'] else 'FAIL'}, {payload['seconds_total']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
