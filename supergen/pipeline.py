@@ -72,7 +72,10 @@ class SuperGen:
             residual; without a ``rehash_similarity`` map each call first runs a calibration pass
             (reported as the stage ``calibrate``, not counted in ``refine``), whose map the report
             returns (``report["cache"]["similarity"]``) for reuse.
-        parallel: reserved for tile parallelism (not available yet).
+        parallel: a :class:`supergen.config.ParallelConfig` to share stage 2 across the processes of a
+            ``torchrun`` launch (:mod:`supergen.parallel`); with one process (``WORLD_SIZE`` unset or 1)
+            it changes nothing. Every rank runs the sketch itself; rank 0 gets the video, the other
+            ranks an output whose ``frames`` and ``latents`` are ``None``.
     """
 
     def __init__(
@@ -87,7 +90,11 @@ class SuperGen:
         adapter_options: dict | None = None,
     ):
         if parallel is not None:
-            raise NotImplementedError("`parallel` is not available yet; pass None.")
+            from .config import ParallelConfig
+
+            if not isinstance(parallel, ParallelConfig):
+                raise TypeError(f"`parallel` must be a ParallelConfig or None but is {type(parallel).__name__}.")
+        self.parallel = parallel
         if cache is not None:
             from .cache import CacheConfig, check_model_caches
 
@@ -174,6 +181,8 @@ class SuperGen:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} but is {output_type!r}.")
         rehash = self.cache is not None and self.cache.mode == "rehash"
         similarity = self.cache.rehash_similarity if rehash else None
+        ctx = self._parallel_context(plan, grid, prompt, negative_prompt, guidance_scale, upscale, generator,
+                                     callback_on_step_end)  # fmt: skip
         if similarity is not None and tuple(similarity.shape) != (plan.refine_steps,) * 2:
             raise ValueError(
                 f"`rehash_similarity` must be ({plan.refine_steps}, {plan.refine_steps}) for refine_steps="
@@ -213,8 +222,14 @@ class SuperGen:
                     generator=torch.Generator(device).manual_seed(self.cache.rehash_seed),
                     cache=calibration,
                     stage=lambda name: contextlib.nullcontext(),
+                    parallel=ctx,
                 )  # fmt: skip
-                similarity = calibration.similarity()
+                if ctx.distributed:  # each rank holds its region of every residual
+                    from .parallel import region_similarity
+
+                    similarity = region_similarity(ctx, calibration.residuals)
+                else:
+                    similarity = calibration.similarity()
 
         # A fresh cache per generation.
         step_cache = None
@@ -234,11 +249,12 @@ class SuperGen:
             progress=True,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            parallel=ctx,
         )  # fmt: skip
 
-        # 7. Decode with the VAE's tiling on.
+        # 7. Decode with the VAE's tiling on (rank 0 only: the other ranks of a parallel run hold no canvas).
         frames, seam = latents, None
-        if output_type != "latent":
+        if latents is not None and output_type != "latent":
             with timer.stage("decode"):
                 video = adapter.decode(latents)
                 s = adapter.spec.vae_scale[1]
@@ -281,6 +297,7 @@ class SuperGen:
             "peak_memory_kind": "cuda allocator" if timer.device.type == "cuda" else "process peak RSS",
             "cache": self._cache_report(step_cache, similarity, similarity_source),
             "seam_score": seam,
+            "parallel": self._parallel_report(ctx),
             "versions": versions(),
             "device": device_name(timer.device),
         }
@@ -288,8 +305,8 @@ class SuperGen:
 
     def _generate_latents(
         self, plan, grid, text, pipeline_kwargs, sketch_latents, upscale, *, generator, cache, stage,
-        progress=False, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-    ) -> torch.Tensor:  # fmt: skip
+        progress=False, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), parallel=None,
+    ) -> torch.Tensor | None:  # fmt: skip
         """Stages 1 and 2 up to the refined canvas latent, each step timed under ``stage(name)``."""
         pipe, adapter = self.pipe, self.adapter
 
@@ -325,7 +342,59 @@ class SuperGen:
                     callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                     callback_owner=pipe,
                     cache=cache,
+                    parallel=parallel,
                 )  # fmt: skip
+
+    def _parallel_context(self, plan, grid, prompt, negative_prompt, guidance_scale, upscale, generator, callback):
+        """Join the ranks (if ``parallel`` is set and ``WORLD_SIZE`` > 1) and check that they agree, before
+        any model work. Returns the context (``world_size == 1``: the plain single-process path)."""
+        from .parallel import ParallelContext, check_same_config, setup
+
+        if self.parallel is None:
+            return ParallelContext()
+        ctx = setup(self.parallel, self.pipe._execution_device)
+        if not ctx.distributed:
+            return ctx
+        if callback is not None:
+            raise ValueError(
+                f"`callback_on_step_end` is not available with tile parallelism (world size {ctx.world_size}): "
+                "no rank holds the whole canvas during refinement."
+            )
+        if self.cache is not None and self.cache.mode in ("gate", "budget"):
+            raise NotImplementedError(
+                f"cache mode {self.cache.mode!r} is not available with tile parallelism yet; use 'rehash' or 'off'."
+            )
+        transformer = self.pipe.transformer
+        settings = {
+            "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(plan).items()},
+            "tiling": repr(self.tiling),
+            "tile": list(grid.tile),
+            "cache": repr(self.cache),
+            "positions": self.adapter.positions,
+            "prompt": prompt if isinstance(prompt, str | None) else list(prompt),
+            "negative_prompt": negative_prompt if isinstance(negative_prompt, str | None) else list(negative_prompt),
+            "guidance_scale": guidance_scale,
+            "upscale": upscale,
+            "seed": generator.initial_seed() if generator is not None else None,
+            "model": [type(self.pipe).__name__, type(transformer).__name__, str(transformer.dtype),
+                      sum(p.numel() for p in transformer.parameters())],
+            "scheduler": {"class": type(self.pipe.scheduler).__name__,
+                          **{k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}},
+            "parallel": repr(self.parallel),
+        }  # fmt: skip
+        check_same_config(ctx, settings)
+        return ctx
+
+    @staticmethod
+    def _parallel_report(ctx) -> dict | None:
+        if not ctx.distributed:
+            return None
+        return {
+            "rank": ctx.rank,
+            "world_size": ctx.world_size,
+            "computed_tiles_per_rank": ctx.computed_tiles,
+            **ctx.stats.as_dict(),
+        }
 
     def _cache_report(self, cache, similarity, similarity_source) -> dict | None:
         if cache is None:

@@ -150,7 +150,8 @@ def refine(
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     callback_owner=None,
     cache=None,
-) -> torch.Tensor:
+    parallel=None,
+) -> torch.Tensor | None:
     """Stage 2: denoise the canvas over the last ``k`` steps of the scheduler's N-step schedule.
 
     ``latents`` is the re-noised canvas ``(B, C, T, H, W)`` at step ``N − k``; the scheduler must hold
@@ -160,7 +161,23 @@ def refine(
     ``callback_on_step_end(callback_owner, step_index, t, tensors)`` is called after each step with
     ``step_index`` in the N-step schedule and the requested tensors of :data:`CALLBACK_TENSOR_INPUTS`;
     a returned ``"latents"`` replaces the canvas.
+
+    ``parallel``: a :class:`supergen.parallel.ParallelContext`; with more than one rank the ranks share
+    the loop (:func:`supergen.parallel.refine_regions`) and only rank 0 gets the canvas back (``None``
+    elsewhere). No rank holds the whole canvas during the loop, so no callback may be given then.
     """
+    if parallel is not None and parallel.distributed:
+        from .parallel import refine_regions
+
+        if callback_on_step_end is not None:
+            raise ValueError(
+                "`callback_on_step_end` is not available with tile parallelism (world size "
+                f"{parallel.world_size}): no rank holds the whole canvas during refinement."
+            )
+        return refine_regions(
+            parallel, adapter, scheduler, latents, cond, grid, plan,
+            generator=generator, progress_bar=progress_bar, cache=cache,
+        )  # fmt: skip
     # 1. Enter the SAME N-step schedule at step N-k. The begin index also spares schedulers the
     #    device-to-host sync of looking the timestep up (diffusers PR 11696); schedulers without one
     #    (CogVideoX's DDIM/DPM) derive everything from the timestep itself.

@@ -1,0 +1,669 @@
+"""Tile parallelism across processes: region ownership, point-to-point halo exchange, rebalancing.
+
+Launched with ``torchrun`` (``WORLD_SIZE`` > 1): every rank runs the sketch, the upscale and the
+re-noise itself (same seed, same result), then the ranks share stage 2. With one process nothing
+here runs and no process group is created.
+
+Design (why it is shaped this way)
+----------------------------------
+* **A region is a set of canvas cells, held flat.** Each rank owns the cells whose *home tile* (the
+  covering tile with the nearest centre) is one of its home tiles, and the home tiles of the ranks are
+  contiguous runs of the step's tiles in row-major order, balanced by tile count (sizes differ by at
+  most one). A rank keeps its region as a ``(B, C, T, 1, K)`` tensor of its ``K`` cells in canvas
+  row-major order. The scheduler update is elementwise, so each rank's own scheduler steps this
+  tensor: multistep history (UniPC's ``model_outputs``/``last_sample``, CogVideoX's DPM ``x0``, a Step
+  Rehash residual) is region-shaped and stays local. A flat region accepts any shape — bands, the
+  staircase of a tile run that ends mid-row, overlapping and clamped windows — with one indexing
+  rule, which is what lets every grid mode and every rank count share one code path.
+* **Regions follow the grid.** Home tiles move with the shifted grid, so each step the region moves
+  by the shift: a rank hands its neighbour one shift-wide strip per boundary (latents plus every
+  region-shaped scheduler/cache tensor, found generically). On the torus the run of home tiles is
+  rotated to the rotation that moves the fewest cells (at the end of a shift period the grid jumps
+  back a whole tile; the rotation turns that jump into one more shift-wide step). The alternative,
+  regions fixed in place while the grid moves, makes tiles straddle boundaries by up to half a tile
+  and costs input *and* output strips that grow with the shift; moving the state costs the shift only.
+* **Per step, only halos move.** A tile whose window leaves its computing rank's region receives those
+  cells from their owners (``batch_isend_irecv``), and its predictions for cells owned by other ranks
+  go back to them the same way, per tile, so the owner blends every cell in tile order with the same
+  fp32 arithmetic as :func:`supergen.reference.blend_scatter`. No rank ever holds another rank's
+  predictions for its own cells, and nothing canvas-sized is all-gathered inside the loop.
+* **Rebalancing** (:func:`assign_tiles`): tiles the cache skips cost nothing (their owners rebuild the
+  reused prediction from their own cells, no forward, no bytes); computed tiles are assigned longest
+  first, each rank keeping its own tiles up to its fair share, the rest going to the least-loaded rank
+  and, among equally loaded ranks, to the one that moves the fewest bytes.
+* **Start-up and failure.** Every rank hashes its generation settings; a mismatch raises on every
+  rank, naming the differing values. The process group carries a timeout, so a rank that raises or
+  dies makes the others' transfers fail (non-zero exit) instead of hanging.
+
+The final latent is gathered to rank 0 (the only collective-like transfer of a canvas, after the
+loop); rank 0 decodes. Per step a rank holds one canvas-size scratch buffer to cut its tiles from
+(memory, not traffic: only halo cells are ever filled from other ranks).
+
+Limitation: schedulers that draw noise inside ``step`` (CogVideoX's DPM) draw it per region, so the
+sample differs from the single-process one (it is as valid, not identical).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ParallelConfig
+from .reference import blend_ramp
+
+# --------------------------------------------------------------------------------------------------
+# Process group
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExchangeStats:
+    """Bytes this rank sent, per refinement step and by kind (inputs, predictions, migration)."""
+
+    per_step: list[dict] = field(default_factory=list)
+    final_gather: int = 0
+
+    def add(self, kind: str, nbytes: int) -> None:
+        step = self.per_step[-1]
+        step[kind] = step.get(kind, 0) + int(nbytes)
+
+    def as_dict(self) -> dict:
+        totals = [sum(s.values()) for s in self.per_step]
+        return {
+            "bytes_sent_per_step": totals,
+            "bytes_sent_by_kind": {
+                k: sum(s.get(k, 0) for s in self.per_step) for k in ("inputs", "predictions", "migration")
+            },
+            "final_gather_bytes": self.final_gather,
+        }
+
+
+@dataclass
+class ParallelContext:
+    """This process's place in the run: ``world_size == 1`` means the plain single-process path."""
+
+    rank: int = 0
+    world_size: int = 1
+    config: ParallelConfig = field(default_factory=ParallelConfig)
+    stats: ExchangeStats = field(default_factory=ExchangeStats)
+    computed_tiles: list[list[int]] = field(default_factory=list)  # per step: tiles computed by each rank
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(config: ParallelConfig, device: torch.device | str = "cpu") -> ParallelContext:
+    """Join (or create) the process group from the launcher's environment; no group for one process."""
+    if not isinstance(config, ParallelConfig):
+        raise TypeError(f"`parallel` must be a ParallelConfig or None but is {type(config).__name__}.")
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an int but is {os.environ['WORLD_SIZE']!r}.") from None
+    if world <= 1:
+        return ParallelContext(config=config)
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    backend = config.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"backend 'nccl' needs the pipeline on a CUDA device but it runs on {device}; use 'gloo'.")
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=float(config.timeout)))
+        atexit.register(_destroy)
+    elif dist.get_world_size() != world:
+        raise ValueError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE is {world}.")
+    return ParallelContext(rank=dist.get_rank(), world_size=dist.get_world_size(), config=config)
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    """Nested dicts as ``{"a.b": leaf}``, so that a mismatch names the leaf that differs."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out = {}
+    for k, v in value.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device(ctx: ParallelContext) -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def check_same_config(ctx: ParallelContext, settings: dict) -> None:
+    """Raise ``ValueError`` on every rank unless every rank passes the same ``settings``.
+
+    The ranks exchange a SHA-256 of the canonical JSON of ``settings`` (32 numbers each, before any
+    generation work); only when the hashes differ are the settings themselves gathered, to name the
+    differing keys and each rank's value.
+    """
+    if not ctx.distributed:
+        return
+    import torch.distributed as dist
+
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.int32, device=_comm_device(ctx))
+    hashes = [torch.empty_like(digest) for _ in range(ctx.world_size)]
+    dist.all_gather(hashes, digest)
+    if all(torch.equal(h, hashes[0]) for h in hashes):
+        return
+    everyone: list[dict] = [None] * ctx.world_size  # type: ignore[list-item]
+    dist.all_gather_object(everyone, _flatten(json.loads(text)))
+    keys = sorted({k for s in everyone for k in s})
+    differing = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in everyone}) > 1]
+    detail = "; ".join(
+        f"{k}: " + ", ".join(f"rank {r}={s.get(k)!r}" for r, s in enumerate(everyone)) for k in differing
+    )
+    raise ValueError(f"the ranks were started with different settings ({detail}); every rank must get the same ones.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry: home tiles, regions, windows (shared by the runtime and bench/parallel.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _axis_delta(centres: torch.Tensor, size: int, wrap: bool) -> torch.Tensor:
+    """(N, size) signed distance from every cell centre of an axis to each tile centre."""
+    cells = torch.arange(size, dtype=torch.float64) + 0.5
+    delta = cells[None, :] - centres[:, None]
+    return torch.remainder(delta + size / 2, size) - size / 2 if wrap else delta
+
+
+def home_tiles(origins: torch.Tensor, tile_hw, canvas_hw, wrap: bool) -> torch.Tensor:
+    """``(H, W)`` index of each cell's home tile: of the tiles covering it, the one whose centre is
+    nearest (max of the per-axis distances in tile units; ties to the lower index). Overlaps split in
+    the middle, so each side of an overlap needs half of it as halo."""
+    h, w = tile_hw
+    H, W = canvas_hw
+    origins = origins.to("cpu", torch.float64)
+    dy = _axis_delta(origins[:, 0] + h / 2, H, wrap)
+    dx = _axis_delta(origins[:, 1] + w / 2, W, wrap)
+    inside = (dy.abs() < h / 2)[:, :, None] & (dx.abs() < w / 2)[:, None, :]
+    dist = torch.maximum((dy.abs() / h)[:, :, None], (dx.abs() / w)[:, None, :])
+    dist = torch.where(inside, dist, torch.inf)
+    home = dist.argmin(dim=0)
+    if bool(torch.isinf(dist.gather(0, home[None])).any()):
+        raise ValueError("the tile windows do not cover the canvas; every cell needs a tile.")
+    return home
+
+
+def window_cells(origins: torch.Tensor, tile_hw, canvas_hw, wrap: bool) -> torch.Tensor:
+    """``(N, h * w)`` flat canvas index (``row * W + col``) of every window cell, window row-major."""
+    h, w = tile_hw
+    H, W = canvas_hw
+    rows = origins[:, 0:1].to(torch.int64) + torch.arange(h)
+    cols = origins[:, 1:2].to(torch.int64) + torch.arange(w)
+    if wrap:
+        rows, cols = rows % H, cols % W
+    return (rows[:, :, None] * W + cols[:, None, :]).reshape(origins.shape[0], h * w)
+
+
+def home_ranks(num_tiles: int, world_size: int, rotation: int = 0) -> torch.Tensor:
+    """``(N,)`` home rank of each tile: contiguous runs of the row-major order started at ``rotation``,
+    balanced by count (sizes differ by at most one; with more ranks than tiles some ranks own none)."""
+    position = (torch.arange(num_tiles) - rotation) % num_tiles
+    return position * world_size // num_tiles
+
+
+@dataclass
+class Layout:
+    """Where everything lies at one refinement step (identical on every rank)."""
+
+    origins: torch.Tensor  # (N, 2)
+    tile_hw: tuple[int, int]
+    canvas_hw: tuple[int, int]
+    world_size: int
+    home_rank: torch.Tensor  # (N,) rank owning each tile
+    owner: torch.Tensor  # (H * W,) rank owning each cell
+    windows: torch.Tensor  # (N, h * w) flat canvas cells of each window
+    rotation: int
+
+    @classmethod
+    def at_step(cls, grid, step: int, world_size: int, previous: Layout | None = None) -> Layout:
+        return cls.build(grid.at_step(step), grid.tile, grid.canvas[1:], grid.wrap, world_size, previous)
+
+    @classmethod
+    def build(cls, origins, tile_hw, canvas_hw, wrap, world_size, previous: Layout | None = None) -> Layout:
+        tile_hw, canvas_hw = tuple(tile_hw), tuple(canvas_hw)
+        home = home_tiles(origins, tile_hw, canvas_hw, wrap).flatten()
+        N = origins.shape[0]
+        # Regions may wrap only on the torus; there, rotate the runs of home tiles to move fewest cells.
+        rotations = range(N) if (wrap and previous is not None and world_size > 1) else (0,)
+        best = None
+        for rotation in rotations:
+            ranks = home_ranks(N, world_size, rotation)
+            owner = ranks[home]
+            moved = 0 if previous is None else int((owner != previous.owner).sum())
+            if best is None or moved < best[0]:
+                best = (moved, rotation, ranks, owner)
+        _, rotation, ranks, owner = best
+        windows = window_cells(origins, tile_hw, canvas_hw, wrap)
+        return cls(origins, tile_hw, canvas_hw, world_size, ranks, owner, windows, rotation)
+
+    @property
+    def num_tiles(self) -> int:
+        return self.origins.shape[0]
+
+    def cells(self, rank: int) -> torch.Tensor:
+        """Sorted flat canvas cells owned by ``rank``."""
+        return (self.owner == rank).nonzero().flatten()
+
+    def local_index(self, rank: int) -> torch.Tensor:
+        """``(H * W,)`` position of each cell in ``rank``'s region tensor (``-1`` where not owned)."""
+        index = torch.full_like(self.owner, -1)
+        cells = self.cells(rank)
+        index[cells] = torch.arange(cells.numel())
+        return index
+
+    def move_cells(self, tile: int) -> torch.Tensor:
+        """``(world,)`` cells that would travel (halo in + predictions out) if ``rank`` computed ``tile``."""
+        owners = self.owner[self.windows[tile]]
+        foreign = torch.stack([(owners != r).sum() for r in range(self.world_size)])
+        return 2 * foreign
+
+    def needs(self, computer: torch.Tensor) -> torch.Tensor:
+        """``(world, H * W)`` bool: the window cells each rank's computed tiles read."""
+        need = torch.zeros((self.world_size, self.owner.numel()), dtype=torch.bool)
+        for n, r in enumerate(computer.tolist()):
+            if r >= 0:
+                need[r, self.windows[n]] = True
+        return need
+
+    def input_cells(self, computer: torch.Tensor, sender: int, receiver: int, need=None) -> torch.Tensor:
+        """Sorted cells ``sender`` owns that ``receiver``'s computed tiles read (the input halo)."""
+        need = self.needs(computer) if need is None else need
+        return (need[receiver] & (self.owner == sender)).nonzero().flatten()
+
+    def output_positions(self, tile: int, rank: int) -> torch.Tensor:
+        """Window-local positions of ``tile``'s cells that ``rank`` owns (window row-major)."""
+        return (self.owner[self.windows[tile]] == rank).nonzero().flatten()
+
+
+def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next_layout: Layout | None = None,
+                   state_tensors: int = 1) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``(world,)`` bytes each rank sends in one step, by kind: ``inputs`` (halo cells its tiles' other
+    computers read), ``predictions`` (its tiles' predictions for cells other ranks own) and, with
+    ``next_layout``, ``migration`` (``state_tensors`` region-shaped tensors of the cells changing owner).
+    ``cell_bytes`` is one cell of one tensor (``B * C * T * element size``). The runtime moves exactly
+    these (bench/parallel.py counts with this function; tests compare it with what the ranks sent)."""
+    R = layout.world_size
+    need = layout.needs(computer)
+    inputs = torch.zeros(R, dtype=torch.int64)
+    predictions = torch.zeros(R, dtype=torch.int64)
+    migration = torch.zeros(R, dtype=torch.int64)
+    for q in range(R):
+        owned = layout.owner == q
+        inputs[q] = sum(int((need[r] & owned).sum()) for r in range(R) if r != q)
+    for n, r in enumerate(computer.tolist()):
+        if r >= 0:
+            predictions[r] += int((layout.owner[layout.windows[n]] != r).sum())
+    if next_layout is not None:
+        moved = layout.owner != next_layout.owner
+        migration = state_tensors * torch.bincount(layout.owner[moved], minlength=R)
+    return {"inputs": inputs * cell_bytes, "predictions": predictions * cell_bytes, "migration": migration * cell_bytes}
+
+
+def computers(layout: Layout, compute: torch.Tensor | None, rebalance: bool) -> torch.Tensor:
+    """``(N,)`` rank computing each tile this step (``-1``: skipped). ``compute``: ``(N,)`` bool from the
+    cache (``None`` = every tile); skipped tiles cost nothing, computed tiles one forward each."""
+    N = layout.num_tiles
+    costs = [1.0] * N if compute is None else [1.0 if bool(c) else 0.0 for c in compute]
+    if not rebalance:
+        return torch.where(torch.tensor(costs) > 0, layout.home_rank, -1)
+    return assign_tiles(costs, layout.home_rank, [layout.move_cells(n) for n in range(N)], layout.world_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rebalancing
+# --------------------------------------------------------------------------------------------------
+
+
+def assign_tiles(costs, home_rank, move_cells, world_size: int) -> torch.Tensor:
+    """``(N,)`` rank computing each tile (``-1`` for tiles of cost 0: skipped, computed by nobody).
+
+    Longest processing time first, with two preferences: a rank keeps its own tiles (costliest first)
+    while its load stays within its fair share ``sum(costs) / world``; every other tile goes to the
+    least-loaded rank and, among equally loaded ranks, to the one whose choice moves the fewest cells
+    (``move_cells[n][r]``), then the lowest rank. Deterministic: every rank computes the same answer.
+    """
+    costs = [float(c) for c in costs]
+    home = [int(r) for r in home_rank]
+    N = len(costs)
+    share = sum(costs) / world_size
+    load = [0.0] * world_size
+    computer = [-1] * N
+    order = sorted((n for n in range(N) if costs[n] > 0), key=lambda n: (-costs[n], n))
+    for n in order:  # 1. keep own tiles up to the fair share
+        r = home[n]
+        if load[r] + costs[n] <= share * (1 + 1e-9):
+            computer[n] = r
+            load[r] += costs[n]
+    for n in order:  # 2. LPT for the rest
+        if computer[n] < 0:
+            r = min(range(world_size), key=lambda q: (load[q], int(move_cells[n][q]), q))
+            computer[n] = r
+            load[r] += costs[n]
+    return torch.tensor(computer, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Point-to-point transfers
+# --------------------------------------------------------------------------------------------------
+
+
+def _transfer(ctx: ParallelContext, sends: dict, recvs: dict, kind: str | None) -> int:
+    """One batch of point-to-point transfers: ``sends[peer]`` / ``recvs[peer]`` are lists of tensors
+    (received in place). Tensors to one peer are packed per dtype into one message, in list order, on
+    the backend's device. Returns the bytes sent and, with ``kind``, adds them to this step's stats."""
+    import torch.distributed as dist
+
+    device = _comm_device(ctx)
+    ops, unpack, sent = [], [], 0
+    for peer in sorted(set(sends) | set(recvs)):
+        for tag, (_dtype, out) in enumerate(_by_dtype(sends.get(peer, []))):
+            buf = torch.cat([t.reshape(-1).to(device) for t in out])
+            if buf.numel():
+                ops.append(dist.P2POp(dist.isend, buf, peer, tag=tag))
+                sent += buf.numel() * buf.element_size()
+        for tag, (dtype, into) in enumerate(_by_dtype(recvs.get(peer, []))):
+            total = sum(t.numel() for t in into)
+            if total:
+                buf = torch.empty(total, dtype=dtype, device=device)
+                ops.append(dist.P2POp(dist.irecv, buf, peer, tag=tag))
+                unpack.append((buf, into))
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+    for buf, into in unpack:
+        offset = 0
+        for t in into:
+            t.copy_(buf[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+    if kind is not None:
+        ctx.stats.add(kind, sent)
+    return sent
+
+
+def _by_dtype(tensors: list) -> list:
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return sorted(groups.items(), key=lambda kv: str(kv[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Region-shaped state
+# --------------------------------------------------------------------------------------------------
+
+
+def _region_refs(holders, like: torch.Tensor) -> list:
+    """References ``(container, key)`` to every tensor in ``holders`` (objects' ``__dict__`` or dicts, and
+    lists inside them) shaped like the region tensor ``like``: last dim the region's cells, one before
+    it of size 1, same element count (any layout of batch/channels/frames, e.g. CogVideoX's)."""
+    refs = []
+    K, numel = like.shape[-1], like.numel()
+
+    def matches(v):
+        return (
+            isinstance(v, torch.Tensor)
+            and v.dim() >= 2
+            and v.shape[-1] == K
+            and v.shape[-2] == 1
+            and (v.numel() == numel)
+        )
+
+    for holder in holders:
+        d = holder if isinstance(holder, dict) else getattr(holder, "__dict__", {})
+        for key, value in d.items():
+            if matches(value):
+                refs.append((d, key))
+            elif isinstance(value, list):
+                refs.extend((value, j) for j, v in enumerate(value) if matches(v))
+    return refs
+
+
+def migrate(ctx: ParallelContext, old: Layout, new: Layout, tensors: list) -> list:
+    """Region tensors of ``old`` → region tensors of ``new``: kept cells copied, the rest exchanged."""
+    me, R = ctx.rank, ctx.world_size
+    old_local = old.local_index(me)
+    new_local = new.local_index(me)
+    was, now = old.owner == me, new.owner == me
+    K_new = int(now.sum())
+    out = [t.new_empty((*t.shape[:-1], K_new)) for t in tensors]
+    kept = (was & now).nonzero().flatten()
+    for t, o in zip(tensors, out):
+        o[..., new_local[kept]] = t[..., old_local[kept]]
+    sends, recvs, placements = {}, {}, []
+    for q in range(R):
+        if q == me:
+            continue
+        give = (was & (new.owner == q)).nonzero().flatten()
+        take = (now & (old.owner == q)).nonzero().flatten()
+        if give.numel():
+            sends[q] = [t[..., old_local[give]].contiguous() for t in tensors]
+        if take.numel():
+            bufs = [o.new_empty((*o.shape[:-1], take.numel())) for o in out]
+            recvs[q] = bufs
+            placements.append((new_local[take], bufs))
+    _transfer(ctx, sends, recvs, "migration")
+    for idx, bufs in placements:
+        for o, b in zip(out, bufs):
+            o[..., idx] = b
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The distributed refine loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _prediction_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
+    transformer = getattr(getattr(adapter, "pipe", None), "transformer", None)
+    return getattr(transformer, "dtype", latents.dtype)
+
+
+def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid, plan, *, generator=None,
+                   progress_bar=None, cache=None) -> torch.Tensor | None:  # fmt: skip
+    """Stage 2 shared by ``ctx.world_size`` ranks (same contract as :func:`supergen.stages.refine`).
+
+    ``latents`` is the whole re-noised canvas, identical on every rank. Returns the refined canvas on
+    rank 0 and ``None`` on the other ranks.
+    """
+    from .cache import StepRehash
+
+    if cache is not None and not isinstance(cache, StepRehash):
+        raise NotImplementedError(
+            "the tile cache (gate/budget) is not available with tile parallelism yet; use rehash or off."
+        )
+    me, R = ctx.rank, ctx.world_size
+    B, C, T, H, W = latents.shape
+    begin = plan.begin_index
+    timesteps = scheduler.timesteps[begin:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    state: dict = {}
+    sigmas = getattr(scheduler, "sigmas", None)
+    h, w = grid.tile
+    weight = (blend_ramp(h, grid.overlap[0], grid.config.ramp)[:, None]
+              * blend_ramp(w, grid.overlap[1], grid.config.ramp)[None, :]).flatten().to(latents.device)  # fmt: skip
+    pred_dtype = _prediction_dtype(adapter, latents)
+    gather_mode = "torus" if grid.wrap else "zero"
+    flat = latents.reshape(B, C, T, H * W)
+
+    layout = Layout.at_step(grid, 0, R)
+    x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
+
+    for i, t in enumerate(timesteps):
+        ctx.stats.per_step.append({})
+        sigma = float(sigmas[begin + i]) if sigmas is not None else None
+        adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
+        if cache is not None and not cache.computes(i):
+            ctx.computed_tiles.append([0] * R)
+            eps = cache.reuse(x)
+        else:
+            computer = computers(layout, None, ctx.config.rebalance)
+            ctx.computed_tiles.append(torch.bincount(computer[computer >= 0], minlength=R).tolist())
+            eps = _step_predictions(ctx, adapter, layout, computer, x, t, cond, weight, pred_dtype, gather_mode)
+        if cache is not None:
+            cache.record(i, x, eps, grid.num_tiles)
+
+        x = adapter.scheduler_step(scheduler, eps, t, x, step_index=begin + i, state=state, generator=generator)
+
+        if i + 1 < len(timesteps):
+            new = Layout.at_step(grid, i + 1, R, previous=layout)
+            refs = _region_refs([scheduler, state, cache] if cache is not None else [scheduler, state], x)
+            moved = migrate(ctx, layout, new, [x] + [c[k] for c, k in refs])
+            x = moved[0]
+            for (c, k), v in zip(refs, moved[1:]):
+                c[k] = v
+            layout = new
+        if progress_bar is not None:
+            progress_bar.update()
+    return _gather(ctx, layout, x, latents)
+
+
+def _step_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, weight, pred_dtype, gather_mode):
+    """This step's fused prediction ``(B, C, T, 1, K)`` for this rank's cells."""
+    me, R = ctx.rank, ctx.world_size
+    B, C, T = x.shape[:3]
+    H, W = layout.canvas_hw
+    h, w = layout.tile_hw
+    device = x.device
+    local = layout.local_index(me)
+    mine = (computer == me).nonzero().flatten()
+
+    # 1. Input halos: owners send the window cells of this step's computed tiles to their computers.
+    need = layout.needs(computer)
+    scratch = x.new_zeros((B, C, T, H * W))
+    cells = layout.cells(me).to(device)
+    scratch[..., cells] = x[..., 0, :]
+    sends, recvs, places = {}, {}, []
+    for q in range(R):
+        if q == me:
+            continue
+        give = layout.input_cells(computer, me, q, need)
+        take = layout.input_cells(computer, q, me, need)
+        if give.numel():
+            sends[q] = [x[..., 0, local[give].to(device)].contiguous()]
+        if take.numel():
+            buf = x.new_empty((B, C, T, take.numel()))
+            recvs[q] = [buf]
+            places.append((take.to(device), buf))
+    _transfer(ctx, sends, recvs, "inputs")
+    for idx, buf in places:
+        scratch[..., idx] = buf
+
+    # 2. Forwards of this rank's tiles (cut from the scratch canvas, where every cell they read is set).
+    pred = None
+    if mine.numel():
+        from .ops import halo_gather
+
+        origins = layout.origins[mine]
+        tiles = halo_gather(scratch.view(B, C, T, H, W), origins, (h, w), 0, gather_mode)
+        pred = adapter.predict(tiles, t, cond, origins, (H, W))
+        pred = pred.reshape(mine.numel(), B, C, T, h * w).to(pred_dtype)
+    del scratch
+
+    # 3. Predictions for other ranks' cells go to their owners, per tile in tile order.
+    sends, recvs, incoming = {}, {}, {}
+    for q in range(R):
+        if q == me:
+            continue
+        if pred is not None:
+            parts = []
+            for j, n in enumerate(mine.tolist()):
+                pos = layout.output_positions(n, q)
+                if pos.numel():
+                    parts.append(pred[j][..., pos.to(device)].contiguous())
+            if parts:
+                sends[q] = parts
+        bufs = []
+        for n in (computer == q).nonzero().flatten().tolist():
+            pos = layout.output_positions(n, me)
+            if pos.numel():
+                buf = torch.empty((B, C, T, pos.numel()), dtype=pred_dtype, device=device)
+                bufs.append(buf)
+                incoming[n] = buf
+        if bufs:
+            recvs[q] = bufs
+    _transfer(ctx, sends, recvs, "predictions")
+
+    # 4. Blend every tile covering this rank's cells, in tile order, as blend_scatter does.
+    K = x.shape[-1]
+    acc = torch.zeros((B, C, T, K), dtype=torch.float32, device=device)
+    wsum = torch.zeros((K,), dtype=torch.float32, device=device)
+    row_of = {n: j for j, n in enumerate(mine.tolist())}
+    for n in range(layout.num_tiles):
+        pos = layout.output_positions(n, me)
+        if not pos.numel():
+            continue
+        pos_d = pos.to(device)
+        if n in row_of:
+            values = pred[row_of[n]][..., pos_d]
+        else:
+            values = incoming[n]
+        idx = local[layout.windows[n][pos]].to(device)
+        wgt = weight[pos_d]
+        acc.index_add_(-1, idx, values.float() * wgt)
+        wsum.index_add_(0, idx, wgt)
+    eps = torch.where(wsum > 0, acc / wsum.clamp(min=torch.finfo(torch.float32).tiny), acc)
+    return eps.to(pred_dtype).unsqueeze(-2)
+
+
+def _gather(ctx: ParallelContext, layout: Layout, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """The refined canvas on rank 0 (every rank sends its region once, after the loop); ``None`` elsewhere."""
+    me, R = ctx.rank, ctx.world_size
+    B, C, T, H, W = like.shape
+    if me != 0:
+        ctx.stats.final_gather = _transfer(ctx, {0: [x.contiguous()]}, {}, None)
+        return None
+    out = x.new_empty((B, C, T, H * W))
+    out[..., layout.cells(0).to(x.device)] = x[..., 0, :]
+    recvs, places = {}, []
+    for q in range(1, R):
+        cells = layout.cells(q)
+        if cells.numel():
+            buf = x.new_empty((B, C, T, 1, cells.numel()))
+            recvs[q] = [buf]
+            places.append((cells.to(x.device), buf))
+    _transfer(ctx, {}, recvs, None)
+    for cells, buf in places:
+        out[..., cells] = buf[..., 0, :]
+    return out.view(B, C, T, H, W)
+
+
+def region_similarity(ctx: ParallelContext, residuals: list) -> torch.Tensor:
+    """Step Rehash's ``(S, S)`` similarity map (:func:`supergen.cache.step_similarity`) from the ranks'
+    regions of every step's residual: the float64 Gram matrix of the regions, summed over the ranks (an
+    all-reduce of ``S * S`` numbers, after the calibration loop), then normalised. The residuals kept by
+    the loop have migrated with the regions, so each rank's pieces cover the same cells."""
+    import torch.distributed as dist
+
+    if not residuals:
+        raise ValueError("`residuals` must hold at least one step.")
+    flat = torch.stack([r.detach().reshape(-1).to("cpu", torch.float64) for r in residuals])
+    gram = (flat @ flat.T).to(_comm_device(ctx))
+    dist.all_reduce(gram)
+    gram = gram.cpu()
+    norm = gram.diagonal().sqrt().clamp_min(1e-30)
+    return (gram / (norm[:, None] * norm[None, :])).clamp(-1.0, 1.0).float()

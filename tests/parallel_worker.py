@@ -1,0 +1,135 @@
+"""One rank of a tile-parallel test run (started by tests/test_parallel.py, one process per rank, with
+RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set).
+
+``python tests/parallel_worker.py SPEC.json OUT_DIR``: runs every case of the spec; rank 0 saves each
+case's final latent to ``OUT_DIR/<case>.pt`` and every rank its exchange stats to
+``OUT_DIR/<case>.rank<r>.json``. The refine loop runs with :class:`FakeAdapter`, a cheap deterministic
+predictor whose output at a cell depends on the whole tile (so a missing or wrong halo cell shows),
+or, for ``"model": "tiny"`` cases, SuperGen on the tiny Wan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+torch.set_num_threads(1)
+
+
+class FakeAdapter:
+    """Tile predictor for tests: a smooth function of each cell, its tile's mean and its canvas place."""
+
+    def begin_step(self, step_index, timestep, sigma, num_steps):
+        self.step = step_index
+
+    def predict(self, tiles, timestep, cond, origins, canvas_hw):
+        n = origins.shape[0]
+        batch = tiles.shape[0] // n
+        mean = tiles.mean(dim=(1, 2, 3, 4), keepdim=True)
+        place = (origins[:, 0] * 0.013 + origins[:, 1] * 0.007).repeat_interleave(batch).view(-1, 1, 1, 1, 1)
+        return torch.tanh(0.8 * tiles + 0.5 * mean + place + 1e-3 * float(timestep))
+
+    def scheduler_step(self, scheduler, noise_pred, t, latents, *, step_index, state, generator=None):
+        return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+
+def make_scheduler(name: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if name == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    if name == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=3.0)
+    raise ValueError(name)
+
+
+def fake_case(case: dict, parallel=None):
+    """The final latent of the fake refine loop for ``case`` (whole canvas; ``None`` on ranks > 0)."""
+    from supergen.cache import StepRehash
+    from supergen.config import TilingConfig
+    from supergen.stages import refine
+    from supergen.tiling import TileGrid
+
+    T, H, W = case["canvas"]
+    tiling = TilingConfig(**case["tiling"])
+    grid = TileGrid((T, H, W), tiling, native_tile=tuple(case["tile"]))
+    steps, k = case["steps"], case["refine_steps"]
+    plan = SimpleNamespace(begin_index=steps - k, num_inference_steps=steps)
+    scheduler = make_scheduler(case["scheduler"])
+    scheduler.set_timesteps(steps)
+    latents = torch.randn(1, 4, T, H, W, generator=torch.Generator().manual_seed(case.get("seed", 0)))
+    cache = StepRehash(case["rehash"]) if case.get("rehash") else None
+    return refine(FakeAdapter(), scheduler, latents, None, grid, plan, cache=cache, parallel=parallel)
+
+
+def tiny_case(case: dict, parallel_config):
+    from supergen import SuperGen, TilingConfig
+    from supergen.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    sg = SuperGen(pipe, tiling=TilingConfig(**case["tiling"]), positions="canvas", parallel=parallel_config)
+    out = sg(
+        prompt=case.get("prompt", "a lighthouse at dusk"),
+        negative_prompt="low quality",
+        guidance_scale=4.0,
+        height=case["height"],
+        width=case["width"],
+        num_frames=9,
+        num_inference_steps=case["steps"],
+        refine_steps=case["refine_steps"],
+        generator=torch.Generator().manual_seed(case.get("seed", 0)),
+        output_type="latent",
+    )
+    return out.latents, out.report
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    from supergen import parallel as par
+    from supergen.config import ParallelConfig
+
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(out_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    config = ParallelConfig(timeout=spec.get("timeout", 60.0))
+    for case in spec["cases"]:
+        if "prompt_by_rank" in case:  # the ranks disagree: every rank must raise, naming the difference
+            try:
+                tiny_case({**case, "prompt": case["prompt_by_rank"][rank]}, config)
+            except ValueError as e:
+                (out / f"{case['name']}.rank{rank}.error").write_text(str(e))
+            continue
+        if case.get("model") == "tiny":
+            latents, report = tiny_case(case, config)
+            stats = report.get("parallel")
+        else:
+            ctx = par.setup(config)
+            if case.get("fail_rank") == rank:
+                _fail_mid_run(rank, case["fail_at_step"])
+            latents = fake_case(case, ctx)
+            stats = {"exchange": ctx.stats.as_dict(), "computed_tiles": ctx.computed_tiles}
+        if latents is not None:
+            torch.save(latents, out / f"{case['name']}.pt")
+        (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(stats))
+
+
+def _fail_mid_run(rank: int, step: int) -> None:
+    """Make this rank raise inside the refine loop at refinement ``step`` (the others are in it too)."""
+    original = FakeAdapter.begin_step
+
+    def begin_step(self, step_index, timestep, sigma, num_steps):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > step:
+            raise RuntimeError(f"rank {rank} fails on purpose at refinement step {step}")
+        original(self, step_index, timestep, sigma, num_steps)
+
+    FakeAdapter.begin_step = begin_step
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,252 @@
+"""Tile parallelism: region geometry and the LPT assignment (in process), and real multi-process runs
+(gloo on the CPU, one process per rank started by tests/parallel_worker.py) whose final latent must
+equal the single-process latent, plus the failure and configuration-mismatch behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from parallel_worker import fake_case  # noqa: E402
+
+from supergen import parallel as par  # noqa: E402
+from supergen.config import ParallelConfig, TilingConfig  # noqa: E402
+from supergen.tiling import TileGrid  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
+
+# Fake-predictor cases: odd tile counts, uneven (overlapping) torus windows, fixed overlap, clamp + shift,
+# and a 2-tile canvas (more ranks than tiles at 3 and 4 ranks); UniPC (multistep history) and Euler.
+CASES = [
+    {"name": "torus_odd", "canvas": [2, 24, 24], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc"},
+    {"name": "torus_uneven", "canvas": [2, 22, 26], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "euler"},
+    {"name": "overlap", "canvas": [2, 20, 28], "tile": [8, 8], "tiling": {"shift": False, "overlap": 2},
+     "scheduler": "euler"},
+    {"name": "clamp", "canvas": [2, 22, 26], "tile": [8, 8], "tiling": {"boundary": "clamp", "overlap": 2},
+     "scheduler": "unipc"},
+    {"name": "few_tiles", "canvas": [2, 8, 16], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc"},
+    {"name": "rehash", "canvas": [2, 24, 24], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc",
+     "rehash": [True, False, True, False, True]},
+]  # fmt: skip
+for _case in CASES:
+    _case.update(steps=6, refine_steps=5)
+TINY = {"name": "tiny_wan", "model": "tiny", "height": 128, "width": 192, "steps": 4, "refine_steps": 3,
+        "tiling": {"shift": True}}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world: int, cases: list, out: Path, timeout: float = 60.0) -> list[subprocess.Popen]:
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"cases": cases, "timeout": timeout}))
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec), str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    return procs
+
+
+def _wait(procs, limit: float) -> list[tuple[int, str]]:
+    results = []
+    try:
+        for p in procs:
+            text, _ = p.communicate(timeout=limit)
+            results.append((p.returncode, text))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """Every fake case's final latent from the plain single-process loop."""
+    return {case["name"]: fake_case(case) for case in CASES}
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-process runs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_path):
+    # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
+    mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
+    cases = CASES + ([mismatch, TINY] if world == 2 else [])
+    results = _wait(_launch(world, cases, tmp_path), limit=240)
+    for rank, (code, text) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
+    for case in CASES:
+        got = torch.load(tmp_path / f"{case['name']}.pt")
+        want = single_process[case["name"]]
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-5, case["name"]
+    stats = {c["name"]: json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in CASES}
+    # aligned torus tiles never straddle a region: only the shift-wide migration strips move
+    kinds = stats["torus_odd"]["exchange"]["bytes_sent_by_kind"]
+    assert kinds["inputs"] == 0 and kinds["predictions"] == 0 and kinds["migration"] > 0
+    # fixed overlapping tiles: halos both ways, regions never move
+    kinds = stats["overlap"]["exchange"]["bytes_sent_by_kind"]
+    assert kinds["inputs"] > 0 and kinds["predictions"] > 0 and kinds["migration"] == 0
+    # the geometry code the benchmark counts with predicts every byte the ranks sent (Euler: no history)
+    for name in ("torus_uneven", "overlap"):
+        case = next(c for c in CASES if c["name"] == name)
+        assert stats[name]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(case, world, rank=1), name
+    # every tile computed exactly once per step; Step Rehash's reuse steps compute none
+    for name in ("torus_odd", "overlap"):
+        assert all(sum(step) == 9 if name == "torus_odd" else sum(step) > 0 for step in stats[name]["computed_tiles"])
+    assert [sum(s) for s in stats["rehash"]["computed_tiles"]] == [9, 0, 9, 0, 9]
+    if world == 2:
+        single = _tiny_single_process()
+        got = torch.load(tmp_path / "tiny_wan.pt")
+        assert (got - single).abs().max().item() <= 1e-5
+        # the mismatch raised on every rank before any model work, naming the differing value
+        for rank in range(2):
+            message = (tmp_path / f"mismatch.rank{rank}.error").read_text()
+            assert "different settings" in message and "prompt: rank 0='a red fox', rank 1='a blue fox'" in message
+
+
+def _predicted_bytes(case: dict, world: int, rank: int) -> list[int]:
+    grid = TileGrid(tuple(case["canvas"]), TilingConfig(**case["tiling"]), native_tile=tuple(case["tile"]))
+    cell_bytes = 1 * 4 * case["canvas"][0] * 4  # B * C * T * fp32
+    layout, out = par.Layout.at_step(grid, 0, world), []
+    for i in range(case["refine_steps"]):
+        nxt = par.Layout.at_step(grid, i + 1, world, previous=layout) if i + 1 < case["refine_steps"] else None
+        sent = par.exchange_bytes(layout, par.computers(layout, None, True), cell_bytes, nxt)
+        out.append(int(sum(v[rank] for v in sent.values())))
+        layout = nxt
+    return out
+
+
+def _tiny_single_process() -> torch.Tensor:
+    from parallel_worker import tiny_case
+
+    latents, report = tiny_case(TINY, None)
+    assert report["parallel"] is None
+    return latents
+
+
+def test_world_size_one_needs_no_process_group(monkeypatch, single_process):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ctx = par.setup(ParallelConfig())
+    assert not ctx.distributed and not dist.is_initialized()
+    got = fake_case(CASES[0], ctx)
+    assert torch.equal(got, single_process[CASES[0]["name"]])
+
+
+def test_a_failing_rank_makes_every_rank_exit_nonzero(tmp_path):
+    """Rank 1 raises inside the loop at step 2; rank 0 (blocked in a transfer) must fail too, well within
+    the configured timeout plus start-up, instead of hanging."""
+    case = dict(CASES[0], name="fails", fail_rank=1, fail_at_step=2)
+    results = _wait(_launch(2, [case], tmp_path, timeout=20.0), limit=20.0 + 90)
+    codes = [code for code, _ in results]
+    assert all(code != 0 for code in codes), codes
+    assert "fails on purpose" in results[1][1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry and assignment (in process)
+# --------------------------------------------------------------------------------------------------
+
+
+def _layout(canvas, tile, tiling, world, step=0, previous=None):
+    grid = TileGrid(canvas, TilingConfig(**tiling), native_tile=tile)
+    return grid, par.Layout.at_step(grid, step, world, previous)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(
+    "canvas, tiling", [((1, 24, 24), {"shift": True}), ((1, 22, 26), {"overlap": 2, "shift": False}),
+                       ((1, 22, 26), {"boundary": "clamp", "overlap": 2})],
+)  # fmt: skip
+def test_regions_partition_the_canvas_balanced_by_tiles(canvas, tiling, world):
+    grid, layout = _layout(canvas, (8, 8), tiling, world, step=1)
+    H, W = canvas[1:]
+    # every cell has exactly one owner, and it is the owner of one of the tiles covering it
+    assert layout.owner.shape == (H * W,) and int(layout.owner.min()) >= 0 and int(layout.owner.max()) < world
+    covering = [set() for _ in range(H * W)]
+    for n in range(layout.num_tiles):
+        for c in layout.windows[n].tolist():
+            covering[c].add(int(layout.home_rank[n]))
+    assert all(int(layout.owner[c]) in covering[c] for c in range(H * W))
+    # home tiles: contiguous runs, sizes differ by at most one
+    counts = torch.bincount(layout.home_rank, minlength=world)
+    assert int(counts.max() - counts.min()) <= 1 and int(counts.sum()) == layout.num_tiles
+    assert sum(layout.cells(r).numel() for r in range(world)) == H * W
+
+
+def test_aligned_torus_regions_move_one_shift_strip_per_boundary():
+    """3x3 tiles of 8 on a 24x24 torus, shift 1 cell per step per axis, 3 ranks = one tile row each: no
+    halo ever, and each step every rank hands exactly one 1-row strip (24 cells) to its neighbour."""
+    grid, layout = _layout((1, 24, 24), (8, 8), {"shift": True}, 3)
+    for step in range(1, grid.period + 2):
+        computer = layout.home_rank
+        assert sum(par.exchange_bytes(layout, computer, 1).values()).tolist() == [0, 0, 0]
+        new = par.Layout.at_step(grid, step, 3, previous=layout)
+        moved = layout.owner != new.owner
+        assert torch.bincount(layout.owner[moved], minlength=3).tolist() == [24, 24, 24], step
+        layout = new
+
+
+def test_halo_cells_are_exactly_the_foreign_window_cells():
+    grid, layout = _layout((1, 20, 28), (8, 8), {"overlap": 2, "shift": False}, 2)
+    computer = layout.home_rank
+    need = layout.needs(computer)
+    for r in range(2):
+        q = 1 - r
+        halo = set(layout.input_cells(computer, q, r, need).tolist())
+        expected = {c for n in range(layout.num_tiles) if int(computer[n]) == r for c in layout.windows[n].tolist()
+                    if int(layout.owner[c]) == q}  # fmt: skip
+        assert halo == expected and halo  # overlapping windows cross the boundary: a non-empty halo
+
+
+def test_lpt_assigns_every_tile_once_balanced_and_prefers_own_tiles():
+    home = torch.tensor([0] * 7 + [1] * 3)
+    moves = [[0 if r == int(home[n]) else 10 for r in range(2)] for n in range(10)]
+    computer = par.assign_tiles([1.0] * 10, home, moves, 2)
+    assert torch.bincount(computer, minlength=2).tolist() == [5, 5]
+    assert all(int(computer[n]) == 1 for n in range(7, 10))  # rank 1 keeps all its own tiles
+    assert sum(int(computer[n]) == 0 for n in range(7)) == 5  # rank 0 keeps five of its seven
+
+
+def test_lpt_skipped_tiles_cost_nothing_and_ties_move_fewest_bytes():
+    home = torch.tensor([0, 0, 0, 0, 1, 1])
+    costs = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]  # the cache skips tiles 1, 4, 5
+    moves = [[0, 8], [0, 8], [0, 2], [0, 8], [8, 0], [8, 0]]  # tile 2 is cheap to move to rank 1
+    computer = par.assign_tiles(costs, home, moves, 2)
+    assert computer.tolist() == [0, -1, 1, 0, -1, -1]
+    with_ties = par.assign_tiles([1.0] * 3, torch.tensor([0, 0, 0]), [[0, 9, 3]] * 3, 3)
+    assert sorted(with_ties.tolist()) == [0, 1, 2]
+    assert par.assign_tiles([1.0] * 4, torch.tensor([0, 0, 0, 0]), [[0, 9, 3]] * 4, 3).tolist().count(2) == 1
+
+
+def test_parallel_config_validation():
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        ParallelConfig(backend="mpi")
+    with pytest.raises(ValueError, match="`timeout` must be a number of seconds > 0"):
+        ParallelConfig(timeout=0)
+    with pytest.raises(TypeError, match="`parallel` must be a ParallelConfig"):
+        par.setup({"backend": "gloo"})
