@@ -125,10 +125,15 @@ def summarise(rows: list[dict], scales: list[int]) -> dict:
             cells = [r[f"x{scale}"][method] for r in rows]
             seams = [c["seam_score"] for c in cells if c["seam_score"] is not None]
             psnrs = [c["psnr_vs_sketch_db"] for c in cells]
+            # A match on a sketch without objects is vacuous (0 == 0): also report the cases that have some.
+            shown = [c for c, r in zip(cells, rows) if r["sketch_count"] > 0]
             per[method] = {
                 "seam_score_mean": statistics.fmean(seams) if seams else None,
                 "seam_score_max": max(seams) if seams else None,
                 "count_match_fraction": sum(c["count_matches_sketch"] for c in cells) / n,
+                "count_match_fraction_sketch_has_objects": (
+                    sum(c["count_matches_sketch"] for c in shown) / len(shown) if shown else None
+                ),
                 "count_mean": statistics.fmean(c["count"] for c in cells),
                 # The median: a PSNR is inf for a perfect match, which a mean would let dominate.
                 "psnr_vs_sketch_db_median": statistics.median(psnrs),
@@ -136,6 +141,7 @@ def summarise(rows: list[dict], scales: list[int]) -> dict:
             }
         summary[f"x{scale}"] = per
     summary["sketch_count_mean"] = statistics.fmean(r["sketch_count"] for r in rows)
+    summary["sketches_with_objects"] = sum(r["sketch_count"] > 0 for r in rows)
     return summary
 
 

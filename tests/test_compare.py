@@ -273,6 +273,10 @@ def test_quality_summary_and_verdicts():
     assert sg["seam_score_mean"] == pytest.approx(1.045) and sg["seam_score_max"] == pytest.approx(1.09)
     assert sg["count_match_fraction"] == 0.9 and summary["x2"]["naive"]["count_match_fraction"] == 0.0
     assert summary["native"]["visible_fraction"] == 0.8
+    rows[9]["sketch_count"] = 0  # an empty sketch: left out of the non-vacuous match fraction
+    assert quality.summarise(rows, [2])["x2"]["supergen"]["count_match_fraction_sketch_has_objects"] == 1.0
+    assert quality.summarise(rows, [2])["sketches_with_objects"] == 9
+    rows[9]["sketch_count"] = 1
     assert quality.verdicts(summary, [2]) == {"native_visible": True, "x2_seam": True, "x2_duplication": True,
                                               "all": True}  # fmt: skip
     rows[0]["x2"]["supergen"]["count_matches_sketch"] = False
