@@ -1,4 +1,4 @@
-"""The ``supergen`` command line: ``supergen generate`` and ``supergen info``.
+"""The ``supergen`` command line: ``supergen generate``, ``supergen compare`` and ``supergen info``.
 
 Exit codes: 0 success, 2 bad input (the message names the value and what is valid), 1 other errors.
 Bad input is reported before any generation work; outputs are written under a temporary name and
@@ -429,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and the backend each op uses")
     add_generate_parser(sub)
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -442,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "compare":
+            from .compare import run_compare
+
+            return run_compare(args)
     except ValueError as e:
         print(f"supergen: error: {e}", file=sys.stderr)
         return 2

@@ -304,3 +304,15 @@ def test_quality_end_to_end_on_an_untrained_tiny_wan_folder(tmp_path):
     assert data["summary"]["cases"] == 1 and set(data["cases"][0]["x2"]) == set(_quality().METHODS)
     assert data["cases"][0]["x2"]["supergen"]["tiles_per_step"] == 4
     assert "quality.py" in data["command"] and set(data["pass"]) >= {"all", "x2_seam", "x2_duplication"}
+
+
+def test_cli_routes_compare_and_exits_2_on_bad_input(tmp_path, capsys):
+    """`supergen compare` is a subcommand of the one CLI: success writes the PNG, bad input exits 2."""
+    from supergen.cli import main
+
+    out = tmp_path / "c.png"
+    argv = ["compare", "--model", "tiny-random", "--steps", "2", "--refine-steps", "1", "--frames", "5", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert main([*argv, "--out", str(out)]) == 2  # exists, no --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
