@@ -65,6 +65,24 @@ TINY_PROMPT = "a red circle moving right and a blue square moving down on a dark
 OTHER_PROMPT = "a red fox running through fresh snow, golden hour"
 
 
+def add_model_arguments(p) -> None:
+    """Options shared by ``generate`` and ``compare``: the model, the prompt and the sizes and steps."""
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="`tiny` (embedded, trained on supergen's synthetic shapes), `tiny-random` (embedded, random weights: "
+        "a smoke test) or a local diffusers folder",
+    )
+    p.add_argument("--prompt", default=None, help="text prompt (default: an in-vocabulary one for the tiny models)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
+    p.add_argument("--height", type=int, default=None, help="target height (default: 2x native)")
+    p.add_argument("--width", type=int, default=None, help="target width (default: 2x native)")
+    p.add_argument("--frames", type=int, default=None, help="frames, 4k+1 (default: the model's, else 81)")
+    p.add_argument("--steps", type=int, default=None, help="N, denoising steps (default: the model's, else 50)")
+    p.add_argument("--refine-steps", type=int, default=None, help="k, the last k of N steps refined (default 0.7 N)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: model's, or 5)")
+
+
 def add_generate_parser(sub) -> None:
     g = sub.add_parser(
         "generate",
@@ -72,21 +90,8 @@ def add_generate_parser(sub) -> None:
         description="Generate a video with a diffusers pipeline: a native-size sketch, then tiled refinement at "
         "the target size. Sizes are in pixels. No network access is ever attempted.",
     )
-    g.add_argument(
-        "--model",
-        default="tiny",
-        help="`tiny` (embedded, trained on supergen's synthetic shapes), `tiny-random` (embedded, random weights: "
-        "a smoke test) or a local diffusers folder",
-    )
-    g.add_argument("--prompt", default=None, help="text prompt (default: an in-vocabulary one for the tiny models)")
-    g.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
+    add_model_arguments(g)
     g.add_argument("--image", default=None, help="first frame for image-to-video (PNG/JPEG)")
-    g.add_argument("--height", type=int, default=None, help="target height (default: 2x native)")
-    g.add_argument("--width", type=int, default=None, help="target width (default: 2x native)")
-    g.add_argument("--frames", type=int, default=None, help="frames, 4k+1 (default: the model's, else 81)")
-    g.add_argument("--steps", type=int, default=None, help="N, denoising steps (default: the model's, else 50)")
-    g.add_argument("--refine-steps", type=int, default=None, help="k, the last k of N steps refined (default 0.7 N)")
-    g.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: model's, or 5)")
     g.add_argument("--tile-size", default=None, help="tile H,W in pixels (default: the model's native size)")
     g.add_argument("--overlap", default="0", help="tile overlap in pixels, N or H,W (blended with ramps)")
     g.add_argument("--shift", choices=("on", "off"), default="on", help="shift the tile grid every step")

@@ -262,21 +262,10 @@ def add_compare_parser(subparsers) -> None:
         "sketch upscaled bicubically, (b) direct generation at the target size, (c) naive tiling from noise "
         "(fixed tiles, no sketch) and (d) supergen. Sizes are in pixels. No network access is ever attempted.",
     )
-    c.add_argument(
-        "--model",
-        default="tiny",
-        help="`tiny` (the embedded trained model), `tiny-random` (embedded, random weights) or a local diffusers "
-        "folder",
-    )
-    c.add_argument("--prompt", default=None, help="text prompt (default: one in the tiny models' vocabulary)")
-    c.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
+    from .cli import add_model_arguments
+
+    add_model_arguments(c)
     c.add_argument("--seed", type=int, default=0, help="seed of the sketch, direct and naive noise and the re-noise")
-    c.add_argument("--height", type=int, default=None, help="target height (default: 2x native)")
-    c.add_argument("--width", type=int, default=None, help="target width (default: 2x native)")
-    c.add_argument("--frames", type=int, default=None, help="frames, 4k+1 (default: the model's)")
-    c.add_argument("--steps", type=int, default=None, help="N, denoising steps of every variant (default: model's)")
-    c.add_argument("--refine-steps", type=int, default=None, help="k, supergen's refined steps (default 0.7 N)")
-    c.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: model's)")
     c.add_argument("--out", required=True, help="output image (.png)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     c.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 tiny, else torch's)")

@@ -470,6 +470,22 @@ def train_transformer(transformer, latents, captions, bank, args, seconds: float
 # -- main --------------------------------------------------------------------------------------------
 
 
+def replay_commands(vae_runs: list[dict], seed: int, dit_steps: int, threads: int) -> list[str]:
+    """The commands that rebuild these weights bit for bit (same device, torch version and threads):
+    one per VAE run (``--vae-init`` continues the previous one), then the transformer."""
+    if len(vae_runs) == 1:
+        run = vae_runs[0]
+        return [f"--seed {seed} --vae-steps {run['vae_steps']} --dit-steps {dit_steps} --threads {threads} --out MODEL"]
+    out = []
+    for i, run in enumerate(vae_runs):
+        init = f" --vae-init VAE_{i}" if i else ""
+        lr = f" --vae-lr {run['lr']}" if "lr" in run else ""
+        t = f" --threads {run.get('threads', 1)}"
+        out.append(f"--seed {run['seed']} --vae-only{init}{lr} --vae-steps {run['vae_steps']}{t} --out VAE_{i + 1}")
+    out.append(f"--seed {seed} --vae-from VAE_{len(vae_runs)} --dit-steps {dit_steps} --threads {threads} --out MODEL")
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
@@ -526,6 +542,7 @@ def main(argv=None) -> int:
         pipe.vae = vae
         previous = json.loads((Path(args.vae_from) / "vae_log.json").read_text())
         vae_steps, history["vae"] = previous["vae_steps"], previous["loss"]["vae"]
+        history["vae_runs"] = previous.get("runs") or [{"vae_steps": vae_steps, "seed": previous["seed"]}]
         log(f"VAE from {args.vae_from} ({vae_steps} steps)")
     else:
         before = []
@@ -540,7 +557,8 @@ def main(argv=None) -> int:
             log(f"continuing the VAE of {args.vae_init} ({sum(r['vae_steps'] for r in before)} steps)")
         share = (1.0 if args.vae_only else args.vae_fraction) * budget
         steps = train_vae(vae, args, share, device, history, fresh=args.vae_init is None)
-        history["vae_runs"] = [*before, {"vae_steps": steps, "seed": args.seed, "lr": args.vae_lr}]
+        run = {"vae_steps": steps, "seed": args.seed, "lr": args.vae_lr, "threads": torch.get_num_threads()}
+        history["vae_runs"] = [*before, run]
         vae_steps = sum(r["vae_steps"] for r in history["vae_runs"])
     vae_seconds = time.perf_counter() - t0
     base = args.seed * 1_000_003
@@ -592,7 +610,7 @@ def main(argv=None) -> int:
     }
     training = {
         "command": " ".join(["python", "training/train_tiny_wan.py", *(argv if argv is not None else sys.argv[1:])]),
-        "replay": f"--seed {args.seed} --vae-steps {vae_steps} --dit-steps {dit_steps}",
+        "replay": replay_commands(history["vae_runs"], args.seed, dit_steps, torch.get_num_threads()),
         "seed": args.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
