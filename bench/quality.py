@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from supergen.config import REFINE_FRACTION, default_refine_steps
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_slug, environment, print_table, write_json  # noqa: E402
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=CASES, help="prompt x seed cases")
     parser.add_argument("--scale", type=int, nargs="+", default=[2], help="target scale(s) per side, e.g. 2 3")
     parser.add_argument("--steps", type=int, default=None, help="N (default: the model's sidecar)")
-    parser.add_argument("--refine-steps", type=int, default=None, help="k (default 0.7 N)")
+    parser.add_argument("--refine-steps", type=int, default=None, help="k (default: model's share of N)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny ops: 1 is fastest)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--out", default=None, help="JSON (default: bench/results/quality_<device>.json)")
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "frames": sidecar.get("num_frames", 9),
         "steps": steps,
-        "refine_steps": args.refine_steps or max(1, round(0.7 * steps)),
+        "refine_steps": args.refine_steps
+        or default_refine_steps(steps, sidecar.get("refine_fraction", REFINE_FRACTION)),
         "guidance_scale": sidecar.get("guidance_scale", 5.0),
     }
     if settings["refine_steps"] > steps:

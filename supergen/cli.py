@@ -16,6 +16,8 @@ import platform
 import sys
 from pathlib import Path
 
+from .config import default_refine_steps
+
 OPS = ("halo_gather", "blend_scatter", "masked_attention")
 
 
@@ -58,8 +60,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: ``--model`` names of the embedded models (``supergen.tiny``); anything else is a local folder.
 EMBEDDED = ("tiny", "tiny-random")
-TINY_DEFAULTS = {"frames": 9, "steps": 10, "guidance_scale": 5.0}
-PATH_DEFAULTS = {"frames": 81, "steps": 50, "guidance_scale": 5.0}
+TINY_DEFAULTS = {"frames": 9, "steps": 10, "guidance_scale": 5.0, "refine_fraction": 0.7}
+PATH_DEFAULTS = {"frames": 81, "steps": 50, "guidance_scale": 5.0, "refine_fraction": 0.7}
 #: A prompt inside the embedded models' vocabulary (``supergen.synthetic.VOCABULARY``).
 TINY_PROMPT = "a red circle moving right and a blue square moving down on a dark gradient"
 OTHER_PROMPT = "a red fox running through fresh snow, golden hour"
@@ -79,7 +81,7 @@ def add_model_arguments(p) -> None:
     p.add_argument("--width", type=int, default=None, help="target width (default: 2x native)")
     p.add_argument("--frames", type=int, default=None, help="frames, 4k+1 (default: the model's, else 81)")
     p.add_argument("--steps", type=int, default=None, help="N, denoising steps (default: the model's, else 50)")
-    p.add_argument("--refine-steps", type=int, default=None, help="k, the last k of N steps refined (default 0.7 N)")
+    p.add_argument("--refine-steps", type=int, default=None, help="k: refine the last k of N (default: model's, 0.7N)")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: model's, or 5)")
 
 
@@ -201,7 +203,7 @@ def resolve_model(name: str) -> tuple[str, Path | None]:
 
 
 def model_defaults(name: str, folder: Path | None) -> dict:
-    """Frames, steps and guidance when the command line does not give them: the folder's
+    """Frames, steps, guidance and refined share when the command line does not give them: the folder's
     ``supergen.json`` sidecar (the trained tiny model has one), else per-kind defaults."""
     from .tiny import read_sidecar
 
@@ -209,7 +211,8 @@ def model_defaults(name: str, folder: Path | None) -> dict:
         return dict(TINY_DEFAULTS)
     side = read_sidecar(folder)
     base = dict(TINY_DEFAULTS if name in EMBEDDED else PATH_DEFAULTS)
-    for key, side_key in (("frames", "num_frames"), ("steps", "num_inference_steps"), ("guidance_scale",) * 2):
+    keys = (("frames", "num_frames"), ("steps", "num_inference_steps"), ("guidance_scale",) * 2)
+    for key, side_key in (*keys, ("refine_fraction",) * 2):
         if side_key in side:
             base[key] = side[side_key]
     return base
@@ -241,7 +244,7 @@ def _check_generate_args(args) -> dict:
         if value is not None and value < 1:
             raise ValueError(f"`{flag}` must be >= 1 but is {value}.")
     steps = args.steps or defaults["steps"]
-    refine_steps = args.refine_steps or max(1, round(0.7 * steps))
+    refine_steps = args.refine_steps or default_refine_steps(steps, defaults["refine_fraction"])
     if refine_steps > steps:
         raise ValueError(f"`--refine-steps` must be in [1, --steps={steps}] but is {refine_steps}.")
     tile = _pixel_pair("--tile-size", args.tile_size)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import default_refine_steps
+
 #: Rows of the PNG, in order.
 METHODS = ("bicubic", "direct", "naive", "supergen")
 # Layout of the PNG in pixels: outer margin, gap between cells and rows, height of one text line.
@@ -300,7 +302,7 @@ def check_compare_args(args) -> dict:
         raise ValueError(f"`--guidance-scale` must be a finite number >= 0 but is {args.guidance_scale}.")
     defaults = model_defaults(args.model, folder)
     steps = args.steps or defaults["steps"]
-    refine_steps = args.refine_steps or max(1, round(0.7 * steps))
+    refine_steps = args.refine_steps or default_refine_steps(steps, defaults["refine_fraction"])
     if refine_steps > steps:
         raise ValueError(f"`--refine-steps` must be in [1, --steps={steps}] but is {refine_steps}.")
     # The native size, where it is known without loading (the model's own check runs again after loading).

@@ -96,3 +96,13 @@ class ParallelConfig:
             raise ValueError(f"`timeout` must be a number of seconds > 0 but is {self.timeout!r}.")
         if not isinstance(self.rebalance, bool):
             raise ValueError(f"`rebalance` must be a bool but is {self.rebalance!r}.")
+
+
+#: Share of the N steps that stage 2 refines when the caller gives no ``refine_steps`` (the Wan port of
+#: the method uses 0.7); a model folder's ``supergen.json`` may set its own ``refine_fraction``.
+REFINE_FRACTION = 0.7
+
+
+def default_refine_steps(num_inference_steps: int, fraction: float = REFINE_FRACTION) -> int:
+    """k, the last k of N steps refined: ``round(fraction * N)``, at least 1."""
+    return max(1, round(fraction * num_inference_steps))

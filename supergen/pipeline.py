@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .adapters.base import POSITIONS, adapter_for
-from .config import TilingConfig
+from .config import REFINE_FRACTION, TilingConfig, default_refine_steps
 from .metrics import StageTimer, seam_score
 from .stages import check_inputs, refine, sketch
 from .upscale import renoise, scheduler_family, upscale_latents
@@ -162,7 +162,9 @@ class SuperGen:
 
         # 1. Check inputs: every size and count, before any model work.
         if refine_steps is None:
-            refine_steps = max(1, round(0.7 * num_inference_steps)) if isinstance(num_inference_steps, int) else 0
+            fraction = getattr(pipe, "supergen_info", {}).get("refine_fraction", REFINE_FRACTION)
+            steps_given = isinstance(num_inference_steps, int)
+            refine_steps = default_refine_steps(num_inference_steps, fraction) if steps_given else 0
         native_h, native_w = self.native_size
         plan, grid = check_inputs(
             adapter.spec,
