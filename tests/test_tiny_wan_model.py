@@ -138,6 +138,18 @@ def test_vae_only_then_vae_from_resumes_phase_two(tmp_path):
     assert (continued["quant_conv.bias"][16:] + 2.0).abs().max() < 0.05
 
 
+def test_previous_vae_log_of_a_full_model_folder(train, tmp_path):
+    """`--vae-init MODEL/vae` (the committed model's VAE) reads its runs from MODEL/training_log.json."""
+    runs = [{"vae_steps": 5, "seed": 0}, {"vae_steps": 3, "seed": 0, "lr": 5e-4, "threads": 1}]
+    (tmp_path / "vae").mkdir()
+    log = {"seed": 0, "vae_steps": 8, "loss": {"vae": [{"step": 0}], "vae_runs": runs}}
+    (tmp_path / "training_log.json").write_text(json.dumps(log))
+    got = train.previous_vae_log(tmp_path / "vae")
+    assert got["vae_steps"] == 8 and got["runs"] == runs and got["loss"]["vae"] == [{"step": 0}]
+    with pytest.raises(FileNotFoundError, match="no vae_log.json"):
+        train.previous_vae_log(tmp_path / "elsewhere" / "vae")
+
+
 # -- the committed model ----------------------------------------------------------------------------
 
 needs_model = pytest.mark.skipif(not (MODEL / "model_index.json").exists(), reason="no trained tiny-wan folder")

@@ -474,6 +474,20 @@ def train_transformer(transformer, latents, captions, bank, args, seconds: float
 # -- main --------------------------------------------------------------------------------------------
 
 
+def previous_vae_log(folder: Path) -> dict:
+    """The log of a saved VAE: ``vae_log.json`` of a ``--vae-only`` folder, or, for the ``vae/`` folder
+    of a full model (e.g. ``supergen/models/tiny-wan/vae``), the VAE part of its ``training_log.json``."""
+    folder = Path(folder)
+    if (folder / "vae_log.json").is_file():
+        return json.loads((folder / "vae_log.json").read_text())
+    full = folder.parent / "training_log.json"
+    if full.is_file():
+        log = json.loads(full.read_text())
+        runs = log["loss"].get("vae_runs") or [{"vae_steps": log["vae_steps"], "seed": log["seed"]}]
+        return {"seed": log["seed"], "vae_steps": log["vae_steps"], "runs": runs, "loss": log["loss"]}
+    raise FileNotFoundError(f"{folder}: no vae_log.json, and no training_log.json in {folder.parent}")
+
+
 def replay_commands(vae_runs: list[dict], seed: int, dit_steps: int, threads: int) -> list[str]:
     """The commands that rebuild these weights bit for bit (same device, torch version and threads):
     one per VAE run (``--vae-init`` continues the previous one), then the transformer."""
@@ -544,7 +558,7 @@ def main(argv=None) -> int:
 
         vae = AutoencoderKLWan.from_pretrained(args.vae_from, local_files_only=True).to(device).eval()
         pipe.vae = vae
-        previous = json.loads((Path(args.vae_from) / "vae_log.json").read_text())
+        previous = previous_vae_log(args.vae_from)
         vae_steps, history["vae"] = previous["vae_steps"], previous["loss"]["vae"]
         history["vae_runs"] = previous.get("runs") or [{"vae_steps": vae_steps, "seed": previous["seed"]}]
         log(f"VAE from {args.vae_from} ({vae_steps} steps)")
@@ -555,7 +569,7 @@ def main(argv=None) -> int:
 
             vae = AutoencoderKLWan.from_pretrained(args.vae_init, local_files_only=True).to(device)
             pipe.vae = vae
-            previous = json.loads((Path(args.vae_init) / "vae_log.json").read_text())
+            previous = previous_vae_log(args.vae_init)
             before = previous.get("runs", [{"vae_steps": previous["vae_steps"], "seed": previous["seed"]}])
             history["vae_before"] = previous["loss"].get("vae", [])
             log(f"continuing the VAE of {args.vae_init} ({sum(r['vae_steps'] for r in before)} steps)")
