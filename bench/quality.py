@@ -68,10 +68,27 @@ def channels_first(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(frames, -1, 1))).double()
 
 
+def last_step_edges(comparison, method: str, height: int, width: int) -> tuple[list[int], list[int]]:
+    """Pixel rows/columns of the tile edges of ``method``'s last step: where its seam score looks."""
+    from supergen.stages import check_inputs
+
+    sg = comparison.shifted if method == "supergen" else comparison.fixed
+    refine_steps = comparison.steps if method == "naive" else comparison.refine_steps
+    native_h, native_w = comparison.native_size
+    plan, grid = check_inputs(
+        sg.adapter.spec, height=height, width=width, sketch_height=native_h, sketch_width=native_w,
+        num_frames=comparison.num_frames, num_inference_steps=comparison.steps, refine_steps=refine_steps,
+        tiling=sg.tiling,
+    )  # fmt: skip
+    rows, cols = grid.edges(plan.refine_steps - 1)
+    s = sg.adapter.spec.vae_scale[1]
+    return [r * s for r in rows], [c * s for c in cols]
+
+
 def measure_case(pipe, case: dict, scales: list[int], settings: dict) -> dict:
     from supergen import synthetic
     from supergen.compare import Comparison
-    from supergen.metrics import downsampled_psnr
+    from supergen.metrics import downsampled_psnr, seam_score
 
     comparison = Comparison(
         pipe, prompt=case["prompt"], num_frames=settings["frames"], num_inference_steps=settings["steps"],
@@ -93,14 +110,19 @@ def measure_case(pipe, case: dict, scales: list[int], settings: dict) -> dict:
     for scale in scales:
         height, width = native[0] * scale, native[1] * scale
         per_method = {}
+        # The content's own jumps: the bicubic sketch has no tiles, so its score on a method's edge lines
+        # is what that method would score without any seam (1.0 only for content without structure).
+        bicubic = channels_first(comparison.bicubic(sketch, height, width).frames)
         for method in METHODS:
             if method == "naive":
                 v = comparison.naive(case["seed"], height, width)
             else:
                 v = comparison.supergen(sketch, height, width, shift=method == "supergen")
             count = synthetic.detect_objects(v.frames).count
+            rows_px, cols_px = last_step_edges(comparison, method, height, width)
             per_method[method] = {
                 "seam_score": v.seam,
+                "seam_score_bicubic_same_lines": seam_score(bicubic, rows_px, cols_px),
                 "count": count,
                 "count_matches_sketch": count == found.count,
                 "psnr_vs_sketch_db": downsampled_psnr(channels_first(v.frames), reference, data_range=1.0),
@@ -126,12 +148,17 @@ def summarise(rows: list[dict], scales: list[int]) -> dict:
         for method in METHODS:
             cells = [r[f"x{scale}"][method] for r in rows]
             seams = [c["seam_score"] for c in cells if c["seam_score"] is not None]
+            base = [c["seam_score_bicubic_same_lines"] for c in cells if c["seam_score"] is not None]
             psnrs = [c["psnr_vs_sketch_db"] for c in cells]
             # A match on a sketch without objects is vacuous (0 == 0): also report the cases that have some.
             shown = [c for c, r in zip(cells, rows) if r["sketch_count"] > 0]
             per[method] = {
                 "seam_score_mean": statistics.fmean(seams) if seams else None,
                 "seam_score_max": max(seams) if seams else None,
+                "seam_score_bicubic_same_lines_mean": statistics.fmean(base) if base else None,
+                # Seam over content: the method's score divided by the untiled bicubic sketch's on the same
+                # lines (1.0 = edges no stronger than the sketch's own content there).
+                "seam_excess_mean": statistics.fmean(a / b for a, b in zip(seams, base)) if seams else None,
                 "count_match_fraction": sum(c["count_matches_sketch"] for c in cells) / n,
                 "count_match_fraction_sketch_has_objects": (
                     sum(c["count_matches_sketch"] for c in shown) / len(shown) if shown else None
@@ -250,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             table += [
                 line(f"x{s} {m}: seam score (mean)", x["seam_score_mean"], "<= 1.05" if sg else "",
                      passed[f"x{s}_seam"] if sg else ""),
+                line(f"x{s} {m}: seam score of the bicubic sketch there", x["seam_score_bicubic_same_lines_mean"]),
+                line(f"x{s} {m}: seam excess over content (mean ratio)", x["seam_excess_mean"]),
                 line(f"x{s} {m}: count = sketch count", x["count_match_fraction"], ">= 0.9" if sg else "",
                      passed[f"x{s}_duplication"] if sg else ""),
                 line(f"x{s} {m}: PSNR vs sketch, dB (median)", x["psnr_vs_sketch_db_median"]),

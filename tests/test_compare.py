@@ -259,8 +259,9 @@ def test_quality_summary_and_verdicts():
     quality = _quality()
 
     def cell(seam, count):
-        return {"seam_score": seam, "count": count, "count_matches_sketch": count == 1, "psnr_vs_sketch_db": 30.0,
-                "tiles_per_step": 4, "seconds": 1.0}  # fmt: skip
+        return {"seam_score": seam, "seam_score_bicubic_same_lines": seam / 1.25, "count": count,
+                "count_matches_sketch": count == 1, "psnr_vs_sketch_db": 30.0, "tiles_per_step": 4,
+                "seconds": 1.0}  # fmt: skip
 
     rows = [
         {"native_visible": i < 8, "native_colour_visible": True, "sketch_count": 1, "prompted_objects": 1,
@@ -271,6 +272,8 @@ def test_quality_summary_and_verdicts():
     summary = quality.summarise(rows, [2])
     sg = summary["x2"]["supergen"]
     assert sg["seam_score_mean"] == pytest.approx(1.045) and sg["seam_score_max"] == pytest.approx(1.09)
+    assert sg["seam_score_bicubic_same_lines_mean"] == pytest.approx(1.045 / 1.25)
+    assert sg["seam_excess_mean"] == pytest.approx(1.25)  # each method's score over the content's, averaged
     assert sg["count_match_fraction"] == 0.9 and summary["x2"]["naive"]["count_match_fraction"] == 0.0
     assert summary["native"]["visible_fraction"] == 0.8
     rows[9]["sketch_count"] = 0  # an empty sketch: left out of the non-vacuous match fraction
