@@ -43,11 +43,11 @@ import triton
 import triton.language as tl
 
 from .halo_gather import (
-    MAX_PROGRAMS,
     block_settings,
     check_block,
     check_device,
     check_origins,
+    check_programs,
     check_source_and_out,
     in_plane_offsets,
     needs_index_64,
@@ -287,8 +287,7 @@ def blend_scatter(
     row_blocks = triton.cdiv(H, cfg["BLOCK_H"])
     col_blocks = triton.cdiv(W, cfg["BLOCK_W"])
     programs = triton.cdiv(planes, cfg["BLOCK_P"]) * row_blocks * col_blocks
-    if programs > MAX_PROGRAMS:
-        raise ValueError(f"{op}: {programs} programs exceed the grid limit {MAX_PROGRAMS}; use larger blocks.")
+    check_programs(op, programs)
     _blend_scatter_kernel[(programs,)](
         tiles_ptr=tiles,
         origins_ptr=origins,

@@ -160,6 +160,12 @@ def check_block(op: str, block) -> dict[str, int] | None:
     return {"BLOCK_P": block_p, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": 4}
 
 
+def check_programs(op: str, programs: int) -> None:
+    """The one-dimensional launch grid must fit CUDA's x-axis limit."""
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{op}: {programs} programs exceed the grid limit {MAX_PROGRAMS}; use larger blocks.")
+
+
 @triton.jit
 def in_plane_offsets(rows, cols, stride_h, stride_w, INDEX_64: tl.constexpr):
     """``(rows, cols)`` element offsets inside one plane. int32 unless ``INDEX_64``: the launcher sets it
@@ -327,8 +333,7 @@ def halo_gather(
     row_blocks = triton.cdiv(win_h, cfg["BLOCK_H"])
     col_blocks = triton.cdiv(win_w, cfg["BLOCK_W"])
     programs = N * B * plane_blocks * row_blocks * col_blocks
-    if programs > MAX_PROGRAMS:
-        raise ValueError(f"{op}: {programs} programs exceed the grid limit {MAX_PROGRAMS}; use larger blocks.")
+    check_programs(op, programs)
     _halo_gather_kernel[(programs,)](
         canvas_ptr=canvas,
         origins_ptr=origins,
