@@ -359,15 +359,9 @@ def run_generate(args) -> int:
         parallel = ParallelConfig(timeout=args.parallel_timeout)
 
     # 2. Load the pipeline (the random tiny one is built in code; folders load offline, safetensors only).
-    if settings["kind"] == "random":
-        from .tiny import tiny_wan_pipeline
+    from .tiny import load_model
 
-        pipe = tiny_wan_pipeline(dtype=dtype, image_to_video=args.image is not None)
-    else:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from .tiny import load_pretrained
-
-        pipe = load_pretrained(settings["folder"], dtype=dtype, use_safetensors=None if args.allow_pickle else True)
+    pipe = load_model(settings["folder"], dtype, image_to_video=args.image is not None, allow_pickle=args.allow_pickle)
     pipe.set_progress_bar_config(disable=args.quiet or int(os.environ.get("RANK", "0")) != 0, leave=False)
 
     # 3. Map pixel options onto the model's latent grid (exact multiples only, never rounded).

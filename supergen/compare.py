@@ -20,7 +20,6 @@ from where the sketch left it, so (d) is bit for bit what ``SuperGen(...)(..., g
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,14 +335,9 @@ def check_compare_args(args) -> dict:
 
 def load_pipeline(kind: str, folder: Path | None):
     """The random embedded tiny Wan (``kind == "random"``) or a local folder, offline, safetensors only."""
-    if kind == "random":
-        from .tiny import tiny_wan_pipeline
+    from .tiny import load_model
 
-        return tiny_wan_pipeline()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .tiny import load_pretrained
-
-    return load_pretrained(folder, use_safetensors=True)
+    return load_model(None if kind == "random" else folder)
 
 
 def run_compare(args) -> int:

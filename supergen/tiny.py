@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -141,7 +142,11 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, **kw
     return pipe
 
 
-def tiny_pipeline(dtype: torch.dtype = torch.float32):
-    """``--model tiny``: the trained tiny Wan if installed, else the random one (``tiny_wan_pipeline``)."""
-    folder = trained_model_dir()
-    return tiny_wan_pipeline(dtype=dtype) if folder is None else load_pretrained(folder, dtype=dtype)
+def load_model(folder: str | Path | None, dtype: torch.dtype = torch.float32, image_to_video: bool = False,
+               allow_pickle: bool = False):  # fmt: skip
+    """A ``--model`` as ``supergen.cli.resolve_model`` resolves it: the random tiny Wan when ``folder`` is
+    ``None``, else the local folder, offline and safetensors only unless ``allow_pickle``."""
+    if folder is None:
+        return tiny_wan_pipeline(dtype=dtype, image_to_video=image_to_video)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return load_pretrained(folder, dtype=dtype, use_safetensors=None if allow_pickle else True)
