@@ -98,6 +98,14 @@ class ParallelContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def check_no_callback(self, callback) -> None:
+        """No rank holds the whole canvas during a distributed refinement, so no step callback can see it."""
+        if self.distributed and callback is not None:
+            raise ValueError(
+                f"`callback_on_step_end` is not available with tile parallelism (world size {self.world_size}): "
+                "no rank holds the whole canvas during refinement."
+            )
+
 
 def setup(config: ParallelConfig, device: torch.device | str = "cpu") -> ParallelContext:
     """Join (or create) the process group from the launcher's environment; no group for one process."""

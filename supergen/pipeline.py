@@ -357,11 +357,7 @@ class SuperGen:
         ctx = setup(self.parallel, self.pipe._execution_device)
         if not ctx.distributed:
             return ctx
-        if callback is not None:
-            raise ValueError(
-                f"`callback_on_step_end` is not available with tile parallelism (world size {ctx.world_size}): "
-                "no rank holds the whole canvas during refinement."
-            )
+        ctx.check_no_callback(callback)
         if self.cache is not None and self.cache.mode in ("gate", "budget"):
             raise NotImplementedError(
                 f"cache mode {self.cache.mode!r} is not available with tile parallelism yet; use 'rehash' or 'off'."

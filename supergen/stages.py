@@ -169,11 +169,7 @@ def refine(
     if parallel is not None and parallel.distributed:
         from .parallel import refine_regions
 
-        if callback_on_step_end is not None:
-            raise ValueError(
-                "`callback_on_step_end` is not available with tile parallelism (world size "
-                f"{parallel.world_size}): no rank holds the whole canvas during refinement."
-            )
+        parallel.check_no_callback(callback_on_step_end)
         return refine_regions(
             parallel, adapter, scheduler, latents, cond, grid, plan,
             generator=generator, progress_bar=progress_bar, cache=cache,
