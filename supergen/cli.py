@@ -218,6 +218,26 @@ def model_defaults(name: str, folder: Path | None) -> dict:
     return base
 
 
+def resolve_model_arguments(args, folder: Path | None) -> dict:
+    """The options of :func:`add_model_arguments` checked (counts >= 1, k <= N) and completed from the
+    model's defaults: ``frames``, ``steps``, ``refine_steps`` and ``guidance_scale``."""
+    for flag, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames),
+                        ("--steps", args.steps), ("--refine-steps", args.refine_steps)):  # fmt: skip
+        if value is not None and value < 1:
+            raise ValueError(f"`{flag}` must be >= 1 but is {value}.")
+    defaults = model_defaults(args.model, folder)
+    steps = args.steps or defaults["steps"]
+    refine_steps = args.refine_steps or default_refine_steps(steps, defaults["refine_fraction"])
+    if refine_steps > steps:
+        raise ValueError(f"`--refine-steps` must be in [1, --steps={steps}] but is {refine_steps}.")
+    return {
+        "frames": args.frames or defaults["frames"],
+        "steps": steps,
+        "refine_steps": refine_steps,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
+    }
+
+
 def _check_generate_args(args) -> dict:
     """Everything that can be checked without touching a model; returns the resolved settings."""
     kind, folder = resolve_model(args.model)
@@ -237,16 +257,10 @@ def _check_generate_args(args) -> dict:
         p is not None for p in (out, report, latents)
     ):
         raise ValueError("`--out`, `--report` and `--save-latents` must be different files.")
-    defaults = model_defaults(args.model, folder)
-    for flag, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames),
-                        ("--steps", args.steps), ("--refine-steps", args.refine_steps), ("--fps", args.fps),
-                        ("--threads", args.threads)):  # fmt: skip
+    for flag, value in (("--fps", args.fps), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ValueError(f"`{flag}` must be >= 1 but is {value}.")
-    steps = args.steps or defaults["steps"]
-    refine_steps = args.refine_steps or default_refine_steps(steps, defaults["refine_fraction"])
-    if refine_steps > steps:
-        raise ValueError(f"`--refine-steps` must be in [1, --steps={steps}] but is {refine_steps}.")
+    model = resolve_model_arguments(args, folder)
     tile = _pixel_pair("--tile-size", args.tile_size)
     if tile is not None and min(tile) < 1:
         raise ValueError(f"`--tile-size` must be >= 1 on both axes but is {args.tile_size!r}.")
@@ -257,14 +271,11 @@ def _check_generate_args(args) -> dict:
         "kind": kind,
         "folder": folder,
         "prompt": args.prompt if args.prompt is not None else TINY_PROMPT if args.model in EMBEDDED else OTHER_PROMPT,
-        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
+        **model,
         "cache": None if cache.mode == "off" else cache,
         "out": out,
         "report": report,
         "latents": latents,
-        "frames": args.frames or defaults["frames"],
-        "steps": steps,
-        "refine_steps": refine_steps,
         "tile": tile,
         "overlap": _pixel_pair("--overlap", args.overlap),
         "sketch": _pixel_pair("--sketch-size", args.sketch_size),

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import default_refine_steps
-
 #: Rows of the PNG, in order.
 METHODS = ("bicubic", "direct", "naive", "supergen")
 # Layout of the PNG in pixels: outer margin, gap between cells and rows, height of one text line.
@@ -281,8 +279,8 @@ def check_compare_args(args) -> dict:
         TINY_PROMPT,
         _check_model_folder,
         _check_output,
-        model_defaults,
         resolve_model,
+        resolve_model_arguments,
     )
     from .tiny import NATIVE_SIZE, read_sidecar
 
@@ -290,20 +288,13 @@ def check_compare_args(args) -> dict:
     if folder is not None:
         _check_model_folder(str(folder), allow_pickle=False)
     out = _check_output("--out", args.out, ".png", args.overwrite)
-    for flag, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames),
-                        ("--steps", args.steps), ("--refine-steps", args.refine_steps),
-                        ("--threads", args.threads)):  # fmt: skip
-        if value is not None and value < 1:
-            raise ValueError(f"`{flag}` must be >= 1 but is {value}.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"`--threads` must be >= 1 but is {args.threads}.")
     if args.seed < 0:
         raise ValueError(f"`--seed` must be >= 0 but is {args.seed}.")
     if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise ValueError(f"`--guidance-scale` must be a finite number >= 0 but is {args.guidance_scale}.")
-    defaults = model_defaults(args.model, folder)
-    steps = args.steps or defaults["steps"]
-    refine_steps = args.refine_steps or default_refine_steps(steps, defaults["refine_fraction"])
-    if refine_steps > steps:
-        raise ValueError(f"`--refine-steps` must be in [1, --steps={steps}] but is {refine_steps}.")
+    model = resolve_model_arguments(args, folder)
     # The native size, where it is known without loading (the model's own check runs again after loading).
     sidecar = {} if folder is None else read_sidecar(folder)
     native = NATIVE_SIZE if folder is None else sidecar.get("native_size")
@@ -326,10 +317,7 @@ def check_compare_args(args) -> dict:
         "tiny": folder is None or args.model in EMBEDDED or bool(sidecar),
         "out": out,
         "prompt": prompt,
-        "frames": args.frames or defaults["frames"],
-        "steps": steps,
-        "refine_steps": refine_steps,
-        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
+        **model,
     }
 
 
