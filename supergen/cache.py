@@ -23,6 +23,11 @@ region_range)``: tiles whose predictions move more than the canvas average get a
 (computed more often), static tiles a higher one. (The published rule raises the threshold of the most
 variable tiles; we take the direction that spends compute where the content moves.)
 
+Holders and window sums. The state is kept flat per cell and every decision is taken from per-tile
+float64 *sums* over window cells divided by the window's size: one process holds every cell, a rank of
+a tile-parallel run holds its region and the ranks add their sums with one small all-reduce
+(:class:`CellWindows`), so both take the same decisions with the same code.
+
 Budget mode. Instead of a threshold, compute a fixed fraction of the tiles each step: those with the
 largest predicted change (forced computes first). Speed becomes predictable, and across ranks the work
 can be balanced.
@@ -36,6 +41,7 @@ calibration run measures (:func:`step_similarity`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -136,12 +142,45 @@ class CacheStats:
         }
 
 
-def _window(canvas_map: torch.Tensor, oy: int, ox: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of a (torus-wrapped) window on a map of shape (..., H, W)."""
-    H, W = canvas_map.shape[-2:]
-    rows = torch.arange(oy, oy + h, device=canvas_map.device) % H
-    cols = torch.arange(ox, ox + w, device=canvas_map.device) % W
-    return rows[:, None], cols[None, :]
+def cell_abs_sum(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C, T, K)`` → ``(K,)`` float64 sum of ``|t|`` over batch, channels and frames, per cell."""
+    return t.detach().abs().sum(dim=(0, 1, 2), dtype=torch.float64)
+
+
+@dataclass
+class CellWindows:
+    """The tile windows of one step on the cells a holder keeps.
+
+    A *holder* keeps the cache state of a set of canvas cells, flat (maps ``(K,)``, tensors
+    ``(B, C, T, K)``): in one process the whole canvas (row-major, ``K = H * W``), under tile parallelism
+    a rank's region (:mod:`supergen.parallel`). Window statistics are sums over the held cells of each
+    window; ``reduce`` adds them up over all holders (``None``: this holder keeps every cell).
+
+    Attributes:
+        cells: per tile, the positions (in the holder's cell tensors) of the window cells it holds, in
+            window row-major order.
+        canvas: ``(N, h * w)`` canvas cell of every window cell (the same on every holder).
+        reduce: sums a float64 tensor over all holders, the same result on each.
+    """
+
+    cells: list[torch.Tensor]
+    canvas: torch.Tensor
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def num_tiles(self) -> int:
+        return self.canvas.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.canvas.shape[1]
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.reduce is None else self.reduce(t)
+
+
+# Columns of the per-tile window sums (TileCache._window_sums); the last row holds the canvas-wide sums.
+_NEVER, _NO_GAIN, _DX, _O_ABS, _ACC, _GAIN, _OVER_SKIPS, _MOTION, _SEEN, _NOT_PREVIOUS, _DO = range(11)
 
 
 class TileCache:
@@ -153,6 +192,13 @@ class TileCache:
         compute = cache.plan(i, num_steps, x, origins, tile_hw)       # (N,) bool
         pred[compute] = model(tiles[compute]);  pred[~compute] = cache.reuse(x, origins[~compute], tile_hw)
         cache.record(i, x, origins, tile_hw, compute, pred)           # pred: (N * B, C, T, h, w)
+
+    These canvas methods hold every cell. Underneath, the state is flat per cell and every decision is
+    made from per-tile *sums* over window cells (float64) divided by the window's size, so that the
+    same code serves a holder of only some cells (a rank's region, :mod:`supergen.parallel`): there the
+    sums of all ranks are added by one small all-reduce and every rank takes the same decision
+    (:meth:`start_cells`, :meth:`plan_cells`, :meth:`reuse_cells`, :meth:`record_cells`,
+    :meth:`set_input_change`).
     """
 
     def __init__(self, config: CacheConfig):
@@ -160,96 +206,129 @@ class TileCache:
             raise TypeError(f"`config` must be a CacheConfig but is {type(config).__name__}.")
         self.config = config
         self.stats = CacheStats()
-        self._x_prev: torch.Tensor | None = None  # canvas input of the previous step
+        self._x_prev: torch.Tensor | None = None  # canvas input of the previous step (canvas methods)
+        self._dx: torch.Tensor | None = None  # (K,) float64 sum |x_i - x_{i-1}| per cell; None: no previous
         self._residual: torch.Tensor | None = None  # prediction - input at each cell's last compute
-        self._o_abs: torch.Tensor | None = None  # (H, W) mean |prediction| at the last compute
-        self._last_compute: torch.Tensor | None = None  # (H, W) step of the last compute, -inf never
-        self._gain: torch.Tensor | None = None  # (H, W) last valid k, NaN = none yet
-        self._acc: torch.Tensor | None = None  # (H, W) accumulated predicted change since compute
-        self._skips: torch.Tensor | None = None  # (H, W) consecutive skips
-        self._motion: torch.Tensor | None = None  # (H, W) running mean of measured relative change
-        self._motion_n: torch.Tensor | None = None
         self._last_o: torch.Tensor | None = None  # prediction at the last compute (for k)
-        self._last_x: torch.Tensor | None = None  # input at the last compute (for k)
+        self._o_abs: torch.Tensor | None = None  # (K,) float64 mean |prediction| at the last compute
+        self._last_compute: torch.Tensor | None = None  # (K,) step of the last compute, -inf never
+        self._gain: torch.Tensor | None = None  # (K,) last valid k, NaN = none yet
+        self._acc: torch.Tensor | None = None  # (K,) accumulated predicted change since compute
+        self._skips: torch.Tensor | None = None  # (K,) consecutive skips
+        self._motion: torch.Tensor | None = None  # (K,) running mean of measured relative change
+        self._motion_n: torch.Tensor | None = None
+        self._per_cell = 1  # B * C * T: elements behind one cell
 
     # -- state -------------------------------------------------------------------------------------
 
-    def _allocate(self, x: torch.Tensor) -> None:
-        H, W = x.shape[-2:]
+    #: Every per-cell tensor (last dimension: the held cells), for a region that changes hands.
+    CELL_STATE = ("_dx", "_residual", "_last_o", "_o_abs", "_last_compute", "_gain", "_acc", "_skips", "_motion",
+                  "_motion_n")  # fmt: skip
+
+    def _allocate(self, x: torch.Tensor, map_shape) -> None:
         maps = dict(device=x.device, dtype=torch.float32)
-        self._residual = torch.zeros_like(x)
-        self._last_o = torch.zeros_like(x)
-        self._last_x = torch.zeros_like(x)
-        self._o_abs = torch.zeros((H, W), **maps)
-        self._last_compute = torch.full((H, W), -math.inf, **maps)
-        self._gain = torch.full((H, W), math.nan, **maps)
-        self._acc = torch.zeros((H, W), **maps)
-        self._skips = torch.zeros((H, W), **maps)
-        self._motion = torch.zeros((H, W), **maps)
-        self._motion_n = torch.zeros((H, W), **maps)
+        self._per_cell = x.shape[0] * x.shape[1] * x.shape[2]
+        self._residual = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        self._last_o = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        self._o_abs = torch.zeros(map_shape, device=x.device, dtype=torch.float64)
+        self._last_compute = torch.full(map_shape, -math.inf, **maps)
+        self._gain = torch.full(map_shape, math.nan, **maps)
+        self._acc = torch.zeros(map_shape, **maps)
+        self._skips = torch.zeros(map_shape, **maps)
+        self._motion = torch.zeros(map_shape, **maps)
+        self._motion_n = torch.zeros(map_shape, **maps)
+
+    def start_cells(self, x: torch.Tensor) -> None:
+        """Hold the cells of ``x`` ``(B, C, T, K)`` (a rank's region) instead of a whole canvas."""
+        self._allocate(x, (x.shape[-1],))
+
+    def cell_state(self) -> dict[str, torch.Tensor]:
+        """The per-cell tensors by attribute name (those allocated), for moving cells between holders."""
+        return {k: getattr(self, k) for k in self.CELL_STATE if getattr(self, k) is not None}
+
+    def set_input_change(self, dx: torch.Tensor | None) -> None:
+        """``(K,)`` float64 :func:`cell_abs_sum` of ``x_i - x_{i-1}``: the input change the next step's gate reads."""
+        self._dx = dx
 
     @staticmethod
-    def _cell_mean_abs(t: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, h, w) → (h, w) mean absolute value over batch, channels and frames."""
-        return t.abs().float().mean(dim=(0, 1, 2))
+    def _flat(t: torch.Tensor) -> torch.Tensor:
+        """A canvas map ``(H, W)`` / tensor ``(B, C, T, H, W)`` as its flat cells (a view); flat ones as they are."""
+        return t.flatten(-2) if t.dim() in (2, 5) else t
 
-    # -- decisions ---------------------------------------------------------------------------------
+    # -- window statistics -------------------------------------------------------------------------
 
-    def predicted_change(self, step: int, x: torch.Tensor, origins: torch.Tensor, tile_hw) -> torch.Tensor:
-        """(N,) accumulated predicted relative change of each tile if skipped now; ``inf`` = must compute."""
-        h, w = tile_hw
-        N = origins.shape[0]
-        out = torch.full((N,), math.inf)
-        if self._x_prev is None:
-            return out
-        for n, (oy, ox) in enumerate(origins.tolist()):
-            r, c = _window(self._acc, oy, ox, h, w)
-            last = self._last_compute[r, c]
-            gain = self._gain[r, c]
-            if bool(torch.isinf(last).any()) or bool(torch.isnan(gain).any()):
-                continue  # a cell never computed, or no gain measured yet: compute
-            dx = float((x[..., r, c] - self._x_prev[..., r, c]).abs().float().mean())
-            o_abs = max(float(self._o_abs[r, c].mean()), 1e-8)
-            out[n] = float(self._acc[r, c].mean()) + float(gain.mean()) * dx / o_abs
-        return out
+    def _window_sums(self, step: int, windows: CellWindows, outputs: dict | None = None) -> torch.Tensor:
+        """``(N + 1, 11)`` float64: per tile the sums over its window cells (columns ``_NEVER`` .. ``_DO``),
+        over all holders; the last row the canvas-wide ``_MOTION`` / ``_SEEN`` sums. ``_DO`` (with
+        ``outputs``, tile → prediction at the held cells) is the sum of ``|o - o_last|`` over the window."""
+        f = self._flat
+        last, gain, motion = f(self._last_compute), f(self._gain), f(self._motion)
+        seen = f(self._motion_n) > 0
+        dx = self._dx if self._dx is not None else torch.zeros_like(f(self._o_abs))
+        per_cell = torch.stack(
+            [
+                torch.isinf(last).double(),
+                torch.isnan(gain).double(),
+                dx,
+                f(self._o_abs),
+                f(self._acc).double(),
+                torch.nan_to_num(gain, nan=0.0).double(),
+                (f(self._skips) >= self.config.max_skips).double(),
+                torch.where(seen, motion, 0.0).double(),
+                seen.double(),
+                (last != float(step - 1)).double(),
+            ]
+        )  # (10, K)
+        sums = torch.zeros((windows.num_tiles + 1, 11), dtype=torch.float64, device=per_cell.device)
+        last_o = f(self._last_o)
+        for n, cells in enumerate(windows.cells):
+            if cells.numel():
+                sums[n, :_DO] = per_cell[:, cells].sum(dim=1)
+                if outputs is not None and n in outputs:
+                    sums[n, _DO] = cell_abs_sum(outputs[n] - last_o[..., cells]).sum()
+        sums[-1, _MOTION : _SEEN + 1] = per_cell[_MOTION : _SEEN + 1].sum(dim=1)
+        return windows.sum(sums).cpu()
 
-    def thresholds(self, origins: torch.Tensor, tile_hw) -> torch.Tensor:
-        """(N,) per-tile thresholds (region-aware scaling of ``config.threshold``)."""
-        h, w = tile_hw
-        base = torch.full((origins.shape[0],), float(self.config.threshold))
-        if not self.config.region_aware or self._motion is None or not bool((self._motion_n > 0).any()):
+    def _change(self, sums: torch.Tensor, windows: CellWindows) -> torch.Tensor:
+        """(N,) float64 accumulated predicted relative change of each tile if skipped now; ``inf`` = must compute."""
+        s, size = sums[:-1], windows.size
+        if self._dx is None:
+            return torch.full((windows.num_tiles,), math.inf, dtype=torch.float64)
+        dx = s[:, _DX] / (size * self._per_cell)
+        o_abs = (s[:, _O_ABS] / size).clamp_min(1e-8)
+        change = s[:, _ACC] / size + s[:, _GAIN] / size * dx / o_abs
+        # a cell never computed, or no gain measured yet: compute
+        return torch.where((s[:, _NEVER] > 0) | (s[:, _NO_GAIN] > 0), math.inf, change)
+
+    def _thresholds(self, sums: torch.Tensor, windows: CellWindows) -> torch.Tensor:
+        """(N,) float64 per-tile thresholds (region-aware scaling of ``config.threshold``)."""
+        base = torch.full((windows.num_tiles,), float(self.config.threshold), dtype=torch.float64)
+        seen_total = float(sums[-1, _SEEN])
+        if not self.config.region_aware or seen_total == 0:
             return base
-        seen = self._motion_n > 0
-        global_mean = float(self._motion[seen].mean())
+        global_mean = float(sums[-1, _MOTION]) / seen_total
         rng = float(self.config.region_range)
-        for n, (oy, ox) in enumerate(origins.tolist()):
-            r, c = _window(self._motion, oy, ox, h, w)
-            cells = seen[r, c]
-            if not bool(cells.any()) or global_mean <= 0:
-                continue
-            tile_mean = max(float(self._motion[r, c][cells].mean()), 1e-12)
-            base[n] *= min(max(global_mean / tile_mean, 1 / rng), rng)
-        return base
+        if global_mean <= 0:
+            return base
+        seen = sums[:-1, _SEEN]
+        tile_mean = (sums[:-1, _MOTION] / seen.clamp_min(1)).clamp_min(1e-12)
+        scale = (global_mean / tile_mean).clamp(1 / rng, rng)
+        return torch.where(seen > 0, base * scale, base)
 
-    def plan(self, step: int, num_steps: int, x: torch.Tensor, origins: torch.Tensor, tile_hw) -> torch.Tensor:
-        """(N,) bool: which tiles to compute at ``step`` (of ``num_steps`` refinement steps)."""
-        N = origins.shape[0]
+    # -- decisions and updates on held cells --------------------------------------------------------
+
+    def plan_cells(self, step: int, num_steps: int, windows: CellWindows) -> torch.Tensor:
+        """(N,) bool: which tiles to compute at ``step`` (of ``num_steps`` refinement steps); every holder
+        must call it (its window sums are reduced over all holders) and gets the same answer."""
+        N = windows.num_tiles
         cfg = self.config
-        if self._residual is None:
-            self._allocate(x)
         if cfg.mode in ("off", "rehash") or step < cfg.warmup or step == num_steps - 1:
             return torch.ones(N, dtype=torch.bool)
-        change = self.predicted_change(step, x, origins, tile_hw)
-        h, w = tile_hw
-        over_skips = torch.tensor(
-            [
-                bool((self._skips[_window(self._skips, oy, ox, h, w)] >= cfg.max_skips).any())
-                for oy, ox in origins.tolist()
-            ]
-        )
-        forced = torch.isinf(change) | over_skips
+        sums = self._window_sums(step, windows)
+        change = self._change(sums, windows)
+        forced = torch.isinf(change) | (sums[:-1, _OVER_SKIPS] > 0)
         if cfg.mode == "gate":
-            return forced | (change >= self.thresholds(origins, tile_hw))
+            return forced | (change >= self._thresholds(sums, windows))
         # budget: the forced tiles first, then the largest predicted changes, up to ceil(budget * N)
         quota = max(math.ceil(cfg.budget * N), int(forced.sum()))
         order = torch.argsort(torch.where(forced, math.inf, change), descending=True, stable=True)
@@ -257,57 +336,112 @@ class TileCache:
         compute[order[:quota]] = True
         return compute
 
-    # -- state updates -----------------------------------------------------------------------------
+    def reuse_cells(self, x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """The reused prediction ``x + R`` at held ``cells`` of ``x`` ``(B, C, T, K)``."""
+        return x[..., cells] + self._flat(self._residual)[..., cells]
+
+    def record_cells(self, step: int, x: torch.Tensor, windows: CellWindows, compute: torch.Tensor,
+                     outputs: dict) -> None:  # fmt: skip
+        """Update the held cells after ``step``: ``x`` ``(B, C, T, K)`` is the input, ``outputs[n]`` the
+        prediction of computed tile ``n`` at its held cells ``(B, C, T, len(windows.cells[n]))``.
+
+        Tiles are applied in tile order, and a tile counts as computed at two consecutive steps only if
+        every window cell was computed at ``step - 1`` and no earlier computed tile of this step shares a
+        cell with it (the canvas order of the one-process loop, where that tile has already stamped them).
+        """
+        f = self._flat
+        sums = self._window_sums(step, windows, outputs)
+        change = self._change(sums, windows) if self.config.mode != "off" else None
+        per_window = windows.size * self._per_cell
+        residual, last_o, o_abs = f(self._residual), f(self._last_o), f(self._o_abs)
+        last, gain, acc, skips = f(self._last_compute), f(self._gain), f(self._acc), f(self._skips)
+        motion, motion_n = f(self._motion), f(self._motion_n)
+        stamped = torch.zeros(int(windows.canvas.max()) + 1 if windows.canvas.numel() else 0, dtype=torch.bool)
+        for n, cells in enumerate(windows.cells):
+            if not bool(compute[n]):
+                acc[cells] = float(change[n]) if change is not None else 0.0
+                skips[cells] += 1
+                continue
+            consecutive = (
+                self._dx is not None and sums[n, _NOT_PREVIOUS] == 0 and not bool(stamped[windows.canvas[n]].any())
+            )
+            stamped[windows.canvas[n]] = True
+            if not cells.numel():
+                continue
+            o = outputs[n]
+            if consecutive:
+                # k from two real computes at consecutive steps, never from a reused output
+                dx = float(sums[n, _DX]) / per_window
+                do = float(sums[n, _DO]) / per_window
+                if dx > 0:
+                    gain[cells] = do / dx
+                rel = do / max(float(sums[n, _O_ABS]) / windows.size, 1e-8)
+                n_prev = motion_n[cells]
+                motion[cells] = (motion[cells] * n_prev + rel) / (n_prev + 1)
+                motion_n[cells] = n_prev + 1
+            last_o[..., cells] = o
+            residual[..., cells] = o - x[..., cells]
+            o_abs[cells] = cell_abs_sum(o) / self._per_cell
+            last[cells] = float(step)
+            acc[cells] = 0.0
+            skips[cells] = 0.0
+        self.stats.computed += int(compute.sum())
+        self.stats.skipped += int((~compute).sum())
+        self.stats.per_step.append([bool(v) for v in compute])
+
+    # -- the canvas methods (one holder keeps every cell) --------------------------------------------
+
+    @staticmethod
+    def _canvas_cells(origins: torch.Tensor, tile_hw, canvas_hw, device) -> CellWindows:
+        """Every cell of every (torus-wrapped) window of a canvas whose cells are all held, row-major."""
+        h, w = tile_hw
+        H, W = canvas_hw
+        rows = (origins[:, 0:1].to(torch.int64) + torch.arange(h)) % H
+        cols = (origins[:, 1:2].to(torch.int64) + torch.arange(w)) % W
+        canvas = (rows[:, :, None] * W + cols[:, None, :]).reshape(origins.shape[0], h * w)
+        return CellWindows(list(canvas.to(device)), canvas)
+
+    def _canvas_windows(self, x: torch.Tensor, origins: torch.Tensor, tile_hw) -> CellWindows:
+        """The windows on canvas ``x`` (state allocated on first use), and its input change since the
+        previous recorded step."""
+        if self._residual is None:
+            self._allocate(x, x.shape[-2:])
+        self._dx = None if self._x_prev is None else cell_abs_sum(self._flat(x) - self._flat(self._x_prev))
+        return self._canvas_cells(origins, tile_hw, x.shape[-2:], x.device)
+
+    def predicted_change(self, step: int, x: torch.Tensor, origins: torch.Tensor, tile_hw) -> torch.Tensor:
+        """(N,) accumulated predicted relative change of each tile if skipped now; ``inf`` = must compute."""
+        windows = self._canvas_windows(x, origins, tile_hw)
+        return self._change(self._window_sums(step, windows), windows).float()
+
+    def thresholds(self, origins: torch.Tensor, tile_hw) -> torch.Tensor:
+        """(N,) per-tile thresholds (region-aware scaling of ``config.threshold``)."""
+        if self._motion is None:
+            return torch.full((origins.shape[0],), float(self.config.threshold))
+        windows = self._canvas_cells(origins, tile_hw, self._motion.shape, self._motion.device)
+        return self._thresholds(self._window_sums(0, windows), windows).float()
+
+    def plan(self, step: int, num_steps: int, x: torch.Tensor, origins: torch.Tensor, tile_hw) -> torch.Tensor:
+        """(N,) bool: which tiles to compute at ``step`` (of ``num_steps`` refinement steps)."""
+        return self.plan_cells(step, num_steps, self._canvas_windows(x, origins, tile_hw))
 
     def reuse(self, x: torch.Tensor, origins: torch.Tensor, tile_hw) -> torch.Tensor:
         """Predictions of skipped tiles: input under the window plus the cached residual, tile-major."""
         h, w = tile_hw
-        parts = []
-        for oy, ox in origins.tolist():
-            r, c = _window(self._acc, oy, ox, h, w)
-            parts.append(x[..., r, c] + self._residual[..., r, c])
+        windows = self._canvas_windows(x, origins, tile_hw)
+        flat = self._flat(x)
+        parts = [self.reuse_cells(flat, cells).unflatten(-1, (h, w)) for cells in windows.cells]
         return torch.cat(parts) if parts else x.new_empty((0, *x.shape[1:3], h, w))
 
     def record(
         self, step: int, x: torch.Tensor, origins: torch.Tensor, tile_hw, compute: torch.Tensor, pred: torch.Tensor
     ) -> None:
         """Update the canvas-coordinate state after ``step`` with the tiles' predictions (tile-major)."""
-        if self._residual is None:
-            self._allocate(x)
-        h, w = tile_hw
+        windows = self._canvas_windows(x, origins, tile_hw)
         B = x.shape[0]
-        change = self.predicted_change(step, x, origins, tile_hw) if self.config.mode != "off" else None
-        for n, (oy, ox) in enumerate(origins.tolist()):
-            r, c = _window(self._acc, oy, ox, h, w)
-            if not bool(compute[n]):
-                self._acc[r, c] = float(change[n]) if change is not None else 0.0
-                self._skips[r, c] += 1
-                continue
-            o = pred[n * B : (n + 1) * B]
-            xin = x[..., r, c]
-            consecutive = bool((self._last_compute[r, c] == step - 1).all())
-            if consecutive:
-                # k from two real computes at consecutive steps, never from a reused output
-                dx = float((xin - self._last_x[..., r, c]).abs().float().mean())
-                do = float((o - self._last_o[..., r, c]).abs().float().mean())
-                if dx > 0:
-                    self._gain[r, c] = do / dx
-                o_prev_abs = max(float(self._last_o[..., r, c].abs().float().mean()), 1e-8)
-                rel = do / o_prev_abs
-                n_prev = self._motion_n[r, c]
-                self._motion[r, c] = (self._motion[r, c] * n_prev + rel) / (n_prev + 1)
-                self._motion_n[r, c] = n_prev + 1
-            self._last_o[..., r, c] = o
-            self._last_x[..., r, c] = xin
-            self._residual[..., r, c] = o - xin
-            self._o_abs[r, c] = self._cell_mean_abs(o)
-            self._last_compute[r, c] = float(step)
-            self._acc[r, c] = 0.0
-            self._skips[r, c] = 0.0
+        outputs = {n: pred[n * B : (n + 1) * B].flatten(-2) for n in range(windows.num_tiles) if bool(compute[n])}
+        self.record_cells(step, self._flat(x), windows, compute, outputs)
         self._x_prev = x.clone()
-        self.stats.computed += int(compute.sum())
-        self.stats.skipped += int((~compute).sum())
-        self.stats.per_step.append([bool(v) for v in compute])
 
 
 def step_rehash_schedule(similarity: torch.Tensor, gamma: float) -> list[bool]:

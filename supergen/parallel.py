@@ -31,6 +31,14 @@ Design (why it is shaped this way)
   reused prediction from their own cells, no forward, no bytes); computed tiles are assigned longest
   first, each rank keeping its own tiles up to its fair share, the rest going to the least-loaded rank
   and, among equally loaded ranks, to the one that moves the fewest bytes.
+* **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
+  prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
+  migrates with the region like the scheduler's. Its decisions need per-tile window means: each rank
+  sums its own cells of every window in float64 and an all-reduce of the ``(N + 1) x 11`` sums gives
+  every rank the same numbers, hence the same skip decision and the same report totals (the one
+  process runs the same code on sums over the whole canvas): one reduction before the forwards (the
+  decision, only on steps where the gate can skip) and one after (the gain). The decision feeds the
+  assignment, so skipped tiles are never computed and the computed ones are rebalanced.
 * **Start-up and failure.** Every rank hashes its generation settings; a mismatch raises on every
   rank, naming the differing values. The process group carries a timeout, so a rank that raises or
   dies makes the others' transfers fail (non-zero exit) instead of hanging.
@@ -64,7 +72,8 @@ from .reference import blend_ramp
 
 @dataclass
 class ExchangeStats:
-    """Bytes this rank sent, per refinement step and by kind (inputs, predictions, migration)."""
+    """Bytes this rank sent, per refinement step and by kind (inputs, predictions, migration, and the tile
+    cache's window sums: the ring all-reduce's share of a rank, ``2 (R - 1) / R`` of the vector)."""
 
     per_step: list[dict] = field(default_factory=list)
     final_gather: int = 0
@@ -78,7 +87,8 @@ class ExchangeStats:
         return {
             "bytes_sent_per_step": totals,
             "bytes_sent_by_kind": {
-                k: sum(s.get(k, 0) for s in self.per_step) for k in ("inputs", "predictions", "migration")
+                k: sum(s.get(k, 0) for s in self.per_step)
+                for k in ("inputs", "predictions", "migration", "cache_stats")
             },
             "final_gather_bytes": self.final_gather,
         }
@@ -495,14 +505,16 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     """Stage 2 shared by ``ctx.world_size`` ranks (same contract as :func:`supergen.stages.refine`).
 
     ``latents`` is the whole re-noised canvas, identical on every rank. Returns the refined canvas on
-    rank 0 and ``None`` on the other ranks.
+    rank 0 and ``None`` on the other ranks. ``cache``: a :class:`supergen.cache.StepRehash` (whole steps
+    computed or reused) or a :class:`supergen.cache.TileCache` (gate/budget), which here keeps its state
+    for this rank's region only (see :func:`_cache_windows`).
     """
-    from .cache import StepRehash
+    from .cache import StepRehash, TileCache, cell_abs_sum
 
-    if cache is not None and not isinstance(cache, StepRehash):
-        raise NotImplementedError(
-            "the tile cache (gate/budget) is not available with tile parallelism yet; use rehash or off."
-        )
+    if cache is not None and not isinstance(cache, StepRehash | TileCache):
+        raise TypeError(f"`cache` must be a StepRehash or TileCache but is {type(cache).__name__}.")
+    step_cache = cache if isinstance(cache, StepRehash) else None
+    tile_cache = cache if isinstance(cache, TileCache) else None
     me, R = ctx.rank, ctx.world_size
     B, C, T, H, W = latents.shape
     begin = plan.begin_index
@@ -520,26 +532,46 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
 
     layout = Layout.at_step(grid, 0, R)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
+    if tile_cache is not None:
+        tile_cache.start_cells(x[..., 0, :])
 
     for i, t in enumerate(timesteps):
         ctx.stats.per_step.append({})
         sigma = float(sigmas[begin + i]) if sigmas is not None else None
         adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
-        if cache is not None and not cache.computes(i):
+        if step_cache is not None and not step_cache.computes(i):
             ctx.computed_tiles.append([0] * R)
-            eps = cache.reuse(x)
+            eps = step_cache.reuse(x)
         else:
-            computer = computers(layout, None, ctx.config.rebalance)
+            windows = compute = None
+            if tile_cache is not None:
+                windows = _cache_windows(ctx, layout, x.device)
+                compute = tile_cache.plan_cells(i, len(timesteps), windows)
+            computer = computers(layout, compute, ctx.config.rebalance)
             ctx.computed_tiles.append(torch.bincount(computer[computer >= 0], minlength=R).tolist())
-            eps = _step_predictions(ctx, adapter, layout, computer, x, t, cond, weight, pred_dtype, gather_mode)
-        if cache is not None:
-            cache.record(i, x, eps, grid.num_tiles)
+            values = _tile_predictions(ctx, adapter, layout, computer, x, t, cond, pred_dtype, gather_mode)
+            if tile_cache is not None:
+                # a skipped tile costs no bytes: each owner rebuilds its cells' reused prediction, x + R
+                for n in (~compute).nonzero().flatten().tolist():
+                    if windows.cells[n].numel():
+                        values[n] = tile_cache.reuse_cells(x[..., 0, :], windows.cells[n]).to(pred_dtype)
+                computed = {n: v for n, v in values.items() if bool(compute[n])}
+                tile_cache.record_cells(i, x[..., 0, :], windows, compute, computed)
+            eps = _blend(layout, me, values, weight, x, pred_dtype)
+        if step_cache is not None:
+            step_cache.record(i, x, eps, grid.num_tiles)
 
+        x_in = x
         x = adapter.scheduler_step(scheduler, eps, t, x, step_index=begin + i, state=state, generator=generator)
+        if tile_cache is not None:
+            tile_cache.set_input_change(cell_abs_sum(x[..., 0, :] - x_in[..., 0, :]))
+        del x_in
 
         if i + 1 < len(timesteps):
             new = Layout.at_step(grid, i + 1, R, previous=layout)
-            refs = _region_refs([scheduler, state, cache] if cache is not None else [scheduler, state], x)
+            refs = _region_refs([scheduler, state] + ([step_cache] if step_cache is not None else []), x)
+            if tile_cache is not None:  # named explicitly: its maps are (K,), not latent-shaped
+                refs += [(tile_cache.__dict__, k) for k in tile_cache.cell_state()]
             moved = migrate(ctx, layout, new, [x] + [c[k] for c, k in refs])
             x = moved[0]
             for (c, k), v in zip(refs, moved[1:]):
@@ -550,8 +582,37 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     return _gather(ctx, layout, x, latents)
 
 
-def _step_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, weight, pred_dtype, gather_mode):
-    """This step's fused prediction ``(B, C, T, 1, K)`` for this rank's cells."""
+def _cache_windows(ctx: ParallelContext, layout: Layout, device):
+    """The tile cache's view of this step: per tile, this rank's cells of the window (positions in its
+    region tensors, window row-major, as :meth:`Layout.output_positions`), and the reduction that adds
+    the ranks' partial window sums. The gate needs, per tile, a handful of window means (input change,
+    mean |output|, accumulated change, gain, region motion; :meth:`supergen.cache.TileCache._window_sums`):
+    each rank sums its own cells in float64 and one all-reduce of the ``(N + 1) x 11`` sums gives every
+    rank the same numbers, so every rank takes the same skip decision (the one process divides the same
+    float64 sums, so the decisions are the single-process ones unless a predicted change lies within
+    ~1e-15 of its threshold). Two such reductions per step: the decision before the forwards, the gain
+    after them (it needs the new predictions)."""
+    from .cache import CellWindows
+
+    me = ctx.rank
+    local = layout.local_index(me)
+    cells = [local[layout.windows[n][layout.output_positions(n, me)]].to(device) for n in range(layout.num_tiles)]
+    return CellWindows(cells, layout.windows, reduce=lambda sums: _all_reduce_sum(ctx, sums))
+
+
+def _all_reduce_sum(ctx: ParallelContext, t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over the ranks (every rank gets the same result); the ring's bytes go to ``cache_stats``."""
+    import torch.distributed as dist
+
+    buf = t.to(_comm_device(ctx)).contiguous()
+    dist.all_reduce(buf)
+    ctx.stats.add("cache_stats", round(2 * (ctx.world_size - 1) / ctx.world_size * buf.numel() * buf.element_size()))
+    return buf.to(t.device)
+
+
+def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_dtype, gather_mode) -> dict:
+    """``{tile: prediction at this rank's cells of its window (B, C, T, cells)}`` for every computed tile
+    covering this rank's cells (window row-major order of :meth:`Layout.output_positions`)."""
     me, R = ctx.rank, ctx.world_size
     B, C, T = x.shape[:3]
     H, W = layout.canvas_hw
@@ -593,7 +654,7 @@ def _step_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, weight
     del scratch
 
     # 3. Predictions for other ranks' cells go to their owners, per tile in tile order.
-    sends, recvs, incoming = {}, {}, {}
+    sends, recvs, values = {}, {}, {}
     for q in range(R):
         if q == me:
             continue
@@ -611,28 +672,33 @@ def _step_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, weight
             if pos.numel():
                 buf = torch.empty((B, C, T, pos.numel()), dtype=pred_dtype, device=device)
                 bufs.append(buf)
-                incoming[n] = buf
+                values[n] = buf
         if bufs:
             recvs[q] = bufs
     _transfer(ctx, sends, recvs, "predictions")
+    for j, n in enumerate(mine.tolist()):
+        pos = layout.output_positions(n, me)
+        if pos.numel():
+            values[n] = pred[j][..., pos.to(device)]
+    return values
 
-    # 4. Blend every tile covering this rank's cells, in tile order, as blend_scatter does.
-    K = x.shape[-1]
+
+def _blend(layout: Layout, me: int, values: dict, weight, x, pred_dtype) -> torch.Tensor:
+    """This step's fused prediction ``(B, C, T, 1, K)`` for this rank's cells: every tile covering them
+    (``values[n]``, as :func:`_tile_predictions` returns), in tile order, as blend_scatter does."""
+    B, C, T, _, K = x.shape
+    device = x.device
+    local = layout.local_index(me)
     acc = torch.zeros((B, C, T, K), dtype=torch.float32, device=device)
     wsum = torch.zeros((K,), dtype=torch.float32, device=device)
-    row_of = {n: j for j, n in enumerate(mine.tolist())}
     for n in range(layout.num_tiles):
         pos = layout.output_positions(n, me)
         if not pos.numel():
             continue
         pos_d = pos.to(device)
-        if n in row_of:
-            values = pred[row_of[n]][..., pos_d]
-        else:
-            values = incoming[n]
         idx = local[layout.windows[n][pos]].to(device)
         wgt = weight[pos_d]
-        acc.index_add_(-1, idx, values.float() * wgt)
+        acc.index_add_(-1, idx, values[n].float() * wgt)
         wsum.index_add_(0, idx, wgt)
     eps = torch.where(wsum > 0, acc / wsum.clamp(min=torch.finfo(torch.float32).tiny), acc)
     return eps.to(pred_dtype).unsqueeze(-2)

@@ -358,10 +358,6 @@ class SuperGen:
         if not ctx.distributed:
             return ctx
         ctx.check_no_callback(callback)
-        if self.cache is not None and self.cache.mode in ("gate", "budget"):
-            raise NotImplementedError(
-                f"cache mode {self.cache.mode!r} is not available with tile parallelism yet; use 'rehash' or 'off'."
-            )
         transformer = self.pipe.transformer
         settings = {
             "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(plan).items()},

@@ -50,7 +50,13 @@ def make_scheduler(name: str):
 
 def fake_case(case: dict, parallel=None):
     """The final latent of the fake refine loop for ``case`` (whole canvas; ``None`` on ranks > 0)."""
-    from supergen.cache import StepRehash
+    return fake_run(case, parallel)[0]
+
+
+def fake_run(case: dict, parallel=None):
+    """``(final latent, cache)`` of the fake refine loop; ``case["cache"]``: CacheConfig fields of a tile
+    cache (gate/budget), ``case["rehash"]``: a Step Rehash schedule."""
+    from supergen.cache import CacheConfig, StepRehash, TileCache
     from supergen.config import TilingConfig
     from supergen.stages import refine
     from supergen.tiling import TileGrid
@@ -64,16 +70,21 @@ def fake_case(case: dict, parallel=None):
     scheduler.set_timesteps(steps)
     latents = torch.randn(1, 4, T, H, W, generator=torch.Generator().manual_seed(case.get("seed", 0)))
     cache = StepRehash(case["rehash"]) if case.get("rehash") else None
-    return refine(FakeAdapter(), scheduler, latents, None, grid, plan, cache=cache, parallel=parallel)
+    if case.get("cache"):
+        cache = TileCache(CacheConfig(**case["cache"]))
+    return refine(FakeAdapter(), scheduler, latents, None, grid, plan, cache=cache, parallel=parallel), cache
 
 
 def tiny_case(case: dict, parallel_config):
     from supergen import SuperGen, TilingConfig
+    from supergen.cache import CacheConfig
     from supergen.tiny import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    sg = SuperGen(pipe, tiling=TilingConfig(**case["tiling"]), positions="canvas", parallel=parallel_config)
+    cache = CacheConfig(**case["cache"]) if case.get("cache") else None
+    sg = SuperGen(pipe, tiling=TilingConfig(**case["tiling"]), positions="canvas", parallel=parallel_config,
+                  cache=cache)  # fmt: skip
     out = sg(
         prompt=case.get("prompt", "a lighthouse at dusk"),
         negative_prompt="low quality",
@@ -106,13 +117,15 @@ def main(spec_path: str, out_dir: str) -> None:
             continue
         if case.get("model") == "tiny":
             latents, report = tiny_case(case, config)
-            stats = report.get("parallel")
+            stats = dict(report.get("parallel") or {}, cache=report.get("cache"))
         else:
             ctx = par.setup(config)
             if case.get("fail_rank") == rank:
                 _fail_mid_run(rank, case["fail_at_step"])
-            latents = fake_case(case, ctx)
+            latents, cache = fake_run(case, ctx)
             stats = {"exchange": ctx.stats.as_dict(), "computed_tiles": ctx.computed_tiles}
+            if cache is not None:
+                stats["cache"] = cache.stats.as_dict()
         if latents is not None:
             torch.save(latents, out / f"{case['name']}.pt")
         (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(stats))

@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from parallel_worker import fake_case  # noqa: E402
+from parallel_worker import fake_run  # noqa: E402
 
 from supergen import parallel as par  # noqa: E402
 from supergen.config import ParallelConfig, TilingConfig  # noqa: E402
@@ -40,8 +40,26 @@ CASES = [
 ]  # fmt: skip
 for _case in CASES:
     _case.update(steps=6, refine_steps=5)
+# The tile cache (gate / budget) under parallelism: torus shifted (9 tiles, one step skips all of them),
+# fixed overlap, clamp + overlap (tile count changes per step), 2 tiles (more ranks than tiles). Warm-up
+# of one step and 7 refinement steps, so that each case really skips tiles (asserted below).
+CACHE_CASES = [
+    {"name": "gate_torus", "canvas": [2, 24, 24], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc",
+     "cache": {"mode": "gate"}},
+    {"name": "budget_overlap", "canvas": [2, 20, 28], "tile": [8, 8], "tiling": {"shift": False, "overlap": 2},
+     "scheduler": "unipc", "cache": {"mode": "budget", "budget": 0.5}},
+    {"name": "gate_clamp", "canvas": [2, 22, 26], "tile": [8, 8], "tiling": {"boundary": "clamp", "overlap": 2},
+     "scheduler": "euler", "cache": {"mode": "gate", "threshold": 0.3}},
+    {"name": "budget_few", "canvas": [2, 8, 16], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc",
+     "cache": {"mode": "budget", "budget": 0.5}},
+]  # fmt: skip
+for _case in CACHE_CASES:
+    _case.update(steps=8, refine_steps=7)
+    _case["cache"].update(warmup=1, max_skips=2)
+CASES += CACHE_CASES
 TINY = {"name": "tiny_wan", "model": "tiny", "height": 128, "width": 192, "steps": 4, "refine_steps": 3,
         "tiling": {"shift": True}}  # fmt: skip
+TINY_CACHE = dict(TINY, name="tiny_wan_budget", steps=5, refine_steps=4, cache={"mode": "budget", "warmup": 1})
 
 
 def _free_port() -> int:
@@ -80,8 +98,8 @@ def _wait(procs, limit: float) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def single_process():
-    """Every fake case's final latent from the plain single-process loop."""
-    return {case["name"]: fake_case(case) for case in CASES}
+    """Every fake case's final latent and cache from the plain single-process loop."""
+    return {case["name"]: fake_run(case) for case in CASES}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,13 +111,13 @@ def single_process():
 def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_path):
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
-    cases = CASES + ([mismatch, TINY] if world == 2 else [])
+    cases = CASES + ([mismatch, TINY, TINY_CACHE] if world == 2 else [])
     results = _wait(_launch(world, cases, tmp_path), limit=240)
     for rank, (code, text) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
     for case in CASES:
         got = torch.load(tmp_path / f"{case['name']}.pt")
-        want = single_process[case["name"]]
+        want = single_process[case["name"]][0]
         assert got.shape == want.shape
         assert (got - want).abs().max().item() <= 1e-5, case["name"]
     stats = {c["name"]: json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in CASES}
@@ -117,10 +135,27 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     for name in ("torus_odd", "overlap"):
         assert all(sum(step) == 9 if name == "torus_odd" else sum(step) > 0 for step in stats[name]["computed_tiles"])
     assert [sum(s) for s in stats["rehash"]["computed_tiles"]] == [9, 0, 9, 0, 9]
+    # tile cache: every rank takes the single-process decisions (the same hit map, so the same report
+    # totals), it really skips, nobody computes a skipped tile, and the computed ones are balanced
+    for case in CACHE_CASES:
+        name, want = case["name"], single_process[case["name"]][1].stats
+        assert want.skipped > 0, name
+        for rank in range(world):
+            got = json.loads((tmp_path / f"{name}.rank{rank}.json").read_text())
+            assert got["cache"] == want.as_dict(), (name, rank)
+            assert [sum(s) for s in got["computed_tiles"]] == [sum(s) for s in want.per_step], name
+            assert all(max(s) - min(s) <= 1 for s in got["computed_tiles"]), (name, got["computed_tiles"])
+        assert stats[name]["exchange"]["bytes_sent_by_kind"]["cache_stats"] > 0
+    assert [sum(s) for s in stats["gate_torus"]["computed_tiles"]].count(0) >= 1  # a step skipping every tile
     if world == 2:
-        single = _tiny_single_process()
-        got = torch.load(tmp_path / "tiny_wan.pt")
-        assert (got - single).abs().max().item() <= 1e-5
+        for case in (TINY, TINY_CACHE):  # through SuperGen, without and with the tile cache
+            single, report = _tiny_single_process(case)
+            got = torch.load(tmp_path / f"{case['name']}.pt")
+            assert (got - single).abs().max().item() <= 1e-5, case["name"]
+            for rank in range(2):
+                ranks_report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
+                assert ranks_report["cache"] == report["cache"], (case["name"], rank)
+        assert report["cache"]["skipped_tile_steps"] > 0
         # the mismatch raised on every rank before any model work, naming the differing value
         for rank in range(2):
             message = (tmp_path / f"mismatch.rank{rank}.error").read_text()
@@ -139,22 +174,25 @@ def _predicted_bytes(case: dict, world: int, rank: int) -> list[int]:
     return out
 
 
-def _tiny_single_process() -> torch.Tensor:
+def _tiny_single_process(case: dict) -> tuple[torch.Tensor, dict]:
     from parallel_worker import tiny_case
 
-    latents, report = tiny_case(TINY, None)
+    latents, report = tiny_case(case, None)
     assert report["parallel"] is None
-    return latents
+    return latents, report
 
 
-def test_world_size_one_needs_no_process_group(monkeypatch, single_process):
+@pytest.mark.parametrize("case", [CASES[0], CACHE_CASES[0]], ids=lambda c: c["name"])
+def test_world_size_one_needs_no_process_group(monkeypatch, single_process, case):
     import torch.distributed as dist
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     ctx = par.setup(ParallelConfig())
     assert not ctx.distributed and not dist.is_initialized()
-    got = fake_case(CASES[0], ctx)
-    assert torch.equal(got, single_process[CASES[0]["name"]])
+    got, cache = fake_run(case, ctx)
+    assert torch.equal(got, single_process[case["name"]][0])
+    if cache is not None:
+        assert cache.stats.as_dict() == single_process[case["name"]][1].stats.as_dict()
 
 
 def test_a_failing_rank_makes_every_rank_exit_nonzero(tmp_path):
