@@ -158,6 +158,20 @@ class Comparison:
         name = "supergen" if shift else "supergen-noshift"
         return self._tiled(name, sg, sketch.latents, generator, height, width, self.refine_steps)
 
+    def untiled(self, sketch: Sketch, height: int, width: int) -> Variant:
+        """The control of the seam and duplication measures: SuperGen's refinement of the same sketch with
+        one tile covering the whole canvas (no tile edges; the model runs off its native size)."""
+        import torch
+
+        from .config import TilingConfig
+        from .pipeline import SuperGen
+
+        s = self.shifted.adapter.spec.vae_scale[1]
+        whole = SuperGen(self.pipe, tiling=TilingConfig(tile=(height // s, width // s), shift=False))
+        generator = torch.Generator()
+        generator.set_state(sketch.generator_state)
+        return self._tiled("untiled", whole, sketch.latents, generator, height, width, self.refine_steps)
+
     def _tiled(self, name, sg, sketch_latents, generator, height, width, refine_steps, upscale="pixel") -> Variant:
         started = time.perf_counter()
         h, w = self.native_size

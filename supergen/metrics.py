@@ -96,15 +96,22 @@ class StageTimer:
         return self._memory.resettable
 
 
-def seam_score(video: torch.Tensor, rows: list[int], cols: list[int]) -> float | None:
+def seam_score(video: torch.Tensor, rows: list[int], cols: list[int], grid: int | None = None) -> float | None:
     """How much stronger the jumps across tile edges are than the jumps elsewhere (1.0 = no seam).
 
     ``video``: ``(..., H, W)`` pixels; ``rows``/``cols``: pixel rows/columns ``e`` on which a tile edge
     lies (the jump measured is between ``e − 1`` and ``e``; 0 and the far border are skipped, since the
-    output is not periodic). Each edge line is compared with the average line of its own direction
-    (column edges with all column-to-column jumps, row edges with all row-to-row jumps): the score is
-    the summed jump across the edge lines over what average lines would sum to. ``None`` when there is
-    no interior edge.
+    output is not periodic). The score is the summed jump across the edge lines over what reference
+    lines of the same direction would sum to (column edges against column-to-column jumps, row edges
+    against row-to-row jumps).
+
+    ``grid``: the pixel period on which tile edges can lie (VAE scale × patch). ``None``: the reference
+    is every line. Given: the reference is the *other* lines of that grid, the lines where an edge could
+    have been but is not. Use it for decoded latents: a VAE decoder leaves its own structure on its
+    latent-cell lines whether or not there are tiles (measured on the tiny Wan: a refinement with one
+    tile covering the canvas scores 1.31 on the 16-pixel lines against all lines), and only the
+    same-grid reference keeps that out of the seam. ``None`` when there is no interior edge or no
+    reference line.
     """
     video = video.float()
     H, W = video.shape[-2:]
@@ -114,8 +121,19 @@ def seam_score(video: torch.Tensor, rows: list[int], cols: list[int]) -> float |
     cols = sorted({c for c in cols if 0 < c < W})
     if not rows and not cols:
         return None
+    if grid is not None:
+        if grid < 1 or any(e % grid for e in rows + cols):
+            raise ValueError(f"`grid` must be a positive period of every edge line but is {grid!r}.")
+        ref_rows = [r for r in range(grid, H, grid) if r not in rows]
+        ref_cols = [c for c in range(grid, W, grid) if c not in cols]
+        if (rows and not ref_rows) or (cols and not ref_cols):
+            return None
+        row_line = dy[..., [r - 1 for r in ref_rows], :].sum() / max(1, len(ref_rows))
+        col_line = dx[..., [c - 1 for c in ref_cols]].sum() / max(1, len(ref_cols))
+    else:
+        row_line, col_line = dy.sum() / max(1, H - 1), dx.sum() / max(1, W - 1)
     edges = dy[..., [r - 1 for r in rows], :].sum() + dx[..., [c - 1 for c in cols]].sum()
-    expected = len(rows) * dy.sum() / max(1, H - 1) + len(cols) * dx.sum() / max(1, W - 1)
+    expected = len(rows) * row_line + len(cols) * col_line
     if float(expected) == 0.0:
         return 1.0 if float(edges) == 0.0 else float("inf")
     return float(edges / expected)

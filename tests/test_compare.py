@@ -259,21 +259,29 @@ def test_quality_summary_and_verdicts():
     quality = _quality()
 
     def cell(seam, count):
-        return {"seam_score": seam, "seam_score_bicubic_same_lines": seam / 1.25, "count": count,
+        lines = None if seam is None else 2 * seam  # the all-lines score; controls at 1/1.25 and 1/2 of it
+        return {"seam_score": seam, "seam_score_all_lines": lines,
+                "seam_score_bicubic_same_lines": lines and lines / 1.25,
+                "seam_score_untiled_same_lines": lines and lines / 2, "count": count,
                 "count_matches_sketch": count == 1, "psnr_vs_sketch_db": 30.0, "tiles_per_step": 4,
                 "seconds": 1.0}  # fmt: skip
 
     rows = [
         {"native_visible": i < 8, "native_colour_visible": True, "sketch_count": 1, "prompted_objects": 1,
          "x2": {"supergen": cell(1.0 + 0.01 * i, 1 if i < 9 else 2), "supergen-noshift": cell(1.5, 1),
-                "naive": cell(1.4, 3)}}
+                "untiled": cell(None, 1 if i < 5 else 2), "naive": cell(1.4, 3)}}
         for i in range(10)
     ]  # fmt: skip
     summary = quality.summarise(rows, [2])
     sg = summary["x2"]["supergen"]
     assert sg["seam_score_mean"] == pytest.approx(1.045) and sg["seam_score_max"] == pytest.approx(1.09)
-    assert sg["seam_score_bicubic_same_lines_mean"] == pytest.approx(1.045 / 1.25)
-    assert sg["seam_excess_mean"] == pytest.approx(1.25)  # each method's score over the content's, averaged
+    assert sg["seam_score_all_lines_mean"] == pytest.approx(2.09)
+    assert sg["seam_score_bicubic_same_lines_mean"] == pytest.approx(2.09 / 1.25)
+    assert sg["seam_excess_mean"] == pytest.approx(1.25)  # each method's score over the control's, averaged
+    assert sg["seam_excess_vs_untiled_mean"] == pytest.approx(2.0)
+    untiled = summary["x2"]["untiled"]  # no tile edges: no seam measures, but counted like the others
+    assert untiled["seam_score_mean"] is None and untiled["seam_excess_vs_untiled_mean"] is None
+    assert untiled["count_match_fraction"] == 0.5
     assert sg["count_match_fraction"] == 0.9 and summary["x2"]["naive"]["count_match_fraction"] == 0.0
     assert summary["native"]["visible_fraction"] == 0.8
     rows[9]["sketch_count"] = 0  # an empty sketch: left out of the non-vacuous match fraction

@@ -187,7 +187,9 @@ def test_supergen_same_seed_same_output(pipe):
     assert report["sizes"]["canvas_latent"] == [3, 12, 10] and report["tiling"]["tiles_per_step"] == 4
     assert report["steps"] == {"total": 4, "refine": 3, "begin_index": 1}
     assert set(report["seconds"]) == {"backends", "sketch", "upscale", "refine", "decode", "total"}
-    assert report["seam_score"] is not None and report["seam_score"] > 0
+    # Tiles of 8 cells on 12x10 overlap on the torus: at the last step, edges lie on every 16-pixel column
+    # line, so no edge-free line of the patch grid is left to compare with (metrics.seam_score: None).
+    assert report["seam_score"] is None
 
 
 @pytest.mark.parametrize(
@@ -240,6 +242,22 @@ def test_seam_score_sees_a_step_at_a_tile_edge():
     assert seam_score(stepped, [], [16]) > 5.0
     assert seam_score(stepped, [], [8]) < 1.0  # elsewhere the jumps are below the (seam-raised) average
     assert seam_score(stepped, [0], [32]) is None  # borders are not seams
+
+
+def test_seam_score_on_the_patch_grid_ignores_the_decoders_own_grid_lines():
+    from supergen.metrics import seam_score
+
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(1, 3, 2, 64, 64, generator=g) * 0.1
+    video[..., 16::16] += 0.3  # every 16-pixel column jumps (a decoder's cell lines), tile edge or not
+    assert seam_score(video, [], [32]) > 2.0  # against all lines the grid looks like a seam
+    assert seam_score(video, [], [32], grid=16) == pytest.approx(1.0, abs=0.15)  # against its own grid: none
+    seamed = video.clone()
+    seamed[..., 32:] += 0.5  # a real seam on the tile edge at column 32
+    assert seam_score(seamed, [], [32], grid=16) > 2.0
+    assert seam_score(video, [], [16, 32, 48], grid=16) is None  # no grid line left to compare with
+    with pytest.raises(ValueError, match="`grid` must be a positive period of every edge line but is 12"):
+        seam_score(video, [], [32], grid=12)
 
 
 @pytest.mark.parametrize("patch_size_t", [None, 2])  # 2: CogVideoX 1.5, whose 3 latent frames the adapter pads
