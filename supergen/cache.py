@@ -181,6 +181,7 @@ class CellWindows:
 
 # Columns of the per-tile window sums (TileCache._window_sums); the last row holds the canvas-wide sums.
 _NEVER, _NO_GAIN, _DX, _O_ABS, _ACC, _GAIN, _OVER_SKIPS, _MOTION, _SEEN, _NOT_PREVIOUS, _DO = range(11)
+WINDOW_SUM_COLUMNS = _DO + 1
 
 
 class TileCache:
@@ -279,7 +280,7 @@ class TileCache:
                 (last != float(step - 1)).double(),
             ]
         )  # (10, K)
-        sums = torch.zeros((windows.num_tiles + 1, 11), dtype=torch.float64, device=per_cell.device)
+        sums = torch.zeros((windows.num_tiles + 1, WINDOW_SUM_COLUMNS), dtype=torch.float64, device=per_cell.device)
         last_o = f(self._last_o)
         for n, cells in enumerate(windows.cells):
             if cells.numel():
@@ -317,12 +318,17 @@ class TileCache:
 
     # -- decisions and updates on held cells --------------------------------------------------------
 
+    def decides(self, step: int, num_steps: int) -> bool:
+        """Whether :meth:`plan_cells` decides at ``step`` (else every tile is computed: warm-up, last step)."""
+        cfg = self.config
+        return cfg.mode in ("gate", "budget") and cfg.warmup <= step < num_steps - 1
+
     def plan_cells(self, step: int, num_steps: int, windows: CellWindows) -> torch.Tensor:
         """(N,) bool: which tiles to compute at ``step`` (of ``num_steps`` refinement steps); every holder
         must call it (its window sums are reduced over all holders) and gets the same answer."""
         N = windows.num_tiles
         cfg = self.config
-        if cfg.mode in ("off", "rehash") or step < cfg.warmup or step == num_steps - 1:
+        if not self.decides(step, num_steps):
             return torch.ones(N, dtype=torch.bool)
         sums = self._window_sums(step, windows)
         change = self._change(sums, windows)
@@ -428,7 +434,9 @@ class TileCache:
     def reuse(self, x: torch.Tensor, origins: torch.Tensor, tile_hw) -> torch.Tensor:
         """Predictions of skipped tiles: input under the window plus the cached residual, tile-major."""
         h, w = tile_hw
-        windows = self._canvas_windows(x, origins, tile_hw)
+        if self._residual is None:
+            self._allocate(x, x.shape[-2:])
+        windows = self._canvas_cells(origins, tile_hw, x.shape[-2:], x.device)
         flat = self._flat(x)
         parts = [self.reuse_cells(flat, cells).unflatten(-1, (h, w)) for cells in windows.cells]
         return torch.cat(parts) if parts else x.new_empty((0, *x.shape[1:3], h, w))

@@ -318,10 +318,13 @@ class Layout:
 
 
 def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next_layout: Layout | None = None,
-                   state_tensors: int = 1) -> dict[str, torch.Tensor]:  # fmt: skip
+                   state_tensors: int = 1, cache_cell_bytes: int = 0,
+                   cache_reductions: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
     """``(world,)`` bytes each rank sends in one step, by kind: ``inputs`` (halo cells its tiles' other
-    computers read), ``predictions`` (its tiles' predictions for cells other ranks own) and, with
-    ``next_layout``, ``migration`` (``state_tensors`` region-shaped tensors of the cells changing owner).
+    computers read), ``predictions`` (its tiles' predictions for cells other ranks own), with
+    ``next_layout`` ``migration`` (``state_tensors`` region-shaped tensors plus ``cache_cell_bytes`` of
+    tile-cache state per cell changing owner, :func:`tile_cache_cell_bytes`) and ``cache_stats``
+    (``cache_reductions`` all-reduces of the tile cache's window sums, :func:`window_sums_bytes`).
     ``cell_bytes`` is one cell of one tensor (``B * C * T * element size``). The runtime moves exactly
     these (bench/parallel.py counts with this function; tests compare it with what the ranks sent)."""
     R = layout.world_size
@@ -337,8 +340,31 @@ def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next
             predictions[r] += int((layout.owner[layout.windows[n]] != r).sum())
     if next_layout is not None:
         moved = layout.owner != next_layout.owner
-        migration = state_tensors * torch.bincount(layout.owner[moved], minlength=R)
-    return {"inputs": inputs * cell_bytes, "predictions": predictions * cell_bytes, "migration": migration * cell_bytes}
+        migration = torch.bincount(layout.owner[moved], minlength=R) * (state_tensors * cell_bytes + cache_cell_bytes)
+    stats = torch.full((R,), cache_reductions * window_sums_bytes(layout.num_tiles, R), dtype=torch.int64)
+    return {"inputs": inputs * cell_bytes, "predictions": predictions * cell_bytes, "migration": migration,
+            "cache_stats": stats}  # fmt: skip
+
+
+def _ring_share(nbytes: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes`` (reduce-scatter + all-gather)."""
+    return round(2 * (world - 1) / world * nbytes)
+
+
+def window_sums_bytes(num_tiles: int, world: int) -> int:
+    """Bytes a rank sends per all-reduce of the tile cache's ``(N + 1) x 11`` float64 window sums."""
+    from .cache import WINDOW_SUM_COLUMNS
+
+    return _ring_share((num_tiles + 1) * WINDOW_SUM_COLUMNS * 8, world)
+
+
+def tile_cache_cell_bytes(cache, like: torch.Tensor) -> int:
+    """Bytes of a :class:`supergen.cache.TileCache`'s region state per cell, for cells of ``like``
+    ``(B, C, T, K)`` (what migrates with each cell changing owner): measured on a one-cell holder."""
+    probe = type(cache)(cache.config)
+    probe.start_cells(like[..., :1])
+    probe.set_input_change(torch.zeros(1, dtype=torch.float64, device=like.device))
+    return sum(t.numel() * t.element_size() for t in probe.cell_state().values())
 
 
 def computers(layout: Layout, compute: torch.Tensor | None, rebalance: bool) -> torch.Tensor:
@@ -606,7 +632,7 @@ def _all_reduce_sum(ctx: ParallelContext, t: torch.Tensor) -> torch.Tensor:
 
     buf = t.to(_comm_device(ctx)).contiguous()
     dist.all_reduce(buf)
-    ctx.stats.add("cache_stats", round(2 * (ctx.world_size - 1) / ctx.world_size * buf.numel() * buf.element_size()))
+    ctx.stats.add("cache_stats", _ring_share(buf.numel() * buf.element_size(), ctx.world_size))
     return buf.to(t.device)
 
 

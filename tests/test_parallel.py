@@ -146,6 +146,11 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
             assert [sum(s) for s in got["computed_tiles"]] == [sum(s) for s in want.per_step], name
             assert all(max(s) - min(s) <= 1 for s in got["computed_tiles"]), (name, got["computed_tiles"])
         assert stats[name]["exchange"]["bytes_sent_by_kind"]["cache_stats"] > 0
+    # with the cache too, the geometry code (and so the benchmark) predicts every byte (Euler: no history)
+    cache = single_process["gate_clamp"][1]
+    assert stats["gate_clamp"]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(
+        CACHE_CASES[2], world, rank=1, cache=cache
+    )
     assert [sum(s) for s in stats["gate_torus"]["computed_tiles"]].count(0) >= 1  # a step skipping every tile
     if world == 2:
         for case in (TINY, TINY_CACHE):  # through SuperGen, without and with the tile cache
@@ -162,13 +167,23 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
             assert "different settings" in message and "prompt: rank 0='a red fox', rank 1='a blue fox'" in message
 
 
-def _predicted_bytes(case: dict, world: int, rank: int) -> list[int]:
+def _predicted_bytes(case: dict, world: int, rank: int, cache=None) -> list[int]:
+    """Bytes per step the geometry code predicts; with ``cache`` (the single-process TileCache of the
+    case) its decisions, its state migrating with the regions and its window-sum all-reduces."""
     grid = TileGrid(tuple(case["canvas"]), TilingConfig(**case["tiling"]), native_tile=tuple(case["tile"]))
-    cell_bytes = 1 * 4 * case["canvas"][0] * 4  # B * C * T * fp32
+    T, steps = case["canvas"][0], case["refine_steps"]
+    cell_bytes = 1 * 4 * T * 4  # B * C * T * fp32
+    extra = {}
+    if cache is not None:
+        extra["cache_cell_bytes"] = par.tile_cache_cell_bytes(cache, torch.zeros(1, 4, T, 1))
     layout, out = par.Layout.at_step(grid, 0, world), []
-    for i in range(case["refine_steps"]):
-        nxt = par.Layout.at_step(grid, i + 1, world, previous=layout) if i + 1 < case["refine_steps"] else None
-        sent = par.exchange_bytes(layout, par.computers(layout, None, True), cell_bytes, nxt)
+    for i in range(steps):
+        nxt = par.Layout.at_step(grid, i + 1, world, previous=layout) if i + 1 < steps else None
+        compute = None
+        if cache is not None:
+            compute = torch.tensor(cache.stats.per_step[i])
+            extra["cache_reductions"] = 1 + cache.decides(i, steps)  # the decision, the gain
+        sent = par.exchange_bytes(layout, par.computers(layout, compute, True), cell_bytes, nxt, **extra)
         out.append(int(sum(v[rank] for v in sent.values())))
         layout = nxt
     return out
