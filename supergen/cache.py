@@ -351,9 +351,13 @@ class TileCache:
         """Update the held cells after ``step``: ``x`` ``(B, C, T, K)`` is the input, ``outputs[n]`` the
         prediction of computed tile ``n`` at its held cells ``(B, C, T, len(windows.cells[n]))``.
 
-        Tiles are applied in tile order, and a tile counts as computed at two consecutive steps only if
-        every window cell was computed at ``step - 1`` and no earlier computed tile of this step shares a
-        cell with it (the canvas order of the one-process loop, where that tile has already stamped them).
+        Tiles are applied in tile order (where windows overlap, the later tile's prediction is what the
+        shared cells keep). Whether a tile was computed at two consecutive steps, and its output change,
+        are judged on the state at the start of the step: every window cell computed at ``step - 1``.
+        A cell's skip run grows by one per step however many skipped windows share it. (Judging a tile
+        on cells an earlier tile of the same step had already stamped left every tile that overlaps an
+        earlier one without a gain, and counting a skip per window ended shared cells' runs early: on
+        uneven torus grids, where neighbours overlap, the gate never skipped.)
         """
         f = self._flat
         sums = self._window_sums(step, windows, outputs)
@@ -362,16 +366,13 @@ class TileCache:
         residual, last_o, o_abs = f(self._residual), f(self._last_o), f(self._o_abs)
         last, gain, acc, skips = f(self._last_compute), f(self._gain), f(self._acc), f(self._skips)
         motion, motion_n = f(self._motion), f(self._motion_n)
-        stamped = torch.zeros(int(windows.canvas.max()) + 1 if windows.canvas.numel() else 0, dtype=torch.bool)
+        skips_before = skips.clone()
         for n, cells in enumerate(windows.cells):
             if not bool(compute[n]):
                 acc[cells] = float(change[n]) if change is not None else 0.0
-                skips[cells] += 1
+                skips[cells] = skips_before[cells] + 1  # once per step, however many windows share a cell
                 continue
-            consecutive = (
-                self._dx is not None and sums[n, _NOT_PREVIOUS] == 0 and not bool(stamped[windows.canvas[n]].any())
-            )
-            stamped[windows.canvas[n]] = True
+            consecutive = self._dx is not None and sums[n, _NOT_PREVIOUS] == 0
             if not cells.numel():
                 continue
             o = outputs[n]

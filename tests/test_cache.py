@@ -71,6 +71,25 @@ def test_gain_is_held_through_skips_not_frozen_at_one():
     torch.testing.assert_close(cache._gain, torch.full((8, 8), 3.0), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_overlapping_windows_measure_their_gain_and_skip(shift):
+    """On an uneven torus grid neighbouring windows overlap (26 columns, 4 tiles of 8 every 6-7): every
+    tile still measures its gain from the state at the start of the step, so the gate can skip them
+    (a tile sharing cells with an earlier tile of the step used to keep no gain and always compute)."""
+    grid = TileGrid((1, 22, 26), TilingConfig(tile=8, shift=shift))
+    assert grid.num_tiles == 12
+
+    def canvas(i, scale=1e-3):
+        return torch.randn((1, 2, 1, 22, 26), generator=torch.Generator().manual_seed(0)) + scale * i
+
+    cfg = CacheConfig(mode="gate", threshold=1e9, warmup=3, max_skips=4, region_aware=False)
+    cache = TileCache(cfg)
+    masks = run_loop(cache, grid, 8, canvas, lambda t, i: 3 * t)
+    assert all(bool(m.all()) for m in masks[:3]) and bool(masks[-1].all())
+    assert not any(bool(m.any()) for m in masks[3:-1])  # every tile skipped between warm-up and the end
+    torch.testing.assert_close(cache._gain, torch.full((22, 26), 3.0), rtol=1e-4, atol=0)
+
+
 def run_loop_continue(cache, start, stop, total):
     masks = []
     for i in range(start, stop):
