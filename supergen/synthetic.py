@@ -250,8 +250,11 @@ def sample_batch(seeds: Sequence[int], **kwargs) -> tuple[np.ndarray, list[str],
 #: at least ``MIN_CHROMA``. Backgrounds have chroma <= 0.12 by construction; shape colours >= 0.65.
 MAX_COLOUR_DISTANCE = 0.38
 MIN_CHROMA = 0.30
-#: Components smaller than this fraction of the frame are noise (the smallest object is ~2.3 %).
-MIN_AREA_FRACTION = 24 / (SIZE * SIZE)
+#: Components smaller than this fraction of the frame are not objects: half the smallest object the
+#: domain draws (a triangle of half-size 7: 98 px of 4096, ~2.4 %). Objects never touch and stay whole
+#: in the frame, so anything smaller is a fragment or a colour fringe at another object's edge (a
+#: quarter of the smallest object, the earlier cut, counted the fringes a refinement leaves as objects).
+MIN_AREA_FRACTION = 49 / (SIZE * SIZE)
 
 
 @dataclass

@@ -138,3 +138,16 @@ def test_detector_links_several_same_colour_objects():
     assert [t.colour for t in found.tracks] == [clip.objects[0].colour] * 2
     assert all(t.present == synthetic.FRAMES for t in found.tracks)
     assert found.count == 2
+
+
+def test_min_area_is_half_the_smallest_object_and_drops_fringes():
+    # The smallest object the domain draws (a triangle of the smallest half-size) is kept; a blob under
+    # half of it, like the colour fringe a refinement leaves at another object's edge, is not an object.
+    smallest = min(0.5 * (2 * synthetic._HALF_SIZE[0]) ** 2, np.pi * synthetic._HALF_SIZE[0] ** 2)
+    assert synthetic.MIN_AREA_FRACTION * synthetic.SIZE**2 == pytest.approx(smallest / 2, abs=0.5)
+    frame = np.full((64, 64, 3), 0.5, dtype=np.float32)
+    frame[10:24, 10:24] = synthetic.COLOURS["red"]  # 196 px: an object
+    frame[40:46, 40:47] = synthetic.COLOURS["blue"]  # 42 px: a fringe
+    assert [d.colour for d in synthetic.detect_frame(frame)] == ["red"]
+    frame[40:47, 40:48] = synthetic.COLOURS["blue"]  # 56 px: above the cut
+    assert sorted(d.colour for d in synthetic.detect_frame(frame)) == ["blue", "red"]
