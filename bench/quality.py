@@ -210,6 +210,36 @@ def verdicts(summary: dict, scales: list[int]) -> dict:
     return out
 
 
+_WORKER: dict = {}
+
+
+def _worker_start(folder: str, device: str, threads: int) -> None:
+    from supergen.tiny import load_pretrained
+
+    torch.set_num_threads(threads)
+    _WORKER["pipe"] = load_pretrained(Path(folder)).to(device)
+    _WORKER["pipe"].set_progress_bar_config(disable=True)
+
+
+def _worker_case(job):
+    case, scales, settings = job
+    return measure_case(_WORKER["pipe"], case, scales, settings)
+
+
+def _measure_all(folder: Path, args, scales: list[int], settings: dict):
+    """Rows in case order; ``--jobs`` > 1 spreads the cases over processes (each loads the model once)."""
+    jobs = [(case, scales, settings) for case in cases(args.cases)]
+    if args.jobs == 1:
+        _worker_start(str(folder), args.device, args.threads)
+        yield from map(_worker_case, jobs)
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no fork after torch has started its thread pools
+    with ctx.Pool(args.jobs, _worker_start, (str(folder), args.device, args.threads)) as pool:
+        yield from pool.imap(_worker_case, jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a tiny-Wan diffusers folder (default: the trained embedded one)")
@@ -218,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="N (default: the model's sidecar)")
     parser.add_argument("--refine-steps", type=int, default=None, help="k (default: model's share of N)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny ops: 1 is fastest)")
+    parser.add_argument("--jobs", type=int, default=1, help="cases measured in parallel processes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--out", default=None, help="JSON (default: bench/results/quality_<device>.json)")
     args = parser.parse_args(argv)
 
-    from supergen.tiny import load_pretrained, read_sidecar, trained_model_dir
+    from supergen.tiny import read_sidecar, trained_model_dir
 
     folder = Path(args.model) if args.model else trained_model_dir()
     if folder is None:
@@ -233,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality: --model {str(folder)!r} is not a diffusers pipeline folder (no model_index.json).",
               file=sys.stderr)  # fmt: skip
         return 2
-    for flag, value in (("--cases", args.cases), ("--threads", args.threads), ("--steps", args.steps or 1),
+    for flag, value in (("--cases", args.cases), ("--threads", args.threads), ("--jobs", args.jobs),
+                        ("--steps", args.steps or 1),
                         ("--refine-steps", args.refine_steps or 1), *(("--scale", s) for s in args.scale)):  # fmt: skip
         if value < 1:
             print(f"quality: {flag} must be >= 1 but is {value}.", file=sys.stderr)
@@ -259,11 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     env["command"] = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "bench/quality.py", *given])
     started = time.perf_counter()
-    pipe = load_pretrained(folder).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
     rows = []
-    for case in cases(args.cases):
-        row = measure_case(pipe, case, scales, settings)
+    for row in _measure_all(folder, args, scales, settings):
         rows.append(row)
         cells = "  ".join(
             f"x{s} {m} count {row[f'x{s}'][m]['count']} seam {row[f'x{s}'][m]['seam_score']:.3f}"
@@ -278,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "quality",
         "model": str(folder),
         "model_sidecar": {k: v for k, v in sidecar.items() if k != "vocabulary"},
-        "settings": dict(settings, scales=scales, native_size=list(getattr(pipe, "native_size", ())),
-                         threads=args.threads, device=args.device,
+        "settings": dict(settings, scales=scales, native_size=list(sidecar.get("native_size", ())),
+                         threads=args.threads, jobs=args.jobs, device=args.device,
                          prompts=f"supergen.synthetic.sample_clip({PROMPT_SEEDS} + i).caption, generation seed i"),
         "targets": TARGETS,
         "summary": summary,
