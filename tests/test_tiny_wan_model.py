@@ -69,7 +69,8 @@ def test_training_cross_attention_equals_the_padded_prompt(train):
     captions = [synthetic.sample_clip(s).caption for s in range(3)] + [""]
     text, bias = bank.batch(captions)
     transformer = pipe.transformer.eval()
-    x = torch.randn(len(captions), 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    channels, patch = transformer.config.in_channels, transformer.config.patch_size[-1]
+    x = torch.randn(len(captions), channels, 3, 4 * patch, 4 * patch, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([900.0, 500.0, 100.0, 10.0])
     with torch.no_grad():
         full = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=train.TEXT_LEN)[0]
@@ -86,7 +87,7 @@ def test_training_cross_attention_equals_the_padded_prompt(train):
     torch.testing.assert_close(fast, stock, atol=2e-5, rtol=1e-4)
 
 
-def test_training_script_two_steps_saves_a_loadable_folder(tmp_path):
+def test_training_script_two_steps_saves_a_loadable_folder(train, tmp_path):
     out = tmp_path / "tiny-wan"
     cmd = [sys.executable, str(SCRIPT), "--seed", "3", "--max-steps", "2", "--out", str(out), "--threads", "1"]
     cmd += ["--vae-batch", "2", "--dit-batch", "4", "--dit-clips", "4", "--log-every", "1"]
@@ -99,8 +100,12 @@ def test_training_script_two_steps_saves_a_loadable_folder(tmp_path):
     assert log["seed"] == 3 and log["vae_steps"] == 2 and log["dit_steps"] == 2
     assert len(log["loss"]["vae"]) == 2 and len(log["loss"]["transformer"]) == 2
     pipe = _load(out)
-    assert len(pipe.vae.config.latents_std) == 16 and min(pipe.vae.config.latents_std) > 0
-    assert pipe.vae.config.latents_std != [1.0] * 16  # measured, not the placeholder
+    z = pipe.vae.config.z_dim
+    assert pipe.transformer.config.in_channels == z and pipe.vae.config.scale_factor_spatial == 4
+    # A token covers 16x16 pixels at either VAE stride: stride x patch.
+    assert pipe.vae.config.scale_factor_spatial * pipe.transformer.config.patch_size[-1] == train.TOKEN_PIXELS
+    assert len(pipe.vae.config.latents_std) == z and min(pipe.vae.config.latents_std) > 0
+    assert pipe.vae.config.latents_std != [1.0] * z  # measured, not the placeholder
     frames = _generate(pipe, "a red circle moving left on a dark gradient", steps=2)
     assert frames.shape == (1, synthetic.FRAMES, synthetic.SIZE, synthetic.SIZE, 3)
 
@@ -125,7 +130,8 @@ def test_vae_only_then_vae_from_resumes_phase_two(tmp_path):
     # the saved log-variance bias (a fresh run sets it to -6) to see that continuing does not reset it.
     from safetensors.torch import save_file
 
-    before["quant_conv.bias"][16:] = -2.0
+    z = before["quant_conv.bias"].numel() // 2  # means, then log-variances
+    before["quant_conv.bias"][z:] = -2.0
     save_file(before, vae_dir / weights)
     more = tmp_path / "vae-more"
     run = subprocess.run(common + ["--vae-only", "--vae-init", str(vae_dir), "--out", str(more)], capture_output=True,
@@ -135,7 +141,12 @@ def test_vae_only_then_vae_from_resumes_phase_two(tmp_path):
     assert log["vae_steps"] == 4 and [r["vae_steps"] for r in log["runs"]] == [2, 2]
     continued = load_file(more / weights)
     assert not torch.equal(continued["quant_conv.weight"], before["quant_conv.weight"])  # trained further
-    assert (continued["quant_conv.bias"][16:] + 2.0).abs().max() < 0.05
+    assert (continued["quant_conv.bias"][z:] + 2.0).abs().max() < 0.05
+
+    # A VAE of another geometry than the flags say is refused before any training.
+    run = subprocess.run(common + ["--vae-from", str(vae_dir), "--vae-spatial", "8", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode != 0 and "the VAE has stride 4 and 4 channels but --vae-spatial 8" in run.stderr
 
 
 def test_previous_vae_log_of_a_full_model_folder(train, tmp_path):
@@ -193,9 +204,9 @@ def test_committed_vae_normalisation_matches_the_data(model):
 
 @needs_model
 def test_committed_vae_reconstructs_the_objects(model):
-    """Every held-out clip's objects come back with their colours and count (tracks present in at least
-    5 of 9 frames). Their class does not: at 8x spatial compression this small VAE rounds corners, so
-    squares and triangles decode as blobs the detector calls circles (model card, "Limitations")."""
+    """Held-out clips' objects come back with their colours and count (tracks present in at least 5 of
+    9 frames). Their class only in about half of the clips (model card, "Status and results"), so it is
+    not asserted here."""
     agree = 0
     for seed in range(90_000_600, 90_000_610):
         clip = synthetic.sample_clip(seed)
