@@ -117,6 +117,7 @@ def measure_case(pipe, case: dict, scales: list[int], settings: dict) -> dict:
         bicubic = channels_first(comparison.bicubic(sketch, height, width).frames)
         # The same refinement with one tile over the canvas: what the edge lines look like without tiles.
         untiled = comparison.untiled(sketch, height, width)
+        untiled_video = channels_first(untiled.frames)
         for method in METHODS:
             if method == "naive":
                 v = comparison.naive(case["seed"], height, width)
@@ -129,11 +130,10 @@ def measure_case(pipe, case: dict, scales: list[int], settings: dict) -> dict:
             video = channels_first(v.frames)
             per_method[method] = {
                 "seam_score": v.seam,
-                "seam_score_all_lines": seam_score(video, rows_px, cols_px) if rows_px or cols_px else None,
-                "seam_score_untiled_same_lines": (
-                    seam_score(channels_first(untiled.frames), rows_px, cols_px) if rows_px or cols_px else None
-                ),
-                "seam_score_bicubic_same_lines": seam_score(bicubic, rows_px, cols_px) if rows_px or cols_px else None,
+                # seam_score is None where there is no interior edge (the untiled method)
+                "seam_score_all_lines": seam_score(video, rows_px, cols_px),
+                "seam_score_untiled_same_lines": seam_score(untiled_video, rows_px, cols_px),
+                "seam_score_bicubic_same_lines": seam_score(bicubic, rows_px, cols_px),
                 "count": count,
                 "count_matches_sketch": count == found.count,
                 "psnr_vs_sketch_db": downsampled_psnr(video, reference, data_range=1.0),

@@ -149,28 +149,30 @@ class Comparison:
 
     def supergen(self, sketch: Sketch, height: int, width: int, shift: bool = True) -> Variant:
         """(d) SuperGen from the sketch; ``shift=False`` is the same run on a fixed grid (the ablation)."""
-        import torch
 
         self.check(height, width)
-        generator = torch.Generator()
-        generator.set_state(sketch.generator_state)
         sg = self.shifted if shift else self.fixed
         name = "supergen" if shift else "supergen-noshift"
-        return self._tiled(name, sg, sketch.latents, generator, height, width, self.refine_steps)
+        return self._from_sketch(name, sg, sketch, height, width)
 
     def untiled(self, sketch: Sketch, height: int, width: int) -> Variant:
         """The control of the seam and duplication measures: SuperGen's refinement of the same sketch with
         one tile covering the whole canvas (no tile edges; the model runs off its native size)."""
-        import torch
 
         from .config import TilingConfig
         from .pipeline import SuperGen
 
         s = self.shifted.adapter.spec.vae_scale[1]
         whole = SuperGen(self.pipe, tiling=TilingConfig(tile=(height // s, width // s), shift=False))
+        return self._from_sketch("untiled", whole, sketch, height, width)
+
+    def _from_sketch(self, name, sg, sketch: Sketch, height: int, width: int) -> Variant:
+        """Stage 2 of ``sg`` on ``sketch``, its re-noise drawn from where the sketch left the generator."""
+        import torch
+
         generator = torch.Generator()
         generator.set_state(sketch.generator_state)
-        return self._tiled("untiled", whole, sketch.latents, generator, height, width, self.refine_steps)
+        return self._tiled(name, sg, sketch.latents, generator, height, width, self.refine_steps)
 
     def _tiled(self, name, sg, sketch_latents, generator, height, width, refine_steps, upscale="pixel") -> Variant:
         started = time.perf_counter()

@@ -262,8 +262,9 @@ class SuperGen:
                 s = adapter.spec.vae_scale[1]
                 rows, cols = grid.edges(plan.refine_steps - 1)
                 # Against the other lines of the patch grid: the decoder marks those with or without tiles.
-                pitch = s * max(adapter.spec.patch[1:])
-                seam = seam_score(video, [r * s for r in rows], [c * s for c in cols], grid=pitch)
+                seam = seam_score(
+                    video, [r * s for r in rows], [c * s for c in cols], grid=adapter.spec.pixel_multiple()
+                )
                 frames = pipe.video_processor.postprocess_video(video, output_type=output_type)
         timer.seconds["total"] = time.perf_counter() - started
 

@@ -11,8 +11,8 @@ the same classes and code path as a real Wan 2.1 checkpoint, only small.
 * ``text_encoder/``: a random, frozen ``UMT5EncoderModel`` from a seeded config. Wan's T5 is frozen too;
   a random transformer over a 19-word vocabulary still gives every caption distinct features, and the
   Wan transformer learns to read them through its own text projection and cross-attention;
-* ``vae/``: a small ``AutoencoderKLWan`` (4x spatial, 4x temporal, 4 channels; ``--vae-spatial 8`` gives
-  Wan 2.1's 8x with 16 channels) trained first;
+* ``vae/``: a small ``AutoencoderKLWan`` (4x spatial, 4x temporal, 4 channels; ``--vae-spatial 8
+  --latent-channels 16`` gives Wan 2.1's geometry) trained first;
   its config's ``latents_mean``/``latents_std`` are measured on encoded training clips, so the
   pipeline's normalisation makes the latents zero-mean, unit-variance per channel;
 * ``transformer/``: a 4-layer ``WanTransformer3DModel`` (patch 1x4x4 on the 4x VAE, so a token covers
@@ -119,8 +119,9 @@ TOKEN_PIXELS = 16
 
 
 def build_vae(seed: int, spatial: int = 4, channels: int = 4):
-    """``spatial`` 8: three 2x downsamples and 16 channels, like Wan 2.1. ``spatial`` 4 (the default):
-    two downsamples and 4 channels, the same latent values per token under a (1, 4, 4) patch: at 8x the
+    """``spatial`` 8: three 2x downsamples, like Wan 2.1 (which has 16 ``channels``). ``spatial`` 4 (the
+    default) with 4 channels: two downsamples and the same latent values per token under a (1, 4, 4)
+    patch as Wan's 16 channels under (1, 2, 2): at 8x the
     decoder has to invent a shape's corners inside one 8-pixel cell and rounds squares and triangles
     into discs (the detector found the prompted class in 25 % of 8x reconstructions). Both are 4x in
     time. Normalisation statistics are placeholders until measured on encoded data."""
