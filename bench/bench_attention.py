@@ -14,7 +14,9 @@ over ((B, L, H, D) memory viewed as (B, H, L, D)). Rows per shape:
 
 Times are medians of ``triton.testing.do_bench``. TFLOP/s counts only the work asked for:
 ``4 * B * H * Lq_active * Lk_valid * D`` (two matmuls of 2 FLOPs per multiply-add), so a masked row
-at the same TFLOP/s as all-active means skipping is free. ``ratio`` is ``baseline_ms / ms`` within
+at the same TFLOP/s as all-active means skipping is free. Correctness at these shapes: ``max_abs_err``
+of all-active against flash SDPA; q-masked rows say whether their active rows equal the all-active
+output and their inactive rows were left untouched. ``ratio`` is ``baseline_ms / ms`` within
 this run (> 1: faster than the baseline).
 
 CPU (no GPU): a reduced shape, B=1, H=2, L=1024, D=64, fp32, with the reference (what the op runs
@@ -99,11 +101,15 @@ def _bench_cuda_shape(shape, dtype, device) -> list[dict]:
             return ops.masked_attention(q, k, v, q_mask, kv_mask, out=out)
 
     ours()  # autotune once per shape (keyed on Lq, Lk, D, dtype) before timing anything
+    # Correctness at the real shape on the GPU: all-active against flash SDPA; a masked run leaves
+    # its active rows equal to the all-active ones (same blocks, same order) and the others untouched.
+    expected, full_out = sdpa().float(), ours().clone()
+    err = (full_out.float() - expected).abs().max().item()
     sdpa_ms = do_bench(sdpa, return_mode="median")
     all_ms = do_bench(ours, return_mode="median")
     rows = [
         _row(shape, dtype, "torch", "sdpa-flash", sdpa_ms, full),
-        _row(shape, dtype, "triton", "all-active", all_ms, full, "sdpa-flash", sdpa_ms),
+        {**_row(shape, dtype, "triton", "all-active", all_ms, full, "sdpa-flash", sdpa_ms), "max_abs_err": err},
     ]
     q50, q10, kv50 = block_mask(n, 0.5), block_mask(n, 0.1), block_mask(n, 0.5, seed=SEED + 1)
     for variant, q_mask, kv_mask, n_rows, keys in (
@@ -112,9 +118,18 @@ def _bench_cuda_shape(shape, dtype, device) -> list[dict]:
         ("kv50%", None, kv50, L, tokens(kv50, L)),
     ):
         call = functools.partial(ours, *(None if m is None else m.to(device) for m in (q_mask, kv_mask)))
+        checked = {}
+        if q_mask is not None:
+            out.fill_(float("nan"))
+            call()
+            rows_on = q_mask.repeat_interleave(ATTN_MASK_BLOCK)[:L].to(device)
+            checked = {
+                "active_rows_equal_all_active": bool(torch.equal(out[:, :, rows_on], full_out[:, :, rows_on])),
+                "inactive_rows_untouched": bool(out[:, :, ~rows_on].isnan().all()),
+            }
         ms = do_bench(call, return_mode="median")
         flops = attention_flops(B, H, n_rows, keys, D)
-        rows.append(_row(shape, dtype, "triton", variant, ms, flops, "all-active", all_ms))
+        rows.append({**_row(shape, dtype, "triton", variant, ms, flops, "all-active", all_ms), **checked})
     return rows
 
 

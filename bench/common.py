@@ -51,7 +51,8 @@ def environment(device: str) -> dict:
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
+        # A copy without .git (e.g. the tree shipped to a GPU machine) names its commit this way.
+        sha = os.environ.get("SUPERGEN_GIT_SHA", "unknown")
     return {
         "device": device_name(device),
         "torch": torch.__version__,

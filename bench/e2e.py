@@ -8,12 +8,20 @@ configuration runs in its own subprocess, so the peak memory of one never hides 
   built, inputs allocated, one warm-up forward done);
 * the share of a native-tile forward spent in attention (torch.profiler, median of several runs).
 
-The CPU model is a small Wan-architecture transformer (random weights) sized so that a native-tile
-forward spends about 70-75 % of its time in attention, as Wan 2.1 1.3B does at 480p; it runs single-
-threaded so that timings stay stable on a shared machine (measured: tiny ops under thread contention
-are up to 15x slower with 2 threads, which would swamp the ratios).
+Two profiles, picked by ``--device``:
 
-Usage: ``python bench/e2e.py [--out bench/results/e2e_cpu.json]``
+* ``cpu``: a small Wan-architecture transformer (random weights) sized so that a native-tile forward
+  spends about 70-75 % of its time in attention, as Wan 2.1 1.3B does at 480p; it runs single-threaded
+  so that timings stay stable on a shared machine (measured: tiny ops under thread contention are up to
+  15x slower with 2 threads, which would swamp the ratios). Prompts go through the hashed-word encoder.
+* ``cuda``: the full-size Wan 2.1 T2V 1.3B transformer (30 layers, 12 heads of 128, FFN 8960; random
+  weights: the same FLOPs and bytes as the real ones) in bf16 with native 480p tiles (81 frames,
+  480x832: 21x60x104 latent cells), so 9x area is 1440x2496. Text is random ``prompt_embeds`` of T5's
+  shape (512 x 4096), as an offline pipeline hands them over. Memory is the CUDA allocator's peak above
+  the idle process (model, inputs, warm-up done). The direct 9x forward attends over 294 840 tokens.
+
+Usage: ``python bench/e2e.py [--device cpu|cuda] [--out PATH]`` (default out:
+``bench/results/e2e_<device>.json``).
 """
 
 from __future__ import annotations
@@ -32,59 +40,112 @@ from pathlib import Path
 
 import torch
 
-MODEL = {"num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 2}
-NATIVE_LATENT = (2, 76, 76)  # (T, h, w) latent cells: 2888 tokens per native forward
 AREAS = (4, 9)
-STEPS = 2
 GUIDANCE = 5.0
 SEED = 0
 THREADS = 1
-REPEATS = 3
 PROMPT = {"prompt": "a lighthouse on a cliff in a storm", "negative_prompt": "blurry"}
 TARGETS_9X = {"speedup_min": 5.5, "memory_ratio_max": 0.2}
+#: Wan 2.1 T2V 1.3B's transformer config (its model card's config.json), less what ``build_pipeline``
+#: sets for both profiles.
+WAN_1_3B = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30,
+            "text_dim": 4096, "eps": 1e-6}  # fmt: skip
+#: Per device: the transformer, the native latent (T, h, w), dtype, denoising steps, timed repeats per
+#: configuration (best of), and the text embedding shape (None: hashed-word prompts).
+PROFILES = {
+    "cpu": {"model": {"num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 2},
+            "native_latent": (2, 76, 76), "dtype": torch.float32, "steps": 2, "repeats": {"direct": 3, "supergen": 3},
+            "text": None},
+    # One direct 9x step is about a minute on an H100; the tiled runs are short enough to repeat.
+    "cuda": {"model": WAN_1_3B, "native_latent": (21, 60, 104), "dtype": torch.bfloat16, "steps": 2,
+             "repeats": {"direct": 1, "supergen": 2}, "text": (512, 4096)},
+}  # fmt: skip
 
 
-def build_pipeline():
+def build_pipeline(device: str = "cpu"):
     from diffusers import WanPipeline, WanTransformer3DModel
 
     from supergen.tiny import TEXT_DIM, HashedPromptMixin, tiny_wan_components
 
-    parts = tiny_wan_components()
+    profile = PROFILES[device]
+    parts = tiny_wan_components()  # the VAE (8x, 4x in time, as Wan's) and Wan's UniPC scheduler
     torch.manual_seed(SEED)
-    parts["transformer"] = WanTransformer3DModel(
-        patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=TEXT_DIM, freq_dim=256,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", **MODEL,
-    ).eval()  # fmt: skip
+    config = {"text_dim": TEXT_DIM, **profile["model"]}
+    with torch.device(device):  # weights initialised where they run: 1.3B on the CPU takes minutes
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", **config,
+        ).eval()  # fmt: skip
+    if profile["dtype"] != torch.float32:
+        # As from_pretrained(torch_dtype=...) loads it: the modules Wan keeps in fp32 stay fp32.
+        keep = set(transformer._keep_in_fp32_modules or ())
+        for name, tensor in (*transformer.named_parameters(), *transformer.named_buffers()):
+            if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+                tensor.data = tensor.data.to(profile["dtype"])
+    parts["transformer"] = transformer
     cls = type("BenchWanPipeline", (HashedPromptMixin, WanPipeline), {})
-    pipe = cls(tokenizer=None, text_encoder=None, **parts)
+    pipe = cls(tokenizer=None, text_encoder=None, **parts).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def attention_share(pipe, runs: int = 5) -> dict:
-    """Fraction of a native-tile forward's CPU time inside scaled_dot_product_attention."""
+def text_inputs(device: str) -> dict:
+    """The pipeline's text arguments: prompts (hashed) on the CPU, T5-shaped random embeddings on CUDA."""
+    shape = PROFILES[device]["text"]
+    if shape is None:
+        return dict(PROMPT)
+    g = torch.Generator(device).manual_seed(SEED + 1)
+    dtype = PROFILES[device]["dtype"]
+    return {
+        "prompt_embeds": torch.randn((1, *shape), generator=g, device=device).to(dtype),
+        "negative_prompt_embeds": torch.randn((1, *shape), generator=g, device=device).to(dtype),
+    }
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def attention_share(pipe, device: str = "cpu", runs: int = 5) -> dict:
+    """Fraction of a native-tile forward's time inside scaled_dot_product_attention: CPU time on the
+    CPU, GPU kernel time on CUDA (the attention op's kernels over all kernels of the forward)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    T, h, w = NATIVE_LATENT
-    x = torch.randn(1, 16, T, h, w, generator=torch.Generator().manual_seed(SEED))
-    text = pipe.encode_prompt(prompt=PROMPT["prompt"], do_classifier_free_guidance=False)[0]
-    args = {"hidden_states": x, "timestep": torch.tensor([500.0]), "encoder_hidden_states": text}
+    T, h, w = PROFILES[device]["native_latent"]
+    x = torch.randn(1, 16, T, h, w, generator=torch.Generator().manual_seed(SEED)).to(device)
+    text = pipe.encode_prompt(**{"prompt": None, **_positive(text_inputs(device))}, do_classifier_free_guidance=False,
+                              device=device)[0]  # fmt: skip
+    args = {"hidden_states": x.to(pipe.transformer.dtype), "timestep": torch.tensor([500.0], device=device),
+            "encoder_hidden_states": text}  # fmt: skip
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     shares, seconds = [], []
     with torch.no_grad():
         pipe.transformer(**args)  # warm-up
         for _ in range(runs):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _sync(device)
+            with profile(activities=activities) as prof:
                 with record_function("forward"):
                     start = time.perf_counter()
                     pipe.transformer(**args)
+                    _sync(device)
                     seconds.append(time.perf_counter() - start)
-            events = {e.key: e for e in prof.key_averages()}
-            attention = max(e.cpu_time_total for k, e in events.items() if "scaled_dot_product" in k)
-            shares.append(attention / events["forward"].cpu_time_total)
+            events = prof.key_averages()
+            if device == "cuda":
+                attention = max(e.device_time_total for e in events if "scaled_dot_product" in e.key)
+                total = sum(e.self_device_time_total for e in events)
+            else:
+                attention = max(e.cpu_time_total for e in events if "scaled_dot_product" in e.key)
+                total = next(e.cpu_time_total for e in events if e.key == "forward")
+            shares.append(attention / total)
     return {"median": statistics.median(shares), "runs": shares, "forward_seconds_median": statistics.median(seconds)}
 
 
-def worker(mode: str, area: int) -> dict:
+def _positive(text: dict) -> dict:
+    return {k: v for k, v in text.items() if not k.startswith("negative")}
+
+
+def worker(mode: str, area: int, device: str = "cpu") -> dict:
     """One configuration, in this (fresh) process."""
     from supergen.adapters.base import adapter_for
     from supergen.config import TilingConfig
@@ -93,43 +154,57 @@ def worker(mode: str, area: int) -> dict:
     from supergen.stages import check_inputs, refine
 
     torch.set_num_threads(THREADS)
-    pipe = build_pipeline()
+    profile = PROFILES[device]
+    steps = profile["steps"]
+    pipe = build_pipeline(device)
+    text = text_inputs(device)
     side = math.isqrt(area)
-    T, h, w = NATIVE_LATENT
+    T, h, w = profile["native_latent"]
     canvas = (T, h * side, w * side)
-    x = torch.randn(1, 16, *canvas, generator=torch.Generator().manual_seed(SEED))
+    x = torch.randn(1, 16, *canvas, generator=torch.Generator().manual_seed(SEED)).to(device)
     frames, height, width = 4 * (T - 1) + 1, canvas[1] * 8, canvas[2] * 8
 
     adapter = adapter_for(pipe)
     adapter.spec = type(adapter.spec)(**{**adapter.spec.__dict__, "native_latent": (h, w)})
     plan, grid = check_inputs(
         adapter.spec, height=height, width=width, sketch_height=h * 8, sketch_width=w * 8, num_frames=frames,
-        num_inference_steps=STEPS, refine_steps=STEPS, tiling=TilingConfig(),
+        num_inference_steps=steps, refine_steps=steps, tiling=TilingConfig(),
     )  # fmt: skip
     with torch.no_grad():
-        # Warm-up, identical in both modes: one native forward and one call of each op, so lazy
-        # initialisation (oneDNN, loading the supergen._C extension) is not measured.
+        # Warm-up, identical in both modes: one native forward and one call of each op on the canvas,
+        # so lazy initialisation (oneDNN, loading supergen._C, compiling the Triton kernels for these
+        # shapes) is not measured.
         tile = x[..., :h, :w]
-        adapter.predict(tile, torch.tensor(500.0), adapter.conditioning(tuple(tile.shape), **PROMPT), [(0, 0)], (h, w))
-        small = torch.zeros(1, 1, 1, 4, 4)
-        blend_scatter(halo_gather(small, [(0, 0)], (2, 2)), [(0, 0)], (4, 4))
+        cond = adapter.conditioning(tuple(tile.shape), guidance_scale=GUIDANCE, **text)
+        adapter.predict(tile, torch.tensor(500.0, device=device), cond, [(0, 0)], (h, w))
+        origins = [(r * h, c * w) for r in range(side) for c in range(side)]
+        blend_scatter(halo_gather(x, origins, (h, w)), origins, canvas[1:])
+        del tile, cond, origins
     gc.collect()
-    probe = PeakMemory("cpu")
-    idle = current_rss()
+    probe = PeakMemory(device)
+    _sync(device)
+    idle = torch.cuda.memory_allocated() if device == "cuda" else current_rss()
     probe.reset()
     times = []
-    for _ in range(REPEATS):  # best of REPEATS: other processes share this machine's cores
+    for _ in range(profile["repeats"][mode]):  # best of: other processes share this machine
+        _sync(device)
         start = time.perf_counter()
         if mode == "direct":
-            out = pipe(height=height, width=width, num_frames=frames, num_inference_steps=STEPS, latents=x,
-                       guidance_scale=GUIDANCE, output_type="latent", **PROMPT).frames  # fmt: skip
+            out = pipe(height=height, width=width, num_frames=frames, num_inference_steps=steps, latents=x,
+                       guidance_scale=GUIDANCE, output_type="latent", **text).frames  # fmt: skip
             tiles, tokens = 1, canvas[0] * canvas[1] * canvas[2] // 4
         else:
-            pipe.scheduler.set_timesteps(STEPS)
-            cond = adapter.conditioning(tuple(x.shape), guidance_scale=GUIDANCE, **PROMPT)
+            pipe.scheduler.set_timesteps(steps)
+            cond = adapter.conditioning(tuple(x.shape), guidance_scale=GUIDANCE, **text)
             out = refine(adapter, pipe.scheduler, x, cond, grid, plan)
             tiles, tokens = grid.num_tiles, T * h * w // 4
+        _sync(device)
         times.append(time.perf_counter() - start)
+        finite = bool(torch.isfinite(out).all())
+        del out
+        if mode == "supergen":
+            del cond
+        gc.collect()
     seconds = min(times)
     peak = probe.read() - idle
     return {
@@ -141,9 +216,9 @@ def worker(mode: str, area: int) -> dict:
         "tokens_per_forward": tokens,
         "seconds": seconds,
         "seconds_all_repeats": times,
-        "peak_rss_above_idle_bytes": peak,
+        "peak_above_idle_bytes": peak,
         "peak_resettable": probe.resettable,
-        "output_finite": bool(torch.isfinite(out).all()),
+        "output_finite": finite,
         "load_average_1min_after": os.getloadavg()[0],  # other processes on the machine, for context
     }
 
@@ -151,16 +226,18 @@ def worker(mode: str, area: int) -> dict:
 def _git_sha() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     except OSError:
-        return None
+        sha = ""
+    # A copy without .git (e.g. the tree shipped to a GPU machine) names its commit this way.
+    return sha or os.environ.get("SUPERGEN_GIT_SHA")
 
 
 def _versions() -> dict:
     import importlib.metadata
 
-    out = {"python": platform.python_version()}
-    for dist in ("supergen", "torch", "diffusers"):
+    out = {"python": platform.python_version(), "cuda": torch.version.cuda}
+    for dist in ("supergen", "torch", "triton", "diffusers"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -168,17 +245,27 @@ def _versions() -> dict:
     return out
 
 
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {THREADS} torch thread)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "e2e_cpu.json"))
+    parser.add_argument("--device", choices=sorted(PROFILES), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "AREA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (valid here: --device cpu).")
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]))))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.device)))
         return 0
 
+    device, profile = args.device, PROFILES[args.device]
     torch.set_num_threads(THREADS)
-    share = attention_share(build_pipeline())
+    share = attention_share(build_pipeline(device), device)
     print(f"attention share of a native-tile forward: {share['median']:.3f}", flush=True)
     runs = {}
     for area in AREAS:
@@ -187,14 +274,14 @@ def main() -> int:
             # peak RSS tracks live tensors instead of glibc's arena high-water marks (without this,
             # repeated runs of one configuration differed by up to 60 %).
             env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MALLOC_MMAP_THRESHOLD_="65536")
-            proc = subprocess.run([sys.executable, __file__, "--worker", mode, str(area)], capture_output=True,
-                                  text=True, env=env)  # fmt: skip
+            proc = subprocess.run([sys.executable, __file__, "--device", device, "--worker", mode, str(area)],
+                                  capture_output=True, text=True, env=env)  # fmt: skip
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)
                 return 1
             runs[(area, mode)] = json.loads(proc.stdout.strip().splitlines()[-1])
             r = runs[(area, mode)]
-            print(f"{area}x {mode:<8} {r['seconds']:8.2f} s  peak +{r['peak_rss_above_idle_bytes'] / 2**20:8.1f} MiB",
+            print(f"{area}x {mode:<8} {r['seconds']:8.2f} s  peak +{r['peak_above_idle_bytes'] / 2**20:8.1f} MiB",
                   flush=True)  # fmt: skip
     results = []
     for area in AREAS:
@@ -202,26 +289,37 @@ def main() -> int:
         results.append({
             "area": area,
             "speedup": direct["seconds"] / tiled["seconds"],
-            "memory_ratio": tiled["peak_rss_above_idle_bytes"] / max(1, direct["peak_rss_above_idle_bytes"]),
+            "memory_ratio": tiled["peak_above_idle_bytes"] / max(1, direct["peak_above_idle_bytes"]),
             "direct": direct,
             "supergen": tiled,
         })  # fmt: skip
     nine = next(r for r in results if r["area"] == 9)
+    command = "python bench/e2e.py" + ("" if device == "cpu" else f" --device {device}")
+    probe = (
+        "CUDA allocator peak (max_memory_allocated) above the idle process's allocation"
+        if device == "cuda"
+        else "peak RSS (VmHWM, reset via /proc/self/clear_refs) above the idle process, MALLOC_MMAP_THRESHOLD_=65536"
+    )
     report = {
         "benchmark": "e2e: direct full-canvas denoising vs supergen tiled refinement",
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-        f"{THREADS} torch thread)",
+        "device": _device_name(device),
         "versions": _versions(),
         "git_sha": _git_sha(),
-        "command": "python bench/e2e.py",
+        "command": command,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"family": "wan", **MODEL, "native_latent": list(NATIVE_LATENT), "weights": "random, seed 0"},
-        "steps": STEPS,
+        "model": {
+            "family": "wan",
+            **profile["model"],
+            "native_latent": list(profile["native_latent"]),
+            "dtype": str(profile["dtype"]).removeprefix("torch."),
+            "weights": "random, seed 0",
+        },
+        "steps": profile["steps"],
+        "repeats": profile["repeats"],
         "guidance_scale": GUIDANCE,
         "seed": SEED,
         "tiling": "TilingConfig() defaults: native tiles, torus, shifted every step, no overlap",
-        "memory_probe": "peak RSS (VmHWM, reset via /proc/self/clear_refs) above the idle process, "
-        "MALLOC_MMAP_THRESHOLD_=65536",
+        "memory_probe": probe,
         "attention_share": share,
         "results": results,
         "targets_9x": TARGETS_9X,
@@ -230,7 +328,7 @@ def main() -> int:
             "memory_ratio": nine["memory_ratio"] <= TARGETS_9X["memory_ratio_max"],
         },
     }
-    out = Path(args.out)
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"e2e_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
