@@ -252,7 +252,7 @@ def blend_scatter(
         ramp: ``linear`` or ``cosine`` (:data:`RAMPS`).
         wrap: tiles wrap around the canvas (torus) if ``True``, else cells past it are dropped.
         out: ``(B, C, T, H, W)`` in the tiles' dtype, any strides; every cell is written.
-        block: optional ``(BLOCK_P, BLOCK_H, BLOCK_W)`` powers of two instead of
+        block: optional ``(BLOCK_P, BLOCK_H, BLOCK_W[, num_warps])`` powers of two instead of
             :func:`~supergen.kernels.halo_gather.block_settings` (tests and tuning).
 
     Checks only what would make the kernel touch memory out of bounds (devices, dtypes, ranks,

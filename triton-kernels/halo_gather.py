@@ -151,13 +151,17 @@ def check_origins(op: str, origins) -> int:
 
 
 def check_block(op: str, block) -> dict[str, int] | None:
-    """An explicit ``(BLOCK_P, BLOCK_H, BLOCK_W)`` override (tests, tuning) as launch settings."""
+    """An explicit ``(BLOCK_P, BLOCK_H, BLOCK_W[, num_warps])`` override (tests, tuning) as launch
+    settings; ``num_warps`` defaults to 4."""
     if block is None:
         return None
-    if len(block) != 3 or not all(isinstance(b, int) and b >= 1 and b & (b - 1) == 0 for b in block):
-        raise ValueError(f"{op}: `block` must be three powers of two (BLOCK_P, BLOCK_H, BLOCK_W) but is {block!r}.")
-    block_p, block_h, block_w = block
-    return {"BLOCK_P": block_p, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": 4}
+    if len(block) not in (3, 4) or not all(isinstance(b, int) and b >= 1 and b & (b - 1) == 0 for b in block):
+        raise ValueError(
+            f"{op}: `block` must be three or four powers of two (BLOCK_P, BLOCK_H, BLOCK_W[, num_warps]) "
+            f"but is {block!r}."
+        )
+    block_p, block_h, block_w, num_warps = (*block, 4)[:4]
+    return {"BLOCK_P": block_p, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
 
 
 def check_programs(op: str, programs: int) -> None:
@@ -302,7 +306,7 @@ def halo_gather(
         halo: context cells on every side, ``>= 0``.
         mode: ``torus``, ``zero`` or ``replicate`` (:data:`GATHER_MODES`).
         out: ``(N * B, C, T, h + 2*halo, w + 2*halo)`` in the canvas dtype, any strides.
-        block: optional ``(BLOCK_P, BLOCK_H, BLOCK_W)`` powers of two instead of
+        block: optional ``(BLOCK_P, BLOCK_H, BLOCK_W[, num_warps])`` powers of two instead of
             :func:`block_settings` (tests and tuning).
 
     Checks only what would make the kernel touch memory out of bounds (devices, dtypes, ranks,

@@ -1,0 +1,109 @@
+"""Block-size sweep of the Triton halo_gather and blend_scatter kernels on a GPU (a tuning tool).
+
+    python3 bench/sweep_blocks.py [--out PATH]
+
+For the 4K canvas cases of ``bench_gather_scatter.py`` (one halo-0 / overlap-0 case on the 3x3 grid and
+one halo-8 / overlap-8 case on the 3x8 grid, fp32 and bf16), every ``(BLOCK_P, BLOCK_H, BLOCK_W,
+num_warps)`` of a small grid is timed with ``triton.testing.do_bench`` next to ``Tensor.copy_`` of the
+same bytes, and its output is compared with the default settings' output (it must be identical: the
+block shape changes no arithmetic). Rows: the settings, GB/s, fraction of copy bandwidth; the default
+(:func:`block_settings`) row is marked. Writes JSON when ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gather_scatter import CANVAS, GRIDS, RAMP, SEED, grid_origins, moved_bytes  # noqa: E402
+from common import environment, print_table, write_json  # noqa: E402
+
+CASES = [("halo_gather", "3x3", 0), ("halo_gather", "3x8", 8), ("blend_scatter", "3x3", 0), ("blend_scatter", "3x8", 8)]
+DTYPES = (torch.float32, torch.bfloat16)
+WIDTHS = (64, 128)
+CELLS = (4096, 8192, 16384)
+HEIGHTS = (2, 8)
+WARPS = (4, 8)
+#: Narrow blocks, as block_settings picks for 160- and 60-wide windows.
+EXTRA = ((4, 32, 32, 4), (8, 16, 32, 4), (16, 8, 32, 4), (16, 16, 32, 8), (32, 8, 32, 8))
+
+
+def candidates():
+    for w, cells, h, warps in itertools.product(WIDTHS, CELLS, HEIGHTS, WARPS):
+        yield (cells // (h * w), h, w, warps)
+    yield from EXTRA
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test (interpreter)
+    args = parser.parse_args(argv)
+    bs = importlib.import_module("supergen.kernels.blend_scatter")
+    hg = importlib.import_module("supergen.kernels.halo_gather")
+    from triton.testing import do_bench
+
+    device = args.device
+    B, C, T, H, W = CANVAS
+    tiles = None
+    base = torch.randn(CANVAS, generator=torch.Generator().manual_seed(SEED))
+    rows = []
+    for dtype, (op, grid, size) in itertools.product(DTYPES, CASES):
+        canvas = base.to(device=device, dtype=dtype)
+        origins = grid_origins((H, W), GRIDS[grid]).to(device)
+        n = origins.shape[0]
+        stride = (H // GRIDS[grid][0], W // GRIDS[grid][1])
+        if op == "halo_gather":
+            tile, halo = stride, size
+            out = canvas.new_empty((n * B, C, T, tile[0] + 2 * halo, tile[1] + 2 * halo))
+
+            def call(block, out=out, origins=origins, tile=tile, halo=halo, canvas=canvas):
+                return hg.halo_gather(canvas, origins, tile, halo, "torus", out, block=block)
+        else:
+            tile, halo = (stride[0] + size, stride[1] + size), 0
+            tiles = hg.halo_gather(canvas, origins, tile, 0, "torus", canvas.new_empty((n * B, C, T, *tile)))
+            out = torch.empty_like(canvas)
+
+            def call(block, out=out, origins=origins, tiles=tiles, size=size):
+                return bs.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, block=block)
+
+        nbytes = moved_bytes(op, n, CANVAS, tile, halo, canvas.element_size())
+        src = torch.empty(nbytes // (2 * canvas.element_size()), dtype=dtype, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = do_bench(lambda d=dst, s=src: d.copy_(s), return_mode="median")
+        expected = call(None).clone()
+        default_ms = do_bench(lambda f=call: f(None), return_mode="median")
+        label = f"{op} {grid} {'halo' if op == 'halo_gather' else 'overlap'} {size} {str(dtype)[6:]}"
+        case_rows = [{"case": label, "block": "default", "ms": default_ms}]
+        for block in candidates():
+            try:
+                got = call(block)
+            except Exception as exc:  # e.g. out of resources: report and go on
+                case_rows.append({"case": label, "block": str(block), "error": type(exc).__name__})
+                continue
+            same = bool(torch.equal(got, expected))
+            ms = do_bench(lambda b=block, f=call: f(b), return_mode="median")
+            case_rows.append({"case": label, "block": str(block), "ms": ms, "identical": same})
+        for r in case_rows:
+            if "ms" in r:
+                r["gb_s"] = nbytes / (r["ms"] * 1e-3) / 1e9
+                r["of_copy"] = copy_ms / r["ms"]
+        best = sorted((r for r in case_rows if "ms" in r), key=lambda r: r["ms"])[:5]
+        print_table(best + [case_rows[0]], ["case", "block", "ms", "gb_s", "of_copy", "identical"])
+        rows += case_rows
+        canvas = src = dst = out = tiles = None
+        torch.cuda.empty_cache()
+    if args.out:
+        write_json(args.out, {**environment(device), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
