@@ -8,6 +8,12 @@ num_warps)`` of a small grid is timed with ``triton.testing.do_bench`` next to `
 same bytes, and its output is compared with the default settings' output (it must be identical: the
 block shape changes no arithmetic). Rows: the settings, GB/s, fraction of copy bandwidth; the default
 (:func:`block_settings`) row is marked. Writes JSON when ``--out`` is given.
+
+``--packed``: an experiment instead of the sweep. The gather is a pure copy, so where every column
+quantity (origins, halo, widths, strides) is a multiple of ``p`` cells, the same kernel can move
+``p``-cell words (the tensors viewed as int32/int64): fewer, wider memory instructions and pointers
+per byte. Times the word views against the cell kernel and copy_, and checks the bits are identical.
+``--once``: run the default gather and scatter once each (for ``ncu``).
 """
 
 from __future__ import annotations
@@ -45,10 +51,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test (interpreter)
+    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--once", action="store_true")
     args = parser.parse_args(argv)
     bs = importlib.import_module("supergen.kernels.blend_scatter")
     hg = importlib.import_module("supergen.kernels.halo_gather")
     from triton.testing import do_bench
+
+    if args.once:
+        return once(args.device, hg, bs)
+    if args.packed:
+        return packed(args.device, hg, do_bench, args.out)
 
     device = args.device
     B, C, T, H, W = CANVAS
@@ -102,6 +115,63 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     if args.out:
         write_json(args.out, {**environment(device), "rows": rows})
+    return 0
+
+
+def once(device, hg, bs) -> int:
+    B, C, T, H, W = CANVAS
+    canvas = torch.randn(CANVAS, generator=torch.Generator().manual_seed(SEED)).to(device)
+    origins = grid_origins((H, W), GRIDS["3x3"]).to(device)
+    tile = (H // 3, W // 3)
+    out = canvas.new_empty((9 * B, C, T, *tile))
+    hg.halo_gather(canvas, origins, tile, 0, "torus", out)
+    bs.blend_scatter(out, origins, (H, W), (0, 0), RAMP, True, torch.empty_like(canvas))
+    torch.cuda.synchronize()
+    return 0
+
+
+def packed(device, hg, do_bench, out_path) -> int:
+    B, C, T, H, W = CANVAS
+    base = torch.randn(CANVAS, generator=torch.Generator().manual_seed(SEED))
+    rows = []
+    check = hg.check_source_and_out
+    for dtype, (grid, halo) in itertools.product(DTYPES, (("3x3", 0), ("3x8", 8))):
+        canvas = base.to(device=device, dtype=dtype)
+        origins = grid_origins((H, W), GRIDS[grid])
+        n = origins.shape[0]
+        tile = (H // GRIDS[grid][0], W // GRIDS[grid][1])
+        win = (tile[0] + 2 * halo, tile[1] + 2 * halo)
+        out = canvas.new_empty((n * B, C, T, *win))
+        expected = hg.halo_gather(canvas, origins.to(device), tile, halo, "torus", out).clone()
+        nbytes = 2 * out.numel() * out.element_size()
+        src = torch.empty(nbytes // (2 * canvas.element_size()), dtype=dtype, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = do_bench(lambda d=dst, s=src: d.copy_(s), return_mode="median")
+        label = f"halo_gather {grid} halo {halo} {str(dtype)[6:]}"
+        for word in (None, torch.int32, torch.int64):
+            if word is not None and torch.empty((), dtype=word).element_size() <= canvas.element_size():
+                continue
+            if word is None:
+                args = (canvas, origins.to(device), tile, halo, out)
+            else:
+                p = torch.empty((), dtype=word).element_size() // canvas.element_size()
+                if win[1] % p or W % p or halo % p or bool((origins[:, 1] % p).any()):
+                    continue
+                # halo 0 with origins moved by the halo: the torus wrap takes the negative starts.
+                o = torch.stack([origins[:, 0] - halo, (origins[:, 1] - halo) // p], 1).to(device)
+                args = (canvas.view(word), o, (win[0], win[1] // p), 0, out.view(word))
+            hg.check_source_and_out = (lambda *a: None) if word is not None else check
+            try:
+                got = hg.halo_gather(args[0], args[1], args[2], args[3], "torus", args[4])
+                same = bool(torch.equal(got.view(dtype), expected))
+                ms = do_bench(lambda a=args: hg.halo_gather(*a[:4], "torus", a[4]), return_mode="median")
+            finally:
+                hg.check_source_and_out = check
+            rows.append({"case": label, "word": str(word or dtype)[6:], "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9,
+                         "of_copy": copy_ms / ms, "identical": same})  # fmt: skip
+        print_table(rows[-3:], ["case", "word", "ms", "gb_s", "of_copy", "identical"])
+    if out_path:
+        write_json(out_path, {**environment(device), "rows": rows})
     return 0
 
 
