@@ -39,6 +39,8 @@ HEIGHTS = (2, 8)
 WARPS = (4, 8)
 #: Narrow blocks, as block_settings picks for 160- and 60-wide windows.
 EXTRA = ((4, 32, 32, 4), (8, 16, 32, 4), (16, 8, 32, 4), (16, 16, 32, 8), (32, 8, 32, 8))
+#: Blocks (in words) tried for the packed views, beside block_settings' choice.
+PACKED_BLOCKS = ((8, 16, 16, 4), (8, 8, 32, 4), (4, 8, 64, 4), (16, 4, 32, 4), (8, 16, 32, 8), (4, 4, 128, 4))
 
 
 def candidates():
@@ -148,7 +150,9 @@ def packed(device, hg, do_bench, out_path) -> int:
         dst = torch.empty_like(src)
         copy_ms = do_bench(lambda d=dst, s=src: d.copy_(s), return_mode="median")
         label = f"halo_gather {grid} halo {halo} {str(dtype)[6:]}"
-        for word in (None, torch.int32, torch.int64):
+        for word, block in itertools.product((None, torch.int32, torch.int64), (None, *PACKED_BLOCKS)):
+            if word is None and block is not None:
+                continue
             if word is not None and torch.empty((), dtype=word).element_size() <= canvas.element_size():
                 continue
             if word is None:
@@ -162,14 +166,17 @@ def packed(device, hg, do_bench, out_path) -> int:
                 args = (canvas.view(word), o, (win[0], win[1] // p), 0, out.view(word))
             hg.check_source_and_out = (lambda *a: None) if word is not None else check
             try:
-                got = hg.halo_gather(args[0], args[1], args[2], args[3], "torus", args[4])
+                got = hg.halo_gather(*args[:4], "torus", args[4], block=block)
                 same = bool(torch.equal(got.view(dtype), expected))
-                ms = do_bench(lambda a=args: hg.halo_gather(*a[:4], "torus", a[4]), return_mode="median")
+                ms = do_bench(
+                    lambda a=args, b=block: hg.halo_gather(*a[:4], "torus", a[4], block=b), return_mode="median"
+                )
             finally:
                 hg.check_source_and_out = check
-            rows.append({"case": label, "word": str(word or dtype)[6:], "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9,
-                         "of_copy": copy_ms / ms, "identical": same})  # fmt: skip
-        print_table(rows[-3:], ["case", "word", "ms", "gb_s", "of_copy", "identical"])
+            rows.append({"case": label, "word": str(word or dtype)[6:], "block": str(block or "default"), "ms": ms,
+                         "gb_s": nbytes / (ms * 1e-3) / 1e9, "of_copy": copy_ms / ms, "identical": same})  # fmt: skip
+        case_rows = [r for r in rows if r["case"] == label]
+        print_table(case_rows, ["case", "word", "block", "ms", "gb_s", "of_copy", "identical"])
     if out_path:
         write_json(out_path, {**environment(device), "rows": rows})
     return 0

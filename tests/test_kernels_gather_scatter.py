@@ -84,6 +84,15 @@ def test_block_settings_are_powers_of_two_within_budget(planes, rows, cols):
     assert halo_gather_mod.block_settings(planes, rows, cols) == cfg  # deterministic
 
 
+@pytest.mark.parametrize("cols, block_w", [(76, 128), (60, 64), (128, 128), (129, 16), (160, 32), (3, 4)])
+def test_gather_blocks_take_whole_rows_up_to_the_limit(cols, block_w):
+    """Windows up to WHOLE_ROW_MAX wide are one column block (row segments whole); wider ones are
+    split by the padding rule."""
+    cfg = halo_gather_mod.block_settings(208, 106, cols, whole_row=halo_gather_mod.WHOLE_ROW_MAX)
+    assert cfg["BLOCK_W"] == block_w
+    assert cfg["BLOCK_P"] * cfg["BLOCK_H"] * cfg["BLOCK_W"] <= halo_gather_mod.MAX_BLOCK_CELLS
+
+
 # --------------------------------------------------------------------------------------------------
 # halo_gather
 # --------------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ MAX_PLANE_CELLS = 1024
 #: Cells per program (BLOCK_P x BLOCK_H x BLOCK_W). With 4 warps that is 32 cells per thread, i.e.
 #: 8-16 KB of loads in flight per program and several programs per SM -- by Little's law an H100
 #: needs roughly 3.35 TB/s x ~0.6 us / 132 SMs = 15 KB in flight per SM to stay bandwidth-bound.
-#: (Reasoned, not yet measured on a GPU: tune with bench/bench_gather_scatter.py.)
+#: Measured on an H100 (bench/sweep_blocks.py): 2048-16384 cells with 4 or 8 warps all moved the
+#: 4K canvas within a few per cent of each other; the row segment length matters (WHOLE_ROW_MAX).
 MAX_BLOCK_CELLS = 4096
 #: Cells each thread copies: with MAX_BLOCK_CELLS that is 4 warps per program; smaller blocks get
 #: fewer warps rather than idle threads.
@@ -67,6 +68,12 @@ CELLS_PER_THREAD = 32
 #: padded lanes cost issue slots (not bandwidth), so e.g. a 160-wide window takes 32-wide blocks
 #: (no padding) rather than 64-wide ones (20 % idle lanes).
 MAX_PAD_FRACTION = 1 / 8
+#: Windows whose rows fit in a block this wide (next power of two) are copied a whole row per block,
+#: however much of the block is padding. Measured on an H100 (``bench/sweep_blocks.py``, 4K canvas,
+#: 3x8 tiles with halo 8: 76-wide windows): one 128-wide block moved 0.56 (fp32) and 0.45 (bf16) of
+#: ``copy_``'s bandwidth, five 16-wide blocks with less padding 0.48 and 0.24. Short row segments,
+#: not idle lanes, cost bandwidth. (160-wide windows keep 32-wide blocks: 0.60 against 0.57.)
+WHOLE_ROW_MAX = 128
 #: Largest grid: one flat program axis, decomposed in the kernel.
 MAX_PROGRAMS = 2**31 - 1
 
@@ -89,17 +96,23 @@ def _fit_block(length: int, lo: int, hi: int) -> int:
 
 
 def block_settings(
-    planes: int, rows: int, cols: int, plane_cells: int = MAX_PLANE_CELLS, max_block_w: int = MAX_BLOCK_W
+    planes: int,
+    rows: int,
+    cols: int,
+    plane_cells: int = MAX_PLANE_CELLS,
+    max_block_w: int = MAX_BLOCK_W,
+    whole_row: int = 0,
 ) -> dict[str, int]:
     """Deterministic block sizes and warp count for a ``planes x rows x cols`` copy-like kernel.
 
-    Columns first (coalescing, at most ``max_block_w``), then rows up to ``plane_cells`` per plane,
-    then planes up to ``MAX_BLOCK_CELLS``. Returns ``BLOCK_P``, ``BLOCK_H``, ``BLOCK_W`` and
-    ``num_warps``.
+    Columns first (coalescing: a whole row if it fits in ``whole_row`` cells rounded up to a power of
+    two, else at most ``max_block_w``), then rows up to ``plane_cells`` per plane, then planes up to
+    ``MAX_BLOCK_CELLS``. Returns ``BLOCK_P``, ``BLOCK_H``, ``BLOCK_W`` and ``num_warps``.
     """
     if min(planes, rows, cols) < 1:
         raise ValueError(f"block_settings needs positive sizes but got {(planes, rows, cols)}.")
-    block_w = _fit_block(cols, MIN_BLOCK_W, max_block_w)
+    whole = triton.next_power_of_2(cols)
+    block_w = whole if whole <= whole_row else _fit_block(cols, MIN_BLOCK_W, max_block_w)
     block_h = _fit_block(rows, MIN_BLOCK_H, max(1, plane_cells // block_w))
     block_p = min(triton.next_power_of_2(planes), max(1, MAX_BLOCK_CELLS // (block_h * block_w)))
     num_warps = min(8, max(1, block_p * block_h * block_w // (32 * CELLS_PER_THREAD)))
@@ -175,9 +188,13 @@ def in_plane_offsets(rows, cols, stride_h, stride_w, INDEX_64: tl.constexpr):
     """``(rows, cols)`` element offsets inside one plane. int32 unless ``INDEX_64``: the launcher sets it
     only when a plane's extent reaches 2**31 elements, so the common case gets one-instruction 32-bit
     address arithmetic (the 64-bit part is the per-plane base, computed once per plane)."""
+    # One return statement: the compiler requires all returns of a jit function to have one type, even
+    # in branches a constexpr discards (the interpreter does not check this).
     if INDEX_64:
-        return (rows.to(tl.int64) * stride_h)[:, None] + (cols.to(tl.int64) * stride_w)[None, :]
-    return (rows * stride_h)[:, None] + (cols * stride_w)[None, :]
+        offsets = (rows.to(tl.int64) * stride_h)[:, None] + (cols.to(tl.int64) * stride_w)[None, :]
+    else:
+        offsets = (rows * stride_h)[:, None] + (cols * stride_w)[None, :]
+    return offsets
 
 
 def needs_index_64(*planes: tuple[int, int, int, int]) -> bool:
@@ -332,7 +349,7 @@ def halo_gather(
         return out
 
     planes = C * T
-    cfg = check_block(op, block) or block_settings(planes, win_h, win_w)
+    cfg = check_block(op, block) or block_settings(planes, win_h, win_w, whole_row=WHOLE_ROW_MAX)
     plane_blocks = triton.cdiv(planes, cfg["BLOCK_P"])
     row_blocks = triton.cdiv(win_h, cfg["BLOCK_H"])
     col_blocks = triton.cdiv(win_w, cfg["BLOCK_W"])
