@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import statistics
 import sys
 import time
@@ -111,8 +112,10 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
             with ops.backend(backend):
                 return ops.halo_gather(canvas, origins, tile_hw, size, "torus")
 
+        col_multiple = math.gcd(*origins[:, 1].tolist())  # what supergen.ops passes (host origins)
+
         def kernel():
-            return kernels.halo_gather(canvas, origins, tile_hw, size, "torus", out)
+            return kernels.halo_gather(canvas, origins, tile_hw, size, "torus", out, col_multiple=col_multiple)
 
         return ref, via_ops, kernel
     tiles = reference.halo_gather(canvas, origins, tile_hw, 0, "torus")  # overlapping windows of the canvas

@@ -212,13 +212,18 @@ def _check_origins(origins: torch.Tensor, canvas_hw, tile_hw, wrap: bool) -> Non
 
 @torch.library.custom_op("supergen::halo_gather", mutates_args=())
 def _halo_gather_op(
-    canvas: torch.Tensor, origins: torch.Tensor, tile_h: int, tile_w: int, halo: int, mode: str
+    canvas: torch.Tensor, origins: torch.Tensor, tile_h: int, tile_w: int, halo: int, mode: str, col_multiple: int = 1
 ) -> torch.Tensor:
+    """``col_multiple``: every column origin is a multiple of it (0: all zero), a hint computed where
+    the origins are on the host; the Triton kernel then moves several cells per memory access."""
     name, mod = _select(canvas.device)
     if name == "reference":
         return reference.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode)
     out = canvas.new_empty(_gather_shape(canvas, origins, tile_h, tile_w, halo))
-    mod.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode, out)
+    if name == "triton":
+        mod.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode, out, col_multiple=col_multiple)
+    else:
+        mod.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode, out)
     return out
 
 
@@ -228,7 +233,7 @@ def _gather_shape(canvas, origins, tile_h, tile_w, halo):
 
 
 @_halo_gather_op.register_fake
-def _(canvas, origins, tile_h, tile_w, halo, mode):
+def _(canvas, origins, tile_h, tile_w, halo, mode, col_multiple=1):
     return canvas.new_empty(_gather_shape(canvas, origins, tile_h, tile_w, halo))
 
 
@@ -264,8 +269,17 @@ def halo_gather(
         raise ValueError(f"`mode` must be one of {tuple(GATHER_MODES)} but is {mode!r}.")
     origins = _as_origins(origins)
     _check_origins(origins, (H, W), (h, w), wrap=mode == "torus")  # before the move: no device sync
+    col_multiple = _column_multiple(origins)
     origins = origins.to(canvas.device).contiguous()
-    return torch.ops.supergen.halo_gather(canvas, origins, h, w, halo, mode)
+    return torch.ops.supergen.halo_gather(canvas, origins, h, w, halo, mode, col_multiple)
+
+
+def _column_multiple(origins: torch.Tensor) -> int:
+    """The gcd of the column origins (0 if all are zero), read on the host; 1 (no promise) where the
+    values cannot be read without a device sync or a graph break."""
+    if origins.device.type != "cpu" or torch.compiler.is_compiling():
+        return 1
+    return math.gcd(*origins[:, 1].tolist())
 
 
 # --------------------------------------------------------------------------------------------------
