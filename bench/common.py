@@ -46,13 +46,18 @@ def environment(device: str) -> dict:
         except ImportError:
             return "not installed"
 
+    # A copy of the tree run elsewhere (e.g. shipped to a GPU machine) names its commit this way: its
+    # own .git, if any, may describe a different commit than the files.
+    sha = os.environ.get("SUPERGEN_GIT_SHA")
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
-        ).stdout.strip()
+        sha = (
+            sha
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
-        # A copy without .git (e.g. the tree shipped to a GPU machine) names its commit this way.
-        sha = os.environ.get("SUPERGEN_GIT_SHA", "unknown")
+        sha = "unknown"
     return {
         "device": device_name(device),
         "torch": torch.__version__,

@@ -234,13 +234,15 @@ def worker(mode: str, area: int, device: str = "cpu") -> dict:
 
 
 def _git_sha() -> str | None:
+    # A copy of the tree run elsewhere (e.g. shipped to a GPU machine) names its commit this way: its
+    # own .git, if any, may describe a different commit than the files.
+    if os.environ.get("SUPERGEN_GIT_SHA"):
+        return os.environ["SUPERGEN_GIT_SHA"]
     try:
         root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     except OSError:
-        sha = ""
-    # A copy without .git (e.g. the tree shipped to a GPU machine) names its commit this way.
-    return sha or os.environ.get("SUPERGEN_GIT_SHA")
+        return None
 
 
 def _versions() -> dict:
