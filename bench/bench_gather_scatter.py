@@ -120,6 +120,7 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
         return ref, via_ops, kernel
     tiles = reference.halo_gather(canvas, origins, tile_hw, 0, "torus")  # overlapping windows of the canvas
     out = canvas.new_empty(canvas.shape)
+    col_multiple = math.gcd(*origins[:, 1].tolist())
 
     def ref():
         return reference.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True)
@@ -129,7 +130,7 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
             return ops.blend_scatter(tiles, origins, (H, W), size, RAMP, True)
 
     def kernel():
-        return kernels.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out)
+        return kernels.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, col_multiple=col_multiple)
 
     return ref, via_ops, kernel
 

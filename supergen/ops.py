@@ -297,12 +297,18 @@ def _blend_scatter_op(
     overlap_w: int,
     ramp: str,
     wrap: bool,
+    col_multiple: int = 1,
 ) -> torch.Tensor:
+    """``col_multiple``: as for halo_gather, a host-computed promise on the column origins."""
     name, mod = _select(tiles.device)
     if name == "reference":
         return reference.blend_scatter(tiles, origins, (canvas_h, canvas_w), (overlap_h, overlap_w), ramp, wrap)
     out = tiles.new_empty(_scatter_shape(tiles, origins, canvas_h, canvas_w))
-    mod.blend_scatter(tiles, origins, (canvas_h, canvas_w), (overlap_h, overlap_w), ramp, wrap, out)
+    canvas_hw, overlap_hw = (canvas_h, canvas_w), (overlap_h, overlap_w)
+    if name == "triton":
+        mod.blend_scatter(tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out, col_multiple=col_multiple)
+    else:
+        mod.blend_scatter(tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out)
     return out
 
 
@@ -312,7 +318,7 @@ def _scatter_shape(tiles, origins, canvas_h, canvas_w):
 
 
 @_blend_scatter_op.register_fake
-def _(tiles, origins, canvas_h, canvas_w, overlap_h, overlap_w, ramp, wrap):
+def _(tiles, origins, canvas_h, canvas_w, overlap_h, overlap_w, ramp, wrap, col_multiple=1):
     return tiles.new_empty(_scatter_shape(tiles, origins, canvas_h, canvas_w))
 
 
@@ -357,8 +363,9 @@ def blend_scatter(
             f"`tiles` has {tiles.shape[0]} rows, which is not a multiple of the {origins.shape[0]} origins."
         )
     _check_origins(origins, (H, W), (h, w), wrap=wrap)  # before the move: no device sync
+    col_multiple = _column_multiple(origins)
     origins = origins.to(tiles.device).contiguous()
-    return torch.ops.supergen.blend_scatter(tiles, origins, H, W, oh, ow, ramp, wrap)
+    return torch.ops.supergen.blend_scatter(tiles, origins, H, W, oh, ow, ramp, wrap, col_multiple)
 
 
 # --------------------------------------------------------------------------------------------------

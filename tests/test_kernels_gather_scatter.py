@@ -171,6 +171,34 @@ def test_word_gather_is_bit_exact(mode, dtype):
         assert torch.equal(ops.halo_gather(canvas, origins.cpu(), (h, w), halo, mode), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "wrap, overlap, ramp", [(True, (0, 0), "linear"), (True, (2, 4), "cosine"), (False, (1, 2), "linear")]
+)
+def test_word_scatter_equals_the_cell_scatter_bit_for_bit(dtype, wrap, overlap, ramp):
+    """With even column origins and widths the blend reads and writes multi-cell words, splits them into
+    cells in registers and blends each as the cell path does: the same bits, and the reference's values
+    within rounding. Overlapping tiles, a torus wrap across both axes, tiles past the canvas dropped."""
+    gen = torch.Generator().manual_seed(_seed("word scatter", dtype, wrap, overlap, ramp))
+    H, W, (h, w) = 10, 24, (6, 8)
+    if wrap:
+        origins = torch.tensor([[8, 20], [0, 0], [3, 4], [6, 12], [2, 16]])
+    else:
+        origins = torch.tensor([[4, 16], [0, 0], [3, 4], [1, 12], [0, 8]])
+    tiles = torch.randn((5 * 2, 3, 2, h, w), generator=gen).to(device=DEVICE, dtype=dtype)
+    origins = origins.to(DEVICE)
+    pack = halo_gather_mod.word_cells(tiles, tiles.new_empty((2, 3, 2, H, W)), "torus", 0, 4)
+    assert pack == 8 // tiles.element_size()
+    cells = _scatter(tiles, origins, (H, W), overlap, ramp, wrap)
+    out = tiles.new_empty(cells.shape)
+    words = blend_scatter_mod.blend_scatter(tiles, origins, (H, W), overlap, ramp, wrap, out, col_multiple=4)
+    assert torch.equal(words, cells)
+    expected = reference.blend_scatter(tiles, origins, (H, W), overlap, ramp, wrap)
+    assert_verbose_close(words, expected, what=f"word scatter {dtype}")
+    with ops.backend("triton"):  # supergen.ops finds the column multiple itself
+        assert torch.equal(ops.blend_scatter(tiles, origins.cpu(), (H, W), overlap, ramp, wrap), cells)
+
+
 def test_gather_window_larger_than_canvas_wraps_repeatedly():
     gen = torch.Generator().manual_seed(1)
     canvas = _canvas((1, 2, 1, 5, 6), torch.float32, "contiguous", gen)
@@ -423,9 +451,12 @@ for label, elem, pack, index_64, mode in (
     pointers = {"canvas_ptr": elem, "origins_ptr": "*i64", "out_ptr": elem}
     consts = dict(MODE=mode, MULTI_WRAP=False, INDEX_64=index_64, PACK=pack, **blocks)
     facts["gather " + label] = global_loads(hg._halo_gather_kernel, pointers, consts)
-for label, index_64 in (("blend", False), ("blend, int64 offsets", True)):
-    pointers = {"tiles_ptr": "*bf16", "origins_ptr": "*i64", "out_ptr": "*bf16"}
-    consts = dict(RAMP=1, WRAP=True, HAS_RAMP_H=True, HAS_RAMP_W=True, INDEX_64=index_64, **blocks)
+for label, elem, index_64, pack in (
+    ("blend", "*bf16", False, 1), ("blend, int64 offsets", "*bf16", True, 1), ("blend words", "*i64", False, 4),
+):
+    pointers = {"tiles_ptr": elem, "origins_ptr": "*i64", "out_ptr": elem}
+    consts = dict(RAMP=1, WRAP=True, HAS_RAMP_H=True, HAS_RAMP_W=True, INDEX_64=index_64, PACK=pack,
+                  CELL_BITS=16, CELL_KIND=2, **blocks)
     ramps = ("inv_overlap_h", "inv_overlap_w")
     facts["scatter " + label] = global_loads(bs._blend_scatter_kernel, pointers, consts, ramps)
 print(json.dumps(facts))
@@ -437,7 +468,7 @@ def test_sm90_builds_compile_and_words_load_64_bits(tmp_path):
     """Compile both kernels for sm_90 ahead of time (no GPU needed). The interpreter does not type-check
     like the compiler (a helper returning int32 in one constexpr branch and int64 in the other ran here
     and failed to compile on an H100), and it cannot show codegen: the word copy must load only 64-bit
-    words (2 of the 64-bit loads are the origins), the cell copy cells."""
+    words (2 of the 64-bit loads are the origins), the cell copy cells; likewise the blend's words."""
     import json
     import os
     import subprocess
@@ -453,7 +484,7 @@ def test_sm90_builds_compile_and_words_load_64_bits(tmp_path):
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     cells = facts["gather cells"]
     assert cells["16"] == 0 and cells["32"] > 0 and cells["64"] == 2, facts
-    for words in ("gather words", "gather words, zero padding"):
+    for words in ("gather words", "gather words, zero padding", "scatter blend words"):
         assert facts[words]["16"] == facts[words]["32"] == 0 and facts[words]["64"] > 2, facts
     assert facts["gather cells, int64 offsets"]["16"] > 0, facts
     assert all(facts[k]["16"] > 0 for k in ("scatter blend", "scatter blend, int64 offsets")), facts
