@@ -114,8 +114,9 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
 
         col_multiple = math.gcd(*origins[:, 1].tolist())  # what supergen.ops passes (host origins)
 
-        def kernel():
-            return kernels.halo_gather(canvas, origins, tile_hw, size, "torus", out, col_multiple=col_multiple)
+        def kernel(words=True):
+            multiple = col_multiple if words else 1
+            return kernels.halo_gather(canvas, origins, tile_hw, size, "torus", out, col_multiple=multiple)
 
         return ref, via_ops, kernel
     tiles = reference.halo_gather(canvas, origins, tile_hw, 0, "torus")  # overlapping windows of the canvas
@@ -129,8 +130,9 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
         with ops.backend(backend):
             return ops.blend_scatter(tiles, origins, (H, W), size, RAMP, True)
 
-    def kernel():
-        return kernels.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, col_multiple=col_multiple)
+    def kernel(words=True):
+        multiple = col_multiple if words else 1
+        return kernels.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, col_multiple=multiple)
 
     return ref, via_ops, kernel
 
@@ -196,14 +198,18 @@ def run(device: str, canvas_shape=CANVAS, dtypes=None, reps: int = CPU_REPS, war
                 copy_ms = do_bench(lambda d=dst, s=src: d.copy_(s), return_mode="median")
                 ref_ms = do_bench(ref, return_mode="median")
                 tri_ms = do_bench(kernel, return_mode="median")
+                cells_ms = do_bench(lambda f=kernel: f(words=False), return_mode="median")
                 copy_gbs = nbytes / (copy_ms * 1e-3) / 1e9
-                # The timed kernel's output against the reference's, at this real shape on the GPU.
+                # The timed kernels' outputs against the reference's, at this real shape on the GPU.
                 err = (kernel().float() - ref().float()).abs().max().item()
+                cells_err = (kernel(words=False).float() - ref().float()).abs().max().item()
                 rows += [
                     _row(op, label, variant, dtype, "copy_", copy_ms, nbytes, ref_ms, copy_gbs),
                     _row(op, label, variant, dtype, "reference", ref_ms, nbytes, ref_ms, copy_gbs),
                     {**_row(op, label, variant, dtype, "triton", tri_ms, nbytes, ref_ms, copy_gbs), "max_abs_err": err},
-                ]
+                    {**_row(op, label, variant, dtype, "triton-cells", cells_ms, nbytes, ref_ms, copy_gbs),
+                     "max_abs_err": cells_err},
+                ]  # fmt: skip
                 del src, dst
             else:
                 calls = {"reference": ref}
