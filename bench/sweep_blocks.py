@@ -9,10 +9,11 @@ same bytes, and its output is compared with the default settings' output (it mus
 block shape changes no arithmetic). Rows: the settings, GB/s, fraction of copy bandwidth; the default
 (:func:`block_settings`) row is marked. Writes JSON when ``--out`` is given.
 
-``--packed``: an experiment instead of the sweep. The gather is a pure copy, so where every column
-quantity (origins, halo, widths, strides) is a multiple of ``p`` cells, the same kernel can move
-``p``-cell words (the tensors viewed as int32/int64): fewer, wider memory instructions and pointers
-per byte. Times the word views against the cell kernel and copy_, and checks the bits are identical.
+``--packed``: instead of the sweep, each case's cell path (``col_multiple=1``) against its word path
+(the column origins' gcd, as ``supergen.ops`` passes it: several cells per memory access where the
+layout allows), with the default blocks and a few word blocks; the outputs must be bit-identical.
+(``gather_words_*.json`` came from an earlier form of this experiment that viewed the tensors as words
+by hand, before the launchers did it themselves.)
 ``--once``: run the default gather and scatter once each (for ``ncu``).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     if args.once:
         return once(args.device, hg, bs)
     if args.packed:
-        return packed(args.device, hg, do_bench, args.out)
+        return packed(args.device, hg, bs, do_bench, args.out)
 
     device = args.device
     B, C, T, H, W = CANVAS
@@ -132,51 +134,48 @@ def once(device, hg, bs) -> int:
     return 0
 
 
-def packed(device, hg, do_bench, out_path) -> int:
+def packed(device, hg, bs, do_bench, out_path) -> int:
     B, C, T, H, W = CANVAS
     base = torch.randn(CANVAS, generator=torch.Generator().manual_seed(SEED))
     rows = []
-    check = hg.check_source_and_out
-    for dtype, (grid, halo) in itertools.product(DTYPES, (("3x3", 0), ("3x8", 8))):
+    for dtype, (op, grid, size) in itertools.product(DTYPES, CASES):
         canvas = base.to(device=device, dtype=dtype)
-        origins = grid_origins((H, W), GRIDS[grid])
+        origins = grid_origins((H, W), GRIDS[grid]).to(device)
+        multiple = math.gcd(*origins[:, 1].tolist())
         n = origins.shape[0]
-        tile = (H // GRIDS[grid][0], W // GRIDS[grid][1])
-        win = (tile[0] + 2 * halo, tile[1] + 2 * halo)
-        out = canvas.new_empty((n * B, C, T, *win))
-        expected = hg.halo_gather(canvas, origins.to(device), tile, halo, "torus", out).clone()
-        nbytes = 2 * out.numel() * out.element_size()
+        stride = (H // GRIDS[grid][0], W // GRIDS[grid][1])
+        if op == "halo_gather":
+            tile, halo = stride, size
+            out = canvas.new_empty((n * B, C, T, tile[0] + 2 * halo, tile[1] + 2 * halo))
+            pack = hg.word_cells(canvas, out, "torus", halo, multiple)
+
+            def call(cols, block, out=out, origins=origins, tile=tile, halo=halo, canvas=canvas):
+                return hg.halo_gather(canvas, origins, tile, halo, "torus", out, col_multiple=cols, block=block)
+        else:
+            tile, halo = (stride[0] + size, stride[1] + size), 0
+            tiles = hg.halo_gather(canvas, origins, tile, 0, "torus", canvas.new_empty((n * B, C, T, *tile)))
+            out = torch.empty_like(canvas)
+            pack = hg.word_cells(tiles, out, "torus", 0, multiple)
+
+            def call(cols, block, out=out, origins=origins, tiles=tiles, size=size):
+                return bs.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, col_multiple=cols,
+                                        block=block)  # fmt: skip
+
+        nbytes = moved_bytes(op, n, CANVAS, tile, halo, canvas.element_size())
         src = torch.empty(nbytes // (2 * canvas.element_size()), dtype=dtype, device=device)
         dst = torch.empty_like(src)
         copy_ms = do_bench(lambda d=dst, s=src: d.copy_(s), return_mode="median")
-        label = f"halo_gather {grid} halo {halo} {str(dtype)[6:]}"
-        for word, block in itertools.product((None, torch.int32, torch.int64), (None, *PACKED_BLOCKS)):
-            if word is None and block is not None:
-                continue
-            if word is not None and torch.empty((), dtype=word).element_size() <= canvas.element_size():
-                continue
-            if word is None:
-                args = (canvas, origins.to(device), tile, halo, out)
-            else:
-                p = torch.empty((), dtype=word).element_size() // canvas.element_size()
-                if win[1] % p or W % p or halo % p or bool((origins[:, 1] % p).any()):
-                    continue
-                # halo 0 with origins moved by the halo: the torus wrap takes the negative starts.
-                o = torch.stack([origins[:, 0] - halo, (origins[:, 1] - halo) // p], 1).to(device)
-                args = (canvas.view(word), o, (win[0], win[1] // p), 0, out.view(word))
-            hg.check_source_and_out = (lambda *a: None) if word is not None else check
-            try:
-                got = hg.halo_gather(*args[:4], "torus", args[4], block=block)
-                same = bool(torch.equal(got.view(dtype), expected))
-                ms = do_bench(
-                    lambda a=args, b=block: hg.halo_gather(*a[:4], "torus", a[4], block=b), return_mode="median"
-                )
-            finally:
-                hg.check_source_and_out = check
-            rows.append({"case": label, "word": str(word or dtype)[6:], "block": str(block or "default"), "ms": ms,
-                         "gb_s": nbytes / (ms * 1e-3) / 1e9, "of_copy": copy_ms / ms, "identical": same})  # fmt: skip
+        expected = call(1, None).clone()
+        label = f"{op} {grid} {'halo' if op == 'halo_gather' else 'overlap'} {size} {str(dtype)[6:]}"
+        for cols, block in [(1, None), (multiple, None), *((multiple, b) for b in PACKED_BLOCKS)]:
+            got = call(cols, block)
+            same = bool(torch.equal(got, expected))
+            ms = do_bench(lambda c=cols, b=block, f=call: f(c, b), return_mode="median")
+            rows.append({"case": label, "cells_per_access": 1 if cols == 1 else pack, "block": str(block or "default"),
+                         "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "of_copy": copy_ms / ms,
+                         "identical_to_cells": same})  # fmt: skip
         case_rows = [r for r in rows if r["case"] == label]
-        print_table(case_rows, ["case", "word", "block", "ms", "gb_s", "of_copy", "identical"])
+        print_table(case_rows, ["case", "cells_per_access", "block", "ms", "gb_s", "of_copy", "identical_to_cells"])
     if out_path:
         write_json(out_path, {**environment(device), "rows": rows})
     return 0
