@@ -140,6 +140,25 @@ def _axis_weight(local, covered, length, inv_overlap, RAMP: tl.constexpr, HAS_RA
 
 
 @triton.jit
+def _inverse_weights(wsum):
+    """``1 / wsum`` where some tile covers the cell, else 0: uncovered cells (wsum == 0, acc == 0) get
+    0, as in the reference; the clamp to the smallest normal fp32 only keeps the discarded branch
+    finite. An IEEE reciprocal: one extra rounding, one division per cell rather than per plane-cell."""
+    one = tl.full(wsum.shape, 1.0, tl.float32)
+    return tl.where(wsum > 0, tl.div_rn(one, tl.maximum(wsum, 1.1754943508222875e-38)), 0.0)
+
+
+@triton.jit
+def _out_block(out_ptr, b, c, t, plane_ok, y, x, H, W, stride_b, stride_c, stride_t, stride_h, stride_w,
+               INDEX_64: tl.constexpr):  # fmt: skip
+    """Pointers and store mask of the output block: planes ``(b, c, t)``, canvas rows ``y``, columns ``x``."""
+    plane = b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c + t.to(tl.int64) * stride_t
+    dst = (out_ptr + plane)[:, None, None] + in_plane_offsets(y, x, stride_h, stride_w, INDEX_64)[None, :, :]
+    mask = plane_ok[:, None, None] & (y < H)[None, :, None] & (x < W)[None, None, :]
+    return dst, mask
+
+
+@triton.jit
 def _unpack_words(words, PACK: tl.constexpr, CELL_BITS: tl.constexpr, CELL_KIND: tl.constexpr):
     """Integer words ``(P, H, W)`` -> their ``PACK`` cells as fp32 ``(P, H, W, PACK)``, lowest bits
     first (little-endian memory order): shift, truncate to the cell's width, reinterpret."""
@@ -269,19 +288,9 @@ def _blend_scatter_kernel(
                 acc += values * wgt[None, :, :]
                 wsum += wgt
 
-        # Uncovered cells (wsum == 0, acc == 0) get 0, as in the reference; the clamp to the smallest
-        # normal fp32 only keeps the discarded branch finite.
-        one = tl.full((BLOCK_H, BLOCK_W), 1.0, tl.float32)
-        inv = tl.where(wsum > 0, tl.div_rn(one, tl.maximum(wsum, 1.1754943508222875e-38)), 0.0)
-        result = acc * inv[None, :, :]
-
-        y = y0 + ky
-        x = x0 + kx
-        dst_plane = b.to(tl.int64) * stride_out_b + c.to(tl.int64) * stride_out_c + t.to(tl.int64) * stride_out_t
-        dst = (out_ptr + dst_plane)[:, None, None] + in_plane_offsets(y, x, stride_out_h, stride_out_w, INDEX_64)[
-            None, :, :
-        ]
-        mask = plane_ok[:, None, None] & (y < H)[None, :, None] & (x < W)[None, None, :]
+        result = acc * _inverse_weights(wsum)[None, :, :]
+        dst, mask = _out_block(out_ptr, b, c, t, plane_ok, y0 + ky, x0 + kx, H, W, stride_out_b, stride_out_c,
+                               stride_out_t, stride_out_h, stride_out_w, INDEX_64)  # fmt: skip
         tl.store(dst, result.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         lane = tl.arange(0, PACK)
@@ -308,19 +317,10 @@ def _blend_scatter_kernel(
                 acc += _unpack_words(words, PACK, CELL_BITS, CELL_KIND) * wgt[None, :, :, :]
                 wsum += wgt
 
-        one = tl.full((BLOCK_H, BLOCK_W, PACK), 1.0, tl.float32)
-        inv = tl.where(wsum > 0, tl.div_rn(one, tl.maximum(wsum, 1.1754943508222875e-38)), 0.0)
-        result = acc * inv[None, :, :, :]
-
-        y = y0 + ky
-        x = x0 + kx
-        dst_plane = b.to(tl.int64) * stride_out_b + c.to(tl.int64) * stride_out_c + t.to(tl.int64) * stride_out_t
-        dst = (out_ptr + dst_plane)[:, None, None] + in_plane_offsets(y, x, stride_out_h, stride_out_w, INDEX_64)[
-            None, :, :
-        ]
-        mask = plane_ok[:, None, None] & (y < H)[None, :, None] & (x < W)[None, None, :]
-        words = _pack_words(result, PACK, CELL_BITS, CELL_KIND)
-        tl.store(dst, words.to(out_ptr.dtype.element_ty), mask=mask)
+        result = acc * _inverse_weights(wsum)[None, :, :, :]
+        dst, mask = _out_block(out_ptr, b, c, t, plane_ok, y0 + ky, x0 + kx, H, W, stride_out_b, stride_out_c,
+                               stride_out_t, stride_out_h, stride_out_w, INDEX_64)  # fmt: skip
+        tl.store(dst, _pack_words(result, PACK, CELL_BITS, CELL_KIND).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def blend_scatter(
