@@ -234,3 +234,13 @@ def test_generations_show_the_prompted_colours_moving(model):
         moving += any(max(abs(v) for v in t.displacement()) >= 3.0 for t in tracks)
     assert colour >= 10
     assert moving >= 9
+
+
+def test_clip_workers_draw_the_same_batches_in_order(train):
+    """Worker processes (``--data-workers``, for GPUs) only change who draws the clips, not which."""
+    seed_lists = [range(i, i + 2) for i in range(0, 10, 2)]
+    here = list(train.clip_batches(seed_lists, 0, "cpu"))
+    ahead = train.clip_batches(iter(seed_lists), 2, "cpu")
+    for (x0, caps0, cover0), (x1, caps1, cover1) in zip(here, ahead, strict=True):
+        assert torch.equal(x0, x1) and caps0 == caps1 and torch.equal(cover0, cover1)
+    assert len(here) == len(seed_lists)

@@ -33,6 +33,7 @@ the run is reproducible from ``--seed``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -339,8 +340,36 @@ class StepBudget:
 
 
 def clip_batch(seeds, device) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    videos, captions, cover = synthetic.sample_batch(seeds)
+    return _to_device(synthetic.sample_batch(seeds), device)
+
+
+def _to_device(batch, device) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    videos, captions, cover = batch
     return torch.from_numpy(videos).to(device), captions, torch.from_numpy(cover).to(device)
+
+
+def clip_batches(seed_lists, workers: int, device):
+    """:func:`clip_batch` of each list of seeds, in order. With ``workers > 0`` the clips are drawn by that
+    many processes, at most ``2 * workers`` batches ahead: on a GPU the small models train faster than
+    one core draws clips. The clips depend only on their seeds, so the batches are the same either way."""
+    if workers <= 0:
+        for seeds in seed_lists:
+            yield clip_batch(seeds, device)
+        return
+    import collections
+    import multiprocessing
+
+    seed_lists = iter(seed_lists)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending = collections.deque()
+        for seeds in itertools.islice(seed_lists, 2 * workers):
+            pending.append(pool.apply_async(synthetic.sample_batch, (list(seeds),)))
+        while pending:
+            batch = pending.popleft().get()
+            seeds = next(seed_lists, None)
+            if seeds is not None:
+                pending.append(pool.apply_async(synthetic.sample_batch, (list(seeds),)))
+            yield _to_device(batch, device)
 
 
 # -- phase 1: VAE ------------------------------------------------------------------------------------
@@ -366,11 +395,12 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=1e-4)
     budget = StepBudget(seconds, args.vae_steps, args.max_steps)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 11)
-    step, seen = 0, 0
+    first = args.seed * 1_000_003 + VAE_DATA
+    seed_lists = (range(first + i * args.vae_batch, first + (i + 1) * args.vae_batch) for i in itertools.count())
+    batches = clip_batches(seed_lists, args.data_workers, device)
+    step = 0
     while budget.running(step):
-        seeds = range(args.seed * 1_000_003 + VAE_DATA + seen, args.seed * 1_000_003 + VAE_DATA + seen + args.vae_batch)
-        seen += args.vae_batch
-        x, _, cover = clip_batch(seeds, device)
+        x, _, cover = next(batches)
         top, left = (int(v) for v in torch.randint(0, synthetic.SIZE - args.vae_crop + 1, (2,), generator=gen))
         window = (slice(None), slice(None), slice(0, args.vae_frames), slice(top, top + args.vae_crop))
         x = x[window][..., left : left + args.vae_crop]
@@ -395,6 +425,7 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
             history.setdefault("vae", []).append(record)
             log(f"vae {step + 1}/{budget.shown()} {record} lr {opt.param_groups[0]['lr']:.2e}")
         step += 1
+    batches.close()  # stops the workers drawing ahead
     vae.eval()
     return step
 
@@ -416,11 +447,10 @@ def check_vae(vae, seeds, device) -> dict:
 
 
 @torch.no_grad()
-def encode_clips(vae, seeds, device, batch: int = 16) -> tuple[torch.Tensor, list[str]]:
+def encode_clips(vae, seeds, device, batch: int = 16, workers: int = 0) -> tuple[torch.Tensor, list[str]]:
     """Posterior modes (B, 16, 3, 8, 8), unnormalised: what the adapter's ``encode`` uses too."""
     latents, captions = [], []
-    for i in range(0, len(seeds), batch):
-        x, caps, _ = clip_batch(seeds[i : i + batch], device)
+    for x, caps, _ in clip_batches((seeds[i : i + batch] for i in range(0, len(seeds), batch)), workers, device):
         latents.append(vae.encode(x).latent_dist.mode().float().cpu())
         captions += caps
     return torch.cat(latents), captions
@@ -563,12 +593,23 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    return p.parse_args(argv)
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes drawing clips ahead (0: the trainer draws them; a GPU wants ~8)")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.data_workers < 0:
+        p.error(f"--data-workers must be >= 0 but is {args.data_workers}.")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        # Replays should give the same weights: deterministic kernels where CUDA has them (cuBLAS needs
+        # its workspace fixed before the first call); ops without one warn instead of failing.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     if device.type == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)
@@ -632,7 +673,8 @@ def main(argv=None) -> int:
     # pipeline's (z - latents_mean) / latents_std is zero-mean and unit-variance.
     t0 = time.perf_counter()
     n_clips = args.dit_clips if args.max_steps is None else min(args.dit_clips, 16)
-    latents, captions = encode_clips(vae, list(range(base + DIT_DATA, base + DIT_DATA + n_clips)), device)
+    seeds = list(range(base + DIT_DATA, base + DIT_DATA + n_clips))
+    latents, captions = encode_clips(vae, seeds, device, workers=args.data_workers)
     mean = latents.transpose(0, 1).flatten(1).mean(1)
     std = latents.transpose(0, 1).flatten(1).std(1).clamp_min(1e-4)
     vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()])
