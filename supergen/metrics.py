@@ -96,7 +96,9 @@ class StageTimer:
         return self._memory.resettable
 
 
-def seam_score(video: torch.Tensor, rows: list[int], cols: list[int], grid: int | None = None) -> float | None:
+def seam_score(
+    video: torch.Tensor, rows: list[int], cols: list[int], grid: int | None = None, reference: str = "grid"
+) -> float | None:
     """How much stronger the jumps across tile edges are than the jumps elsewhere (1.0 = no seam).
 
     ``video``: ``(..., H, W)`` pixels; ``rows``/``cols``: pixel rows/columns ``e`` on which a tile edge
@@ -112,7 +114,17 @@ def seam_score(video: torch.Tensor, rows: list[int], cols: list[int], grid: int 
     tile covering the canvas scores 1.31 on the 16-pixel lines against all lines), and only the
     same-grid reference keeps that out of the seam. ``None`` when there is no interior edge or no
     reference line.
+
+    ``reference`` (with ``grid``): ``"grid"`` compares with every other line of the grid; ``"adjacent"``
+    only with the grid lines one period either side of each edge, so that where the content is dense
+    (objects cluster mid-canvas, where the edges of a 3x3 grid lie) the edge is compared with lines
+    crossing the same content, and a layout that happens to put more content on the edge lines does not
+    count as a seam.
     """
+    if reference not in ("grid", "adjacent"):
+        raise ValueError(f"`reference` must be 'grid' or 'adjacent' but is {reference!r}.")
+    if reference == "adjacent" and grid is None:
+        raise ValueError("`reference='adjacent'` needs `grid`, the period of the lines an edge can lie on.")
     video = video.float()
     H, W = video.shape[-2:]
     dy = (video[..., 1:, :] - video[..., :-1, :]).abs()  # dy[..., e - 1, :] is the jump into row e
@@ -124,8 +136,12 @@ def seam_score(video: torch.Tensor, rows: list[int], cols: list[int], grid: int 
     if grid is not None:
         if grid < 1 or any(e % grid for e in rows + cols):
             raise ValueError(f"`grid` must be a positive period of every edge line but is {grid!r}.")
-        ref_rows = [r for r in range(grid, H, grid) if r not in rows]
-        ref_cols = [c for c in range(grid, W, grid) if c not in cols]
+        if reference == "adjacent":  # each edge's neighbours, counted once per edge they flank
+            ref_rows = [n for r in rows for n in (r - grid, r + grid) if 0 < n < H and n not in rows]
+            ref_cols = [n for c in cols for n in (c - grid, c + grid) if 0 < n < W and n not in cols]
+        else:
+            ref_rows = [r for r in range(grid, H, grid) if r not in rows]
+            ref_cols = [c for c in range(grid, W, grid) if c not in cols]
         if (rows and not ref_rows) or (cols and not ref_cols):
             return None
         row_line = dy[..., [r - 1 for r in ref_rows], :].sum() / max(1, len(ref_rows))

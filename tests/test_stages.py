@@ -260,6 +260,28 @@ def test_seam_score_on_the_patch_grid_ignores_the_decoders_own_grid_lines():
         seam_score(video, [], [32], grid=12)
 
 
+def test_adjacent_reference_follows_where_the_content_lies():
+    """Content that thins out away from the middle of the canvas, where a 3x3 grid's edges lie, reads as
+    a seam against every grid line; against the edges' neighbours much less so; a real step still does."""
+    from supergen.metrics import seam_score
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.arange(96.0)
+    density = torch.exp(-((x - 48) ** 2) / (2 * 24**2))  # busy middle, quiet borders
+    video = torch.rand(1, 3, 2, 96, 96, generator=g) * density
+    edges = [32, 64]
+    layout = seam_score(video, [], edges, grid=16)
+    adjacent = seam_score(video, [], edges, grid=16, reference="adjacent")
+    assert layout > 1.2 and abs(adjacent - 1.0) < (layout - 1.0) / 2, (layout, adjacent)
+    seamed = video.clone()
+    seamed[..., 32:] += 1.0
+    assert seam_score(seamed, [], edges, grid=16, reference="adjacent") > 2.0
+    with pytest.raises(ValueError, match="`reference` must be 'grid' or 'adjacent' but is 'near'"):
+        seam_score(video, [], edges, grid=16, reference="near")
+    with pytest.raises(ValueError, match="needs `grid`"):
+        seam_score(video, [], edges, reference="adjacent")
+
+
 @pytest.mark.parametrize("patch_size_t", [None, 2])  # 2: CogVideoX 1.5, whose 3 latent frames the adapter pads
 def test_supergen_is_family_agnostic_cogvideox(patch_size_t):
     """The same SuperGen call drives CogVideoX (other layout, batched CFG, v-prediction DDIM re-noise)."""
