@@ -29,6 +29,11 @@ from . import reference
 from .reference import ATTN_MASK_BLOCK, GATHER_MODES, RAMPS
 
 BACKENDS = ("reference", "cpp", "triton")
+#: Whether blend_scatter's Triton kernel may move multi-cell words. Off until that path has run on a GPU:
+#: it is bit-identical to the cell path in the interpreter and compiles for sm_90, but unlike the
+#: gather's word path (measured on an H100) it has not been timed or checked on hardware.
+#: ``bench/kernels.py`` times both paths; turn it on when its ``triton`` rows beat ``triton-cells``.
+SCATTER_WORDS = False
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _forced = threading.local()
 
@@ -363,7 +368,7 @@ def blend_scatter(
             f"`tiles` has {tiles.shape[0]} rows, which is not a multiple of the {origins.shape[0]} origins."
         )
     _check_origins(origins, (H, W), (h, w), wrap=wrap)  # before the move: no device sync
-    col_multiple = _column_multiple(origins)
+    col_multiple = _column_multiple(origins) if SCATTER_WORDS else 1
     origins = origins.to(tiles.device).contiguous()
     return torch.ops.supergen.blend_scatter(tiles, origins, H, W, oh, ow, ramp, wrap, col_multiple)
 

@@ -175,10 +175,11 @@ def test_word_gather_is_bit_exact(mode, dtype):
 @pytest.mark.parametrize(
     "wrap, overlap, ramp", [(True, (0, 0), "linear"), (True, (2, 4), "cosine"), (False, (1, 2), "linear")]
 )
-def test_word_scatter_equals_the_cell_scatter_bit_for_bit(dtype, wrap, overlap, ramp):
+def test_word_scatter_equals_the_cell_scatter_bit_for_bit(dtype, wrap, overlap, ramp, monkeypatch):
     """With even column origins and widths the blend reads and writes multi-cell words, splits them into
     cells in registers and blends each as the cell path does: the same bits, and the reference's values
     within rounding. Overlapping tiles, a torus wrap across both axes, tiles past the canvas dropped."""
+    monkeypatch.setattr(ops, "SCATTER_WORDS", True)
     gen = torch.Generator().manual_seed(_seed("word scatter", dtype, wrap, overlap, ramp))
     H, W, (h, w) = 10, 24, (6, 8)
     if wrap:
@@ -195,7 +196,7 @@ def test_word_scatter_equals_the_cell_scatter_bit_for_bit(dtype, wrap, overlap, 
     assert torch.equal(words, cells)
     expected = reference.blend_scatter(tiles, origins, (H, W), overlap, ramp, wrap)
     assert_verbose_close(words, expected, what=f"word scatter {dtype}")
-    with ops.backend("triton"):  # supergen.ops finds the column multiple itself
+    with ops.backend("triton"):  # supergen.ops finds the column multiple itself where words are on
         assert torch.equal(ops.blend_scatter(tiles, origins.cpu(), (H, W), overlap, ramp, wrap), cells)
 
 

@@ -37,7 +37,8 @@ Design
   registers (shift, truncate, reinterpret), blended per cell exactly as on the cell path and put back
   together, so the result is bit-identical. On an H100 the cell path left the memory pipes 87 % busy
   at 34 % of DRAM bandwidth (narrow requests), as the gather's cells did before words took it from
-  0.6 to 0.85 of ``copy_``. (The blend's word path has not yet run on a GPU.)
+  0.6 to 0.85 of ``copy_``. (The blend's word path has not yet run on a GPU, so ``supergen.ops`` keeps
+  it off: ``ops.SCATTER_WORDS``.)
 * **Bounds safety without a host sync.** A tile cell is loaded only if its local index lies in
   ``[0, h) x [0, w)`` (the load is masked) and canvas indices come from the program id, so bad
   origins give wrong values but never an out-of-bounds access; ``supergen.ops`` validates them.
