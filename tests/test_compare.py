@@ -262,7 +262,9 @@ def test_quality_summary_and_verdicts():
         lines = None if seam is None else 2 * seam  # the all-lines score; controls at 1/1.25 and 1/2 of it
         return {"seam_score": seam, "seam_score_all_lines": lines,
                 "seam_score_bicubic_same_lines": lines and lines / 1.25,
-                "seam_score_untiled_same_lines": lines and lines / 2, "count": count,
+                "seam_score_untiled_same_lines": lines and lines / 2,
+                "seam_score_untiled_grid_same_lines": seam and 1.0, "seam_score_adjacent": seam and seam - 0.02,
+                "seam_score_adjacent_untiled_same_lines": seam and 0.98, "count": count,
                 "count_matches_sketch": count == 1, "psnr_vs_sketch_db": 30.0, "tiles_per_step": 4,
                 "seconds": 1.0}  # fmt: skip
 
@@ -279,8 +281,12 @@ def test_quality_summary_and_verdicts():
     assert sg["seam_score_bicubic_same_lines_mean"] == pytest.approx(2.09 / 1.25)
     assert sg["seam_excess_mean"] == pytest.approx(1.25)  # each method's score over the control's, averaged
     assert sg["seam_excess_vs_untiled_mean"] == pytest.approx(2.0)
+    assert sg["seam_score_untiled_grid_same_lines_mean"] == pytest.approx(1.0)
+    assert sg["seam_score_adjacent_mean"] == pytest.approx(1.025)
+    assert sg["seam_score_adjacent_untiled_same_lines_mean"] == pytest.approx(0.98)
     untiled = summary["x2"]["untiled"]  # no tile edges: no seam measures, but counted like the others
     assert untiled["seam_score_mean"] is None and untiled["seam_excess_vs_untiled_mean"] is None
+    assert untiled["seam_score_adjacent_mean"] is None
     assert untiled["count_match_fraction"] == 0.5
     assert sg["count_match_fraction"] == 0.9 and summary["x2"]["naive"]["count_match_fraction"] == 0.0
     assert summary["native"]["visible_fraction"] == 0.8
