@@ -4,6 +4,8 @@ Same model, same steps, same seed, same starting latent, at 4x and 9x the model'
 configuration runs in its own subprocess, so the peak memory of one never hides in another. Reports:
 
 * ``speedup`` = direct seconds / supergen seconds (the denoising loop only: same k steps, CFG on);
+* on CUDA also ``speedup_supergen_attention``: the tiled run with the model's attention routed through
+  supergen's ``masked_attention`` kernel (all blocks active), against the same stock direct run;
 * ``memory_ratio`` = supergen peak / direct peak, each the peak RSS above the idle process (model
   built, inputs allocated, one warm-up forward done);
 * the share of a native-tile forward spent in attention (torch.profiler, median of several runs).
@@ -58,8 +60,12 @@ PROFILES = {
             "text": None},
     # One direct 9x step is about a minute on an H100; the tiled runs are short enough to repeat.
     "cuda": {"model": WAN_1_3B, "native_latent": (21, 60, 104), "dtype": torch.bfloat16, "steps": 2,
-             "repeats": {"direct": 1, "supergen": 2}, "text": (512, 4096)},
+             "repeats": {"direct": 1, "supergen": 2, "supergen-attention": 2}, "text": (512, 4096)},
 }  # fmt: skip
+#: What each worker runs: the stock pipeline on the whole canvas, supergen's tiled refinement with the
+#: model's stock attention, and (GPU only: on the CPU the op falls back to its reference) the same with
+#: the model's attention routed through supergen's masked_attention kernel, all blocks active.
+MODES = {"cpu": ("direct", "supergen"), "cuda": ("direct", "supergen", "supergen-attention")}
 
 
 def build_pipeline(device: str = "cpu"):
@@ -174,6 +180,10 @@ def worker(mode: str, area: int, device: str = "cpu") -> dict:
     x = torch.randn(1, 16, *canvas, generator=torch.Generator().manual_seed(SEED)).to(device)
     frames, height, width = 4 * (T - 1) + 1, canvas[1] * 8, canvas[2] * 8
 
+    if mode == "supergen-attention":
+        from supergen.attention import enable_masked_attention
+
+        enable_masked_attention(pipe.transformer)  # before the warm-up: it autotunes the kernel
     adapter = adapter_for(pipe)
     adapter.spec = type(adapter.spec)(**{**adapter.spec.__dict__, "native_latent": (h, w)})
     plan, grid = check_inputs(
@@ -212,7 +222,7 @@ def worker(mode: str, area: int, device: str = "cpu") -> dict:
         times.append(time.perf_counter() - start)
         finite = bool(torch.isfinite(out).all())
         del out
-        if mode == "supergen":
+        if mode != "direct":
             del cond
         gc.collect()
     seconds = min(times)
@@ -281,7 +291,7 @@ def main() -> int:
     print(f"attention share of a native-tile forward: {share['median']:.3f}", flush=True)
     runs = {}
     for area in AREAS:
-        for mode in ("direct", "supergen"):
+        for mode in MODES[device]:
             # Allocations of 64 KiB and up go straight to mmap and back to the OS when freed, so the
             # peak RSS tracks live tensors instead of glibc's arena high-water marks (without this,
             # repeated runs of one configuration differed by up to 60 %).
@@ -293,18 +303,26 @@ def main() -> int:
                 return 1
             runs[(area, mode)] = json.loads(proc.stdout.strip().splitlines()[-1])
             r = runs[(area, mode)]
-            print(f"{area}x {mode:<8} {r['seconds']:8.2f} s  peak +{r['peak_above_idle_bytes'] / 2**20:8.1f} MiB",
+            print(f"{area}x {mode:<18} {r['seconds']:8.2f} s  peak +{r['peak_above_idle_bytes'] / 2**20:8.1f} MiB",
                   flush=True)  # fmt: skip
     results = []
     for area in AREAS:
         direct, tiled = runs[(area, "direct")], runs[(area, "supergen")]
-        results.append({
+        row = {
             "area": area,
             "speedup": direct["seconds"] / tiled["seconds"],
             "memory_ratio": tiled["peak_above_idle_bytes"] / max(1, direct["peak_above_idle_bytes"]),
             "direct": direct,
             "supergen": tiled,
-        })  # fmt: skip
+        }
+        if (area, "supergen-attention") in runs:  # against the same stock direct run
+            ours = runs[(area, "supergen-attention")]
+            row["speedup_supergen_attention"] = direct["seconds"] / ours["seconds"]
+            row["memory_ratio_supergen_attention"] = ours["peak_above_idle_bytes"] / max(
+                1, direct["peak_above_idle_bytes"]
+            )
+            row["supergen-attention"] = ours
+        results.append(row)
     nine = next(r for r in results if r["area"] == 9)
     command = "python bench/e2e.py" + ("" if device == "cpu" else f" --device {device}")
     probe = (
@@ -347,6 +365,11 @@ def main() -> int:
     os.replace(tmp, out)
     for r in results:
         print(f"{r['area']}x area: speedup {r['speedup']:.2f}x, memory ratio {r['memory_ratio']:.3f}")
+        if "speedup_supergen_attention" in r:
+            print(
+                f"{r['area']}x area, supergen's attention kernel in the tiles: speedup "
+                f"{r['speedup_supergen_attention']:.2f}x, memory ratio {r['memory_ratio_supergen_attention']:.3f}"
+            )
     print(f"wrote {out}")
     return 0
 
