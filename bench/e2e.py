@@ -22,8 +22,9 @@ Two profiles, picked by ``--device``:
   shape (512 x 4096), as an offline pipeline hands them over. Memory is the CUDA allocator's peak above
   the idle process (model, inputs, warm-up done). The direct 9x forward attends over 294 840 tokens.
 
-Usage: ``python bench/e2e.py [--device cpu|cuda] [--out PATH]`` (default out:
-``bench/results/e2e_<device>.json``).
+Usage: ``python bench/e2e.py [--device cpu|cuda] [--areas 4 9] [--out PATH]`` (default out:
+``bench/results/e2e_<device>.json``, e.g. ``e2e_cpu.json``, ``e2e_nvidia-h100-80gb-hbm3.json``; rewritten
+after each area, so a run stopped early keeps the areas it finished: ``"complete": false``).
 """
 
 from __future__ import annotations
@@ -273,70 +274,39 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {THREADS} torch thread)"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=sorted(PROFILES), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
-    parser.add_argument("--worker", nargs=2, metavar=("MODE", "AREA"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here (valid here: --device cpu).")
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.device)))
-        return 0
+def _area_row(area: int, runs: dict) -> dict:
+    direct, tiled = runs[(area, "direct")], runs[(area, "supergen")]
+    row = {
+        "area": area,
+        "speedup": direct["seconds"] / tiled["seconds"],
+        "memory_ratio": tiled["peak_above_idle_bytes"] / max(1, direct["peak_above_idle_bytes"]),
+        "direct": direct,
+        "supergen": tiled,
+    }
+    if (area, "supergen-attention") in runs:  # against the same stock direct run
+        ours = runs[(area, "supergen-attention")]
+        row["speedup_supergen_attention"] = direct["seconds"] / ours["seconds"]
+        row["memory_ratio_supergen_attention"] = ours["peak_above_idle_bytes"] / max(1, direct["peak_above_idle_bytes"])
+        row["supergen-attention"] = ours
+    return row
 
-    device, profile = args.device, PROFILES[args.device]
-    torch.set_num_threads(THREADS)
-    share = attention_share(build_pipeline(device), device)
-    print(f"attention share of a native-tile forward: {share['median']:.3f}", flush=True)
-    runs = {}
-    for area in AREAS:
-        for mode in MODES[device]:
-            # Allocations of 64 KiB and up go straight to mmap and back to the OS when freed, so the
-            # peak RSS tracks live tensors instead of glibc's arena high-water marks (without this,
-            # repeated runs of one configuration differed by up to 60 %).
-            env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MALLOC_MMAP_THRESHOLD_="65536")
-            proc = subprocess.run([sys.executable, __file__, "--device", device, "--worker", mode, str(area)],
-                                  capture_output=True, text=True, env=env)  # fmt: skip
-            if proc.returncode != 0:
-                print(proc.stderr, file=sys.stderr)
-                return 1
-            runs[(area, mode)] = json.loads(proc.stdout.strip().splitlines()[-1])
-            r = runs[(area, mode)]
-            print(f"{area}x {mode:<18} {r['seconds']:8.2f} s  peak +{r['peak_above_idle_bytes'] / 2**20:8.1f} MiB",
-                  flush=True)  # fmt: skip
-    results = []
-    for area in AREAS:
-        direct, tiled = runs[(area, "direct")], runs[(area, "supergen")]
-        row = {
-            "area": area,
-            "speedup": direct["seconds"] / tiled["seconds"],
-            "memory_ratio": tiled["peak_above_idle_bytes"] / max(1, direct["peak_above_idle_bytes"]),
-            "direct": direct,
-            "supergen": tiled,
-        }
-        if (area, "supergen-attention") in runs:  # against the same stock direct run
-            ours = runs[(area, "supergen-attention")]
-            row["speedup_supergen_attention"] = direct["seconds"] / ours["seconds"]
-            row["memory_ratio_supergen_attention"] = ours["peak_above_idle_bytes"] / max(
-                1, direct["peak_above_idle_bytes"]
-            )
-            row["supergen-attention"] = ours
-        results.append(row)
-    nine = next(r for r in results if r["area"] == 9)
-    command = "python bench/e2e.py" + ("" if device == "cpu" else f" --device {device}")
+
+def _report(device: str, share: dict, results: list[dict], areas: list[int]) -> dict:
+    profile = PROFILES[device]
     probe = (
         "CUDA allocator peak (max_memory_allocated) above the idle process's allocation"
         if device == "cuda"
         else "peak RSS (VmHWM, reset via /proc/self/clear_refs) above the idle process, MALLOC_MMAP_THRESHOLD_=65536"
     )
-    report = {
+    nine = next((r for r in results if r["area"] == 9), None)
+    return {
         "benchmark": "e2e: direct full-canvas denoising vs supergen tiled refinement",
         "device": _device_name(device),
         "versions": _versions(),
         "git_sha": _git_sha(),
-        "command": command,
+        "command": " ".join(["python", "bench/e2e.py", *sys.argv[1:]]),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": len(results) == len(areas),  # written after each area, so a killed run keeps what it did
         "model": {
             "family": "wan",
             **profile["model"],
@@ -353,23 +323,66 @@ def main() -> int:
         "attention_share": share,
         "results": results,
         "targets_9x": TARGETS_9X,
-        "met_9x": {
+        "met_9x": None
+        if nine is None
+        else {
             "speedup": nine["speedup"] >= TARGETS_9X["speedup_min"],
             "memory_ratio": nine["memory_ratio"] <= TARGETS_9X["memory_ratio_max"],
         },
     }
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"e2e_{device}.json")
+
+
+def _write(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out)
-    for r in results:
-        print(f"{r['area']}x area: speedup {r['speedup']:.2f}x, memory ratio {r['memory_ratio']:.3f}")
-        if "speedup_supergen_attention" in r:
-            print(
-                f"{r['area']}x area, supergen's attention kernel in the tiles: speedup "
-                f"{r['speedup_supergen_attention']:.2f}x, memory ratio {r['memory_ratio_supergen_attention']:.3f}"
-            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=sorted(PROFILES), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--areas", type=int, nargs="+", default=list(AREAS), choices=AREAS,
+                        help="target areas in native areas (default: 4 9)")  # fmt: skip
+    parser.add_argument("--out", default=None, help="default: bench/results/e2e_<device>.json")
+    parser.add_argument("--worker", nargs=2, metavar=("MODE", "AREA"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (valid here: --device cpu).")
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.device)))
+        return 0
+
+    device = args.device
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import device_slug
+
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"e2e_{device_slug(device)}.json")
+    torch.set_num_threads(THREADS)
+    share = attention_share(build_pipeline(device), device)
+    print(f"attention share of a native-tile forward: {share['median']:.3f}", flush=True)
+    runs, results = {}, []
+    for area in args.areas:
+        for mode in MODES[device]:
+            # Allocations of 64 KiB and up go straight to mmap and back to the OS when freed, so the
+            # peak RSS tracks live tensors instead of glibc's arena high-water marks (without this,
+            # repeated runs of one configuration differed by up to 60 %).
+            env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MALLOC_MMAP_THRESHOLD_="65536")
+            proc = subprocess.run([sys.executable, __file__, "--device", device, "--worker", mode, str(area)],
+                                  capture_output=True, text=True, env=env)  # fmt: skip
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                return 1
+            runs[(area, mode)] = r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{area}x {mode:<18} {r['seconds']:8.2f} s  peak +{r['peak_above_idle_bytes'] / 2**20:8.1f} MiB",
+                  flush=True)  # fmt: skip
+        results.append(row := _area_row(area, runs))
+        _write(out, _report(device, share, results, args.areas))
+        print(f"{area}x area: speedup {row['speedup']:.2f}x, memory ratio {row['memory_ratio']:.3f}", flush=True)
+        if "speedup_supergen_attention" in row:
+            speedup, memory = row["speedup_supergen_attention"], row["memory_ratio_supergen_attention"]
+            print(f"{area}x area, supergen's attention kernel in the tiles: speedup {speedup:.2f}x, "
+                  f"memory ratio {memory:.3f}", flush=True)  # fmt: skip
     print(f"wrote {out}")
     return 0
 

@@ -9,7 +9,9 @@
    ``bench/results/e2e_<device>.json``.
 
 About 15 minutes on an H100. Each step runs in its own process; a failing step is reported and the
-next one still runs; the exit status is non-zero if any step failed.
+next one still runs; the exit status is non-zero if any step failed. Where one command may run only
+10 minutes, run the steps one by one: ``--skip-e2e``, then ``bench/e2e.py --device cuda --areas 4 --out
+A.json`` and ``--areas 9 --out B.json`` (e2e rewrites its file after each area).
 """
 
 from __future__ import annotations

@@ -171,6 +171,15 @@ def test_word_gather_is_bit_exact(mode, dtype):
         assert torch.equal(ops.halo_gather(canvas, origins.cpu(), (h, w), halo, mode), expected)
 
 
+@pytest.mark.parametrize("planes", [1, 3, 16, 208])
+@pytest.mark.parametrize("pack", [2, 4])
+def test_word_blend_blocks_hold_as_many_cells_and_warps_as_cell_blocks(planes, pack):
+    cells = blend_scatter_mod._block_settings(planes, 270, 480, 1)
+    words = blend_scatter_mod._block_settings(planes, 270, 480 // pack, pack)
+    assert words["BLOCK_W"] * pack == cells["BLOCK_W"] and words["BLOCK_H"] == cells["BLOCK_H"]
+    assert words["BLOCK_P"] == cells["BLOCK_P"] and words["num_warps"] == cells["num_warps"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "wrap, overlap, ramp", [(True, (0, 0), "linear"), (True, (2, 4), "cosine"), (False, (1, 2), "linear")]

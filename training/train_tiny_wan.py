@@ -398,6 +398,13 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
     first = args.seed * 1_000_003 + VAE_DATA
     seed_lists = (range(first + i * args.vae_batch, first + (i + 1) * args.vae_batch) for i in itertools.count())
     batches = clip_batches(seed_lists, args.data_workers, device)
+    try:
+        return _vae_steps(vae, args, budget, opt, gen, batches, history)
+    finally:
+        batches.close()  # stops the workers drawing ahead, also when a step fails
+
+
+def _vae_steps(vae, args, budget, opt, gen, batches, history) -> int:
     step = 0
     while budget.running(step):
         x, _, cover = next(batches)
@@ -408,7 +415,7 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
         for group in opt.param_groups:
             group["lr"] = lr_at(step, budget.planned(step), args.vae_lr, warmup=20)
         posterior = vae.encode(x).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
+        eps = torch.randn(posterior.mean.shape, generator=gen).to(x.device)
         z = posterior.mean + posterior.std * eps
         recon = vae.decode(z).sample
         weight = 1.0 + 4.0 * cover
@@ -425,7 +432,6 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
             history.setdefault("vae", []).append(record)
             log(f"vae {step + 1}/{budget.shown()} {record} lr {opt.param_groups[0]['lr']:.2e}")
         step += 1
-    batches.close()  # stops the workers drawing ahead
     vae.eval()
     return step
 
