@@ -49,12 +49,14 @@ class CppOps:
     def __init__(self, lib):
         self._lib = lib
 
-    def halo_gather(self, canvas, origins, tile_hw, halo, mode, out) -> None:
-        """canvas ``(B, C, T, H, W)``, origins ``(N, 2)`` int64 → out ``(N*B, C, T, h+2halo, w+2halo)``."""
+    def halo_gather(self, canvas, origins, tile_hw, halo, mode, out, col_multiple: int = 1) -> None:
+        """canvas ``(B, C, T, H, W)``, origins ``(N, 2)`` int64 → out ``(N*B, C, T, h+2halo, w+2halo)``.
+        ``col_multiple`` (the Triton backend's word hint) is accepted and unused: these kernels copy cells."""
         self._lib.halo_gather(canvas, origins, tile_hw[0], tile_hw[1], halo, GATHER_MODES[mode], out)
 
-    def blend_scatter(self, tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out) -> None:
-        """tiles ``(N*B, C, T, h, w)``, origins ``(N, 2)`` int64 → out ``(B, C, T, H, W)``."""
+    def blend_scatter(self, tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out, col_multiple: int = 1) -> None:
+        """tiles ``(N*B, C, T, h, w)``, origins ``(N, 2)`` int64 → out ``(B, C, T, H, W)``; ``col_multiple``
+        as for :meth:`halo_gather`."""
         H, W = canvas_hw
         self._lib.blend_scatter(tiles, origins, H, W, overlap_hw[0], overlap_hw[1], RAMPS[ramp], wrap, out)
 

@@ -225,10 +225,7 @@ def _halo_gather_op(
     if name == "reference":
         return reference.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode)
     out = canvas.new_empty(_gather_shape(canvas, origins, tile_h, tile_w, halo))
-    if name == "triton":
-        mod.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode, out, col_multiple=col_multiple)
-    else:
-        mod.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode, out)
+    mod.halo_gather(canvas, origins, (tile_h, tile_w), halo, mode, out, col_multiple=col_multiple)
     return out
 
 
@@ -310,10 +307,7 @@ def _blend_scatter_op(
         return reference.blend_scatter(tiles, origins, (canvas_h, canvas_w), (overlap_h, overlap_w), ramp, wrap)
     out = tiles.new_empty(_scatter_shape(tiles, origins, canvas_h, canvas_w))
     canvas_hw, overlap_hw = (canvas_h, canvas_w), (overlap_h, overlap_w)
-    if name == "triton":
-        mod.blend_scatter(tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out, col_multiple=col_multiple)
-    else:
-        mod.blend_scatter(tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out)
+    mod.blend_scatter(tiles, origins, canvas_hw, overlap_hw, ramp, wrap, out, col_multiple=col_multiple)
     return out
 
 

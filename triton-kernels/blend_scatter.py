@@ -51,8 +51,6 @@ import triton
 import triton.language as tl
 
 from .halo_gather import (
-    CELLS_PER_THREAD,
-    MAX_BLOCK_CELLS,
     WORD_DTYPES,
     block_settings,
     check_block,
@@ -441,10 +439,4 @@ def blend_scatter(
 def _block_settings(planes: int, rows: int, words: int, pack: int) -> dict[str, int]:
     """The cell path's blocks (``PLANE_CELLS`` per plane, ``MAX_BLOCK_W`` cells wide) in words of
     ``pack`` cells, with the same cells and warps per program."""
-    cfg = block_settings(planes, rows, words, PLANE_CELLS // pack, max(1, MAX_BLOCK_W // pack))
-    if pack > 1:  # block_settings counted words: cap the planes by cells instead
-        plane_cells = cfg["BLOCK_H"] * cfg["BLOCK_W"] * pack
-        cfg["BLOCK_P"] = min(triton.next_power_of_2(planes), max(1, MAX_BLOCK_CELLS // plane_cells))
-        cells = cfg["BLOCK_P"] * plane_cells
-        cfg["num_warps"] = min(8, max(1, cells // (32 * CELLS_PER_THREAD)))
-    return cfg
+    return block_settings(planes, rows, words, PLANE_CELLS // pack, max(1, MAX_BLOCK_W // pack), cells_per_column=pack)

@@ -108,20 +108,23 @@ def block_settings(
     plane_cells: int = MAX_PLANE_CELLS,
     max_block_w: int = MAX_BLOCK_W,
     whole_row: int = 0,
+    cells_per_column: int = 1,
 ) -> dict[str, int]:
     """Deterministic block sizes and warp count for a ``planes x rows x cols`` copy-like kernel.
 
     Columns first (coalescing: a whole row if it fits in ``whole_row`` cells rounded up to a power of
     two, else at most ``max_block_w``), then rows up to ``plane_cells`` per plane, then planes up to
-    ``MAX_BLOCK_CELLS``. Returns ``BLOCK_P``, ``BLOCK_H``, ``BLOCK_W`` and ``num_warps``.
+    ``MAX_BLOCK_CELLS``. ``cells_per_column``: a column holds that many cells (a kernel moving words)
+    for the plane cap and the warp count. Returns ``BLOCK_P``, ``BLOCK_H``, ``BLOCK_W`` and ``num_warps``.
     """
     if min(planes, rows, cols) < 1:
         raise ValueError(f"block_settings needs positive sizes but got {(planes, rows, cols)}.")
     whole = triton.next_power_of_2(cols)
     block_w = whole if whole <= whole_row else _fit_block(cols, MIN_BLOCK_W, max_block_w)
     block_h = _fit_block(rows, MIN_BLOCK_H, max(1, plane_cells // block_w))
-    block_p = min(triton.next_power_of_2(planes), max(1, MAX_BLOCK_CELLS // (block_h * block_w)))
-    num_warps = min(8, max(1, block_p * block_h * block_w // (32 * CELLS_PER_THREAD)))
+    plane_cells_held = block_h * block_w * cells_per_column
+    block_p = min(triton.next_power_of_2(planes), max(1, MAX_BLOCK_CELLS // plane_cells_held))
+    num_warps = min(8, max(1, block_p * plane_cells_held // (32 * CELLS_PER_THREAD)))
     return {"BLOCK_P": block_p, "BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
 
 
@@ -214,7 +217,7 @@ def word_cells(canvas: torch.Tensor, out: torch.Tensor, mode: str, halo: int, co
         sizes = (col_multiple, halo, canvas.shape[4], out.shape[4], canvas.storage_offset(), out.storage_offset())
         strides = (*canvas.stride()[:4], *out.stride()[:4])
         addresses = (canvas.data_ptr() // item, out.data_ptr() // item)
-        if all(v % pack == 0 for v in (*sizes, *strides, *addresses)) and pack * item in WORD_DTYPES:
+        if all(v % pack == 0 for v in (*sizes, *strides, *addresses)):
             return pack
         pack //= 2
     return 1
