@@ -102,6 +102,7 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
     """(reference, via_ops(backend), triton kernel) callables for one case (``kernels``: the
     ``supergen.kernels`` module, on CUDA); outputs are allocated here, outside the timed calls."""
     H, W = canvas.shape[-2:]
+    col_multiple = math.gcd(*origins[:, 1].tolist())  # what supergen.ops passes (host origins)
     if op == "halo_gather":
         out = canvas.new_empty(out_shape)
 
@@ -112,8 +113,6 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
             with ops.backend(backend):
                 return ops.halo_gather(canvas, origins, tile_hw, size, "torus")
 
-        col_multiple = math.gcd(*origins[:, 1].tolist())  # what supergen.ops passes (host origins)
-
         def kernel(words=True):
             multiple = col_multiple if words else 1
             return kernels.halo_gather(canvas, origins, tile_hw, size, "torus", out, col_multiple=multiple)
@@ -121,7 +120,6 @@ def _calls(op, canvas, origins, tile_hw, size, out_shape, kernels=None):
         return ref, via_ops, kernel
     tiles = reference.halo_gather(canvas, origins, tile_hw, 0, "torus")  # overlapping windows of the canvas
     out = canvas.new_empty(canvas.shape)
-    col_multiple = math.gcd(*origins[:, 1].tolist())
 
     def ref():
         return reference.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True)

@@ -68,36 +68,12 @@ def main(argv=None) -> int:
         return packed(args.device, hg, bs, do_bench, args.out)
 
     device = args.device
-    B, C, T, H, W = CANVAS
-    tiles = None
     base = torch.randn(CANVAS, generator=torch.Generator().manual_seed(SEED))
     rows = []
     for dtype, (op, grid, size) in itertools.product(DTYPES, CASES):
-        canvas = base.to(device=device, dtype=dtype)
-        origins = grid_origins((H, W), GRIDS[grid]).to(device)
-        n = origins.shape[0]
-        stride = (H // GRIDS[grid][0], W // GRIDS[grid][1])
-        if op == "halo_gather":
-            tile, halo = stride, size
-            out = canvas.new_empty((n * B, C, T, tile[0] + 2 * halo, tile[1] + 2 * halo))
-
-            def call(block, out=out, origins=origins, tile=tile, halo=halo, canvas=canvas):
-                return hg.halo_gather(canvas, origins, tile, halo, "torus", out, block=block)
-        else:
-            tile, halo = (stride[0] + size, stride[1] + size), 0
-            tiles = hg.halo_gather(canvas, origins, tile, 0, "torus", canvas.new_empty((n * B, C, T, *tile)))
-            out = torch.empty_like(canvas)
-
-            def call(block, out=out, origins=origins, tiles=tiles, size=size):
-                return bs.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, block=block)
-
-        nbytes = moved_bytes(op, n, CANVAS, tile, halo, canvas.element_size())
-        src = torch.empty(nbytes // (2 * canvas.element_size()), dtype=dtype, device=device)
-        dst = torch.empty_like(src)
-        copy_ms = do_bench(lambda d=dst, s=src: d.copy_(s), return_mode="median")
-        expected = call(None).clone()
-        default_ms = do_bench(lambda f=call: f(None), return_mode="median")
-        label = f"{op} {grid} {'halo' if op == 'halo_gather' else 'overlap'} {size} {str(dtype)[6:]}"
+        call, nbytes, copy_ms, label, _, _ = _case(hg, bs, do_bench, base, device, dtype, op, grid, size)
+        expected = call().clone()
+        default_ms = do_bench(call, return_mode="median")
         case_rows = [{"case": label, "block": "default", "ms": default_ms}]
         for block in candidates():
             try:
@@ -115,11 +91,46 @@ def main(argv=None) -> int:
         best = sorted((r for r in case_rows if "ms" in r), key=lambda r: r["ms"])[:5]
         print_table(best + [case_rows[0]], ["case", "block", "ms", "gb_s", "of_copy", "identical"])
         rows += case_rows
-        canvas = src = dst = out = tiles = None
+        call = expected = got = None
         torch.cuda.empty_cache()
     if args.out:
         write_json(args.out, {**environment(device), "rows": rows})
     return 0
+
+
+def _case(hg, bs, do_bench, base, device, dtype, op, grid, size):
+    """One benchmark case: ``call(block=None, cols=1)`` runs its kernel into a preallocated output
+    (``cols``: the ``col_multiple`` passed); also its bytes, ``copy_``'s time for as many bytes, its
+    label, the column origins' gcd and the cells per word the launcher picks with that gcd."""
+    B, C, T, H, W = CANVAS
+    canvas = base.to(device=device, dtype=dtype)
+    origins = grid_origins((H, W), GRIDS[grid]).to(device)
+    multiple = math.gcd(*origins[:, 1].tolist())
+    n = origins.shape[0]
+    stride = (H // GRIDS[grid][0], W // GRIDS[grid][1])
+    if op == "halo_gather":
+        tile, halo = stride, size
+        out = canvas.new_empty((n * B, C, T, tile[0] + 2 * halo, tile[1] + 2 * halo))
+        pack = hg.word_cells(canvas, out, "torus", halo, multiple)
+
+        def call(block=None, cols=1):
+            return hg.halo_gather(canvas, origins, tile, halo, "torus", out, col_multiple=cols, block=block)
+    else:
+        tile, halo = (stride[0] + size, stride[1] + size), 0
+        tiles = hg.halo_gather(canvas, origins, tile, 0, "torus", canvas.new_empty((n * B, C, T, *tile)))
+        out = torch.empty_like(canvas)
+        pack = hg.word_cells(tiles, out, "torus", 0, multiple)
+
+        def call(block=None, cols=1):
+            return bs.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, col_multiple=cols,
+                                    block=block)  # fmt: skip
+
+    nbytes = moved_bytes(op, n, CANVAS, tile, halo, canvas.element_size())
+    src = torch.empty(nbytes // (2 * canvas.element_size()), dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    label = f"{op} {grid} {'halo' if op == 'halo_gather' else 'overlap'} {size} {str(dtype)[6:]}"
+    return call, nbytes, copy_ms, label, multiple, pack
 
 
 def once(device, hg, bs) -> int:
@@ -135,46 +146,19 @@ def once(device, hg, bs) -> int:
 
 
 def packed(device, hg, bs, do_bench, out_path) -> int:
-    B, C, T, H, W = CANVAS
     base = torch.randn(CANVAS, generator=torch.Generator().manual_seed(SEED))
     rows = []
     for dtype, (op, grid, size) in itertools.product(DTYPES, CASES):
-        canvas = base.to(device=device, dtype=dtype)
-        origins = grid_origins((H, W), GRIDS[grid]).to(device)
-        multiple = math.gcd(*origins[:, 1].tolist())
-        n = origins.shape[0]
-        stride = (H // GRIDS[grid][0], W // GRIDS[grid][1])
-        if op == "halo_gather":
-            tile, halo = stride, size
-            out = canvas.new_empty((n * B, C, T, tile[0] + 2 * halo, tile[1] + 2 * halo))
-            pack = hg.word_cells(canvas, out, "torus", halo, multiple)
-
-            def call(cols, block, out=out, origins=origins, tile=tile, halo=halo, canvas=canvas):
-                return hg.halo_gather(canvas, origins, tile, halo, "torus", out, col_multiple=cols, block=block)
-        else:
-            tile, halo = (stride[0] + size, stride[1] + size), 0
-            tiles = hg.halo_gather(canvas, origins, tile, 0, "torus", canvas.new_empty((n * B, C, T, *tile)))
-            out = torch.empty_like(canvas)
-            pack = hg.word_cells(tiles, out, "torus", 0, multiple)
-
-            def call(cols, block, out=out, origins=origins, tiles=tiles, size=size):
-                return bs.blend_scatter(tiles, origins, (H, W), (size, size), RAMP, True, out, col_multiple=cols,
-                                        block=block)  # fmt: skip
-
-        nbytes = moved_bytes(op, n, CANVAS, tile, halo, canvas.element_size())
-        src = torch.empty(nbytes // (2 * canvas.element_size()), dtype=dtype, device=device)
-        dst = torch.empty_like(src)
-        copy_ms = do_bench(lambda d=dst, s=src: d.copy_(s), return_mode="median")
-        expected = call(1, None).clone()
-        label = f"{op} {grid} {'halo' if op == 'halo_gather' else 'overlap'} {size} {str(dtype)[6:]}"
+        call, nbytes, copy_ms, label, multiple, pack = _case(hg, bs, do_bench, base, device, dtype, op, grid, size)
+        expected = call().clone()
         for cols, block in [(1, None), (multiple, None), *((multiple, b) for b in PACKED_BLOCKS)]:
             try:
-                got = call(cols, block)
+                got = call(block, cols)
             except Exception as exc:  # e.g. out of resources: report and go on
                 rows.append({"case": label, "block": str(block or "default"), "error": type(exc).__name__})
                 continue
             same = bool(torch.equal(got, expected))
-            ms = do_bench(lambda c=cols, b=block, f=call: f(c, b), return_mode="median")
+            ms = do_bench(lambda c=cols, b=block, f=call: f(b, c), return_mode="median")
             rows.append({"case": label, "cells_per_access": 1 if cols == 1 else pack, "block": str(block or "default"),
                          "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "of_copy": copy_ms / ms,
                          "identical_to_cells": same})  # fmt: skip
@@ -182,6 +166,8 @@ def packed(device, hg, bs, do_bench, out_path) -> int:
         print_table(case_rows, ["case", "cells_per_access", "block", "ms", "gb_s", "of_copy", "identical_to_cells"])
         if out_path:  # after every case: a run stopped early keeps what it measured
             write_json(out_path, {**environment(device), "rows": rows})
+        call = expected = got = None
+        torch.cuda.empty_cache()
     return 0
 
 
