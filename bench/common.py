@@ -39,6 +39,20 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
 
 
+def git_sha(short: bool = True) -> str:
+    """The commit of the files being run: ``$SUPERGEN_GIT_SHA`` if set (a copy of the tree run elsewhere,
+    e.g. shipped to a GPU machine, names its commit this way: its own .git, if any, may describe another
+    commit than the files), else git's HEAD, else ``"unknown"``."""
+    sha = os.environ.get("SUPERGEN_GIT_SHA")
+    if sha:
+        return sha
+    command = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, cwd=RESULTS.parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def environment(device: str) -> dict:
     def version(mod: str) -> str:
         try:
@@ -46,18 +60,7 @@ def environment(device: str) -> dict:
         except ImportError:
             return "not installed"
 
-    # A copy of the tree run elsewhere (e.g. shipped to a GPU machine) names its commit this way: its
-    # own .git, if any, may describe a different commit than the files.
-    sha = os.environ.get("SUPERGEN_GIT_SHA")
-    try:
-        sha = (
-            sha
-            or subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
+    sha = git_sha(short=True)
     return {
         "device": device_name(device),
         "torch": torch.__version__,

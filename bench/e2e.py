@@ -43,6 +43,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import device_name, device_slug, git_sha, write_json  # noqa: E402
+
 AREAS = (4, 9)
 GUIDANCE = 5.0
 SEED = 0
@@ -244,18 +248,6 @@ def worker(mode: str, area: int, device: str = "cpu") -> dict:
     }
 
 
-def _git_sha() -> str | None:
-    # A copy of the tree run elsewhere (e.g. shipped to a GPU machine) names its commit this way: its
-    # own .git, if any, may describe a different commit than the files.
-    if os.environ.get("SUPERGEN_GIT_SHA"):
-        return os.environ["SUPERGEN_GIT_SHA"]
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return None
-
-
 def _versions() -> dict:
     import importlib.metadata
 
@@ -269,9 +261,8 @@ def _versions() -> dict:
 
 
 def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, {THREADS} torch thread)"
+    name = device_name(device)
+    return name if device == "cuda" else f"{name}, {THREADS} torch thread"
 
 
 def _area_row(area: int, runs: dict) -> dict:
@@ -303,7 +294,7 @@ def _report(device: str, share: dict, results: list[dict], areas: list[int]) -> 
         "benchmark": "e2e: direct full-canvas denoising vs supergen tiled refinement",
         "device": _device_name(device),
         "versions": _versions(),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(short=False),
         "command": " ".join(["python", "bench/e2e.py", *sys.argv[1:]]),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": len(results) == len(areas),  # written after each area, so a killed run keeps what it did
@@ -332,13 +323,6 @@ def _report(device: str, share: dict, results: list[dict], areas: list[int]) -> 
     }
 
 
-def _write(out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=sorted(PROFILES), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -354,9 +338,6 @@ def main() -> int:
         return 0
 
     device = args.device
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import device_slug
-
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"e2e_{device_slug(device)}.json")
     torch.set_num_threads(THREADS)
     share = attention_share(build_pipeline(device), device)
@@ -377,7 +358,7 @@ def main() -> int:
             print(f"{area}x {mode:<18} {r['seconds']:8.2f} s  peak +{r['peak_above_idle_bytes'] / 2**20:8.1f} MiB",
                   flush=True)  # fmt: skip
         results.append(row := _area_row(area, runs))
-        _write(out, _report(device, share, results, args.areas))
+        write_json(out, _report(device, share, results, args.areas))
         print(f"{area}x area: speedup {row['speedup']:.2f}x, memory ratio {row['memory_ratio']:.3f}", flush=True)
         if "speedup_supergen_attention" in row:
             speedup, memory = row["speedup_supergen_attention"], row["memory_ratio_supergen_attention"]
