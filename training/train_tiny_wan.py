@@ -33,6 +33,7 @@ the run is reproducible from ``--seed``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -397,41 +398,36 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 11)
     first = args.seed * 1_000_003 + VAE_DATA
     seed_lists = (range(first + i * args.vae_batch, first + (i + 1) * args.vae_batch) for i in itertools.count())
-    batches = clip_batches(seed_lists, args.data_workers, device)
-    try:
-        return _vae_steps(vae, args, budget, opt, gen, batches, history)
-    finally:
-        batches.close()  # stops the workers drawing ahead, also when a step fails
-
-
-def _vae_steps(vae, args, budget, opt, gen, batches, history) -> int:
-    step = 0
-    while budget.running(step):
-        x, _, cover = next(batches)
-        top, left = (int(v) for v in torch.randint(0, synthetic.SIZE - args.vae_crop + 1, (2,), generator=gen))
-        window = (slice(None), slice(None), slice(0, args.vae_frames), slice(top, top + args.vae_crop))
-        x = x[window][..., left : left + args.vae_crop]
-        cover = cover[window][..., left : left + args.vae_crop]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, budget.planned(step), args.vae_lr, warmup=20)
-        posterior = vae.encode(x).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=gen).to(x.device)
-        z = posterior.mean + posterior.std * eps
-        recon = vae.decode(z).sample
-        weight = 1.0 + 4.0 * cover
-        l1 = (weight * (recon - x).abs()).mean()
-        l2 = (weight * (recon - x).square()).mean()
-        kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
-        loss = l1 + l2 + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % args.log_every == 0 or step + 1 == budget.planned(step):
-            record = {"step": step, "l1": round(l1.item(), 5), "mse": round(l2.item(), 5), "kl": round(kl.item(), 4)}
-            history.setdefault("vae", []).append(record)
-            log(f"vae {step + 1}/{budget.shown()} {record} lr {opt.param_groups[0]['lr']:.2e}")
-        step += 1
+    # closing: stops the workers drawing ahead when the loop ends, also when a step fails.
+    with contextlib.closing(clip_batches(seed_lists, args.data_workers, device)) as batches:
+        step = 0
+        while budget.running(step):
+            x, _, cover = next(batches)
+            top, left = (int(v) for v in torch.randint(0, synthetic.SIZE - args.vae_crop + 1, (2,), generator=gen))
+            window = (slice(None), slice(None), slice(0, args.vae_frames), slice(top, top + args.vae_crop))
+            x = x[window][..., left : left + args.vae_crop]
+            cover = cover[window][..., left : left + args.vae_crop]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, budget.planned(step), args.vae_lr, warmup=20)
+            posterior = vae.encode(x).latent_dist
+            eps = torch.randn(posterior.mean.shape, generator=gen).to(device)
+            z = posterior.mean + posterior.std * eps
+            recon = vae.decode(z).sample
+            weight = 1.0 + 4.0 * cover
+            l1 = (weight * (recon - x).abs()).mean()
+            l2 = (weight * (recon - x).square()).mean()
+            kl = 0.5 * (posterior.mean.square() + posterior.var - 1.0 - posterior.logvar).mean()
+            loss = l1 + l2 + args.vae_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            if step % args.log_every == 0 or step + 1 == budget.planned(step):
+                record = {"step": step, "l1": round(l1.item(), 5), "mse": round(l2.item(), 5),
+                          "kl": round(kl.item(), 4)}  # fmt: skip
+                history.setdefault("vae", []).append(record)
+                log(f"vae {step + 1}/{budget.shown()} {record} lr {opt.param_groups[0]['lr']:.2e}")
+            step += 1
     vae.eval()
     return step
 
@@ -456,9 +452,11 @@ def check_vae(vae, seeds, device) -> dict:
 def encode_clips(vae, seeds, device, batch: int = 16, workers: int = 0) -> tuple[torch.Tensor, list[str]]:
     """Posterior modes (B, 16, 3, 8, 8), unnormalised: what the adapter's ``encode`` uses too."""
     latents, captions = [], []
-    for x, caps, _ in clip_batches((seeds[i : i + batch] for i in range(0, len(seeds), batch)), workers, device):
-        latents.append(vae.encode(x).latent_dist.mode().float().cpu())
-        captions += caps
+    chunks = (seeds[i : i + batch] for i in range(0, len(seeds), batch))
+    with contextlib.closing(clip_batches(chunks, workers, device)) as batches:
+        for x, caps, _ in batches:
+            latents.append(vae.encode(x).latent_dist.mode().float().cpu())
+            captions += caps
     return torch.cat(latents), captions
 
 
