@@ -33,10 +33,14 @@ accounting of the cache path: the tile cache's region state (measured from ``Til
 a one-cell holder) migrates with each cell changing owner, and the window-sum all-reduces (one per
 step, two on steps where the cache decides) are added (tests/test_parallel.py checks this accounting
 against real cache-on runs).
-Imbalance = max / mean computed tiles per rank, averaged over the steps that compute any tile (and the
-worst step), with rebalancing (LPT) and without it (every tile on its home rank); ``imbalance_floor``:
-the best any assignment of whole tiles can do for the same computed-tile counts, ``ceil(C/R) / (C/R)``,
-averaged the same way (what is granularity, as opposed to our heuristic).
+Imbalance = max / mean computed tiles per rank, averaged over the steps (and the worst step), with
+rebalancing (LPT) and the runtime's default ``fill_idle`` (ranks with fewer tiles than the busiest
+compute the skipped tiles the cache ranks next, their own first: :func:`supergen.parallel.fill_idle_slots`).
+``*_no_fill``: the single-process decisions as they are; ``imbalance_floor_no_fill``: the best any
+assignment of those whole tiles can do, ``ceil(C/R) / (C/R)`` (granularity, not heuristic);
+``*_no_fill_no_rebalance``: every tile on its home rank. Filling never adds a forward to the busiest
+rank (asserted), so the step takes as long either way and ``computed_share_cache`` vs
+``computed_share_cache_no_fill`` is what filling buys: fewer reused tiles.
 
 Usage: ``python bench/parallel.py [--out bench/results/parallel_cpu.json]``
 """
@@ -85,16 +89,17 @@ def change_field(canvas_hw, step: int) -> torch.Tensor:
     return field - field.min() + 0.1
 
 
-def simulated_compute(layout, step: int) -> torch.Tensor:
-    """(N,) bool: the budget policy's computed tiles on the simulated change field."""
+def simulated_compute(layout, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N,) bool: the budget policy's computed tiles on the simulated change field, and the change
+    (the priority idle ranks fill by; ``None`` on steps that compute every tile)."""
     N = layout.num_tiles
     if step < WARMUP or step == REFINE_STEPS - 1:
-        return torch.ones(N, dtype=torch.bool)
+        return torch.ones(N, dtype=torch.bool), None
     field = change_field(layout.canvas_hw, step).flatten()
     change = torch.stack([field[layout.windows[n]].mean() for n in range(N)])
     compute = torch.zeros(N, dtype=torch.bool)
     compute[torch.argsort(change, descending=True, stable=True)[: math.ceil(BUDGET * N)]] = True
-    return compute
+    return compute, change
 
 
 def run(name: str, canvas_hw, world: int) -> dict:
@@ -106,9 +111,10 @@ def run(name: str, canvas_hw, world: int) -> dict:
     layouts = [par.Layout.at_step(grid, 0, world)]
     for i in range(1, REFINE_STEPS):
         layouts.append(par.Layout.at_step(grid, i, world, previous=layouts[-1]))
-    ours, ours_euler, ours_cache, allgather, published = [], [], [], [], []
+    ours, ours_euler, allgather, published = [], [], [], []
     kinds = {"inputs": [], "predictions": [], "migration": []}
-    imbalance, imbalance_home, floor, computed_share = [], [], [], []
+    ours_cache, imbalance, computed_share, busiest = ({"fill": [], "no_fill": []} for _ in range(4))
+    imbalance_home, floor = [], []
     for i, layout in enumerate(layouts):
         nxt = layouts[i + 1] if i + 1 < len(layouts) else None
         every = par.computers(layout, None, rebalance=True)
@@ -124,19 +130,25 @@ def run(name: str, canvas_hw, world: int) -> dict:
         # padded prediction all-gather + the latent all-gather before the shift (every step shifts)
         published.append(2 * (world - 1) * math.ceil(N / world) * tile_bytes)
 
-        compute = simulated_compute(layout, i)
-        computed_share.append(float(compute.float().mean()))
-        cached = par.computers(layout, compute, rebalance=True)
         reductions = 1 + cache.decides(i, REFINE_STEPS)  # the gain every step, the decision where it decides
-        sent_cache = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE,
-                                        cache_cell_bytes=cache_cell, cache_reductions=reductions)  # fmt: skip
-        ours_cache.append(int(sum(sent_cache.values()).max()))
+        compute, change = simulated_compute(layout, i)
+        filled = par.fill_idle_slots(compute, change, layout.home_rank, world)  # ParallelConfig.fill_idle
+        for key, decided in (("fill", filled), ("no_fill", compute)):
+            computed_share[key].append(float(decided.float().mean()))
+            cached = par.computers(layout, decided, rebalance=True)
+            sent_cache = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE,
+                                            cache_cell_bytes=cache_cell, cache_reductions=reductions)  # fmt: skip
+            ours_cache[key].append(int(sum(sent_cache.values()).max()))
+            counts = torch.bincount(cached[cached >= 0], minlength=world).float()
+            imbalance[key].append(float(counts.max() / counts.mean()))
+            busiest[key].append(int(counts.max()))
         computed = int(compute.sum())
         if computed:
             floor.append(math.ceil(computed / world) / (computed / world))
-        for computer, out in ((cached, imbalance), (par.computers(layout, compute, rebalance=False), imbalance_home)):
-            counts = torch.bincount(computer[computer >= 0], minlength=world).float()
-            out.append(float(counts.max() / counts.mean()))
+        home_only = par.computers(layout, compute, rebalance=False)
+        counts = torch.bincount(home_only[home_only >= 0], minlength=world).float()
+        imbalance_home.append(float(counts.max() / counts.mean()))
+    assert busiest["fill"] == busiest["no_fill"], "filling idle slots must never lengthen a step"
     mean_allgather = statistics.mean(allgather)
     mean_published = statistics.mean(published)
     row = {
@@ -150,16 +162,21 @@ def run(name: str, canvas_hw, world: int) -> dict:
         "ours_mean_by_kind": {k: round(statistics.mean(v)) for k, v in kinds.items()},
         "ratio": statistics.mean(m for m, _ in ours) / mean_allgather,
         "ratio_euler": statistics.mean(ours_euler) / mean_allgather,
-        "ratio_cache": statistics.mean(ours_cache) / mean_allgather,
+        "ratio_cache": statistics.mean(ours_cache["fill"]) / mean_allgather,
+        "ratio_cache_no_fill": statistics.mean(ours_cache["no_fill"]) / mean_allgather,
         "published_bytes_per_rank_step": round(mean_published),
         "ratio_published": statistics.mean(m for m, _ in ours) / mean_published,
-        "ratio_published_cache": statistics.mean(ours_cache) / mean_published,
+        "ratio_published_cache": statistics.mean(ours_cache["fill"]) / mean_published,
         "cache_state_bytes_per_cell": cache_cell,
-        "imbalance_cache": statistics.mean(imbalance),
-        "imbalance_cache_worst_step": max(imbalance),
-        "imbalance_cache_no_rebalance": statistics.mean(imbalance_home),
-        "imbalance_floor": statistics.mean(floor),
-        "computed_share_cache": statistics.mean(computed_share),
+        "imbalance_cache": statistics.mean(imbalance["fill"]),
+        "imbalance_cache_worst_step": max(imbalance["fill"]),
+        "imbalance_cache_no_fill": statistics.mean(imbalance["no_fill"]),
+        "imbalance_cache_no_fill_worst_step": max(imbalance["no_fill"]),
+        "imbalance_cache_no_fill_no_rebalance": statistics.mean(imbalance_home),
+        "imbalance_floor_no_fill": statistics.mean(floor),
+        "computed_share_cache": statistics.mean(computed_share["fill"]),
+        "computed_share_cache_no_fill": statistics.mean(computed_share["no_fill"]),
+        "busiest_rank_forwards_per_run": sum(busiest["fill"]),
     }
     row["meets_bytes_target"] = row["ratio"] <= TARGET_RATIO
     row["meets_imbalance_target"] = row["imbalance_cache"] <= TARGET_IMBALANCE
@@ -173,8 +190,8 @@ def main() -> None:
     rows = [run(name, hw, world) for name, hw in CANVASES.items() for world in RANKS]
     print_table(rows, ["canvas", "ranks", "tiles_per_step", "allgather_bytes_per_rank_step",
                        "ours_max_rank_bytes_per_step", "ratio", "ratio_euler", "ratio_cache", "ratio_published",
-                       "imbalance_cache", "imbalance_floor", "imbalance_cache_worst_step",
-                       "imbalance_cache_no_rebalance"])  # fmt: skip
+                       "imbalance_cache", "imbalance_cache_worst_step", "imbalance_cache_no_fill",
+                       "imbalance_floor_no_fill", "computed_share_cache", "computed_share_cache_no_fill"])  # fmt: skip
     payload = {
         "environment": environment("cpu"),
         "what": "bytes sent per rank per refinement step: supergen's halo exchange + region migration vs a ring "
@@ -203,6 +220,10 @@ def main() -> None:
         "cache_skip_pattern": f"simulated: budget policy, budget {BUDGET}, warm-up {WARMUP} steps and the last step "
         "compute all; other steps the tiles with the largest mean of a smooth random change field (3 drifting "
         f"low-frequency waves, seed {SEED}) over their window",
+        "fill_idle": "the runtime default (ParallelConfig.fill_idle): ranks with fewer computed tiles than the "
+        "busiest compute the skipped tiles of largest predicted change, their own first (supergen.parallel."
+        "fill_idle_slots); *_no_fill: exactly the single-process decisions. The busiest rank's forwards per step "
+        "are the same both ways (asserted), so filling costs no time; computed_share_* says how much less it reuses",
         "targets": {"ratio": TARGET_RATIO, "imbalance": TARGET_IMBALANCE},
         "rows": rows,
     }

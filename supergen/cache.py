@@ -323,24 +323,29 @@ class TileCache:
         cfg = self.config
         return cfg.mode in ("gate", "budget") and cfg.warmup <= step < num_steps - 1
 
-    def plan_cells(self, step: int, num_steps: int, windows: CellWindows) -> torch.Tensor:
+    def plan_cells(self, step: int, num_steps: int, windows: CellWindows, with_priority: bool = False):
         """(N,) bool: which tiles to compute at ``step`` (of ``num_steps`` refinement steps); every holder
-        must call it (its window sums are reduced over all holders) and gets the same answer."""
+        must call it (its window sums are reduced over all holders) and gets the same answer.
+
+        ``with_priority``: also return the (N,) float64 order in which skipped tiles would be computed
+        next (the predicted change, ``inf`` for tiles that must be computed), e.g. to fill idle ranks
+        (:func:`supergen.parallel.fill_idle_slots`); ``None`` on steps where every tile is computed."""
         N = windows.num_tiles
         cfg = self.config
         if not self.decides(step, num_steps):
-            return torch.ones(N, dtype=torch.bool)
+            compute = torch.ones(N, dtype=torch.bool)
+            return (compute, None) if with_priority else compute
         sums = self._window_sums(step, windows)
         change = self._change(sums, windows)
         forced = torch.isinf(change) | (sums[:-1, _OVER_SKIPS] > 0)
+        priority = torch.where(forced, math.inf, change)
         if cfg.mode == "gate":
-            return forced | (change >= self._thresholds(sums, windows))
-        # budget: the forced tiles first, then the largest predicted changes, up to ceil(budget * N)
-        quota = max(math.ceil(cfg.budget * N), int(forced.sum()))
-        order = torch.argsort(torch.where(forced, math.inf, change), descending=True, stable=True)
-        compute = torch.zeros(N, dtype=torch.bool)
-        compute[order[:quota]] = True
-        return compute
+            compute = forced | (change >= self._thresholds(sums, windows))
+        else:  # budget: the forced tiles first, then the largest predicted changes, up to ceil(budget * N)
+            quota = max(math.ceil(cfg.budget * N), int(forced.sum()))
+            compute = torch.zeros(N, dtype=torch.bool)
+            compute[torch.argsort(priority, descending=True, stable=True)[:quota]] = True
+        return (compute, priority) if with_priority else compute
 
     def reuse_cells(self, x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """The reused prediction ``x + R`` at held ``cells`` of ``x`` ``(B, C, T, K)``."""

@@ -124,6 +124,12 @@ def add_generate_parser(sub) -> None:
         default=600.0,
         help="under torchrun (WORLD_SIZE > 1): seconds a rank waits for the others before all ranks fail",
     )
+    g.add_argument(
+        "--parallel-exact",
+        action="store_true",
+        help="under torchrun with --cache gate/budget: compute exactly the single-process tiles (ranks with "
+        "fewer tiles than the busiest wait instead of computing tiles the cache would reuse)",
+    )
 
 
 def _pixel_pair(flag: str, text: str | None) -> tuple[int, int] | None:
@@ -367,7 +373,7 @@ def run_generate(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .config import ParallelConfig
 
-        parallel = ParallelConfig(timeout=args.parallel_timeout)
+        parallel = ParallelConfig(timeout=args.parallel_timeout, fill_idle=not args.parallel_exact)
 
     # 2. Load the pipeline (the random tiny one is built in code; folders load offline, safetensors only).
     from .tiny import load_model

@@ -83,19 +83,26 @@ class ParallelConfig:
             instead of hanging.
         rebalance: assign each step's computed tiles to ranks by predicted cost (longest processing
             time first, preferring each rank's own tiles); ``False`` = every tile on its home rank.
+        fill_idle: with the tile cache (``gate``/``budget``), a step lasts as long as its busiest rank's
+            forwards, so ranks with fewer tiles would wait: they compute the skipped tiles the cache
+            predicts to change most instead (their own tiles first), up to the busiest rank's count.
+            The step takes no longer and reuses less. ``False``: exactly the single-process decisions
+            (the final latent then equals the one-process run's).
     """
 
     backend: str = "auto"
     timeout: float = 600.0
     rebalance: bool = True
+    fill_idle: bool = True
 
     def __post_init__(self):
         if self.backend not in PARALLEL_BACKENDS:
             raise ValueError(f"`backend` must be one of {PARALLEL_BACKENDS} but is {self.backend!r}.")
         if not (isinstance(self.timeout, int | float) and not isinstance(self.timeout, bool) and self.timeout > 0):
             raise ValueError(f"`timeout` must be a number of seconds > 0 but is {self.timeout!r}.")
-        if not isinstance(self.rebalance, bool):
-            raise ValueError(f"`rebalance` must be a bool but is {self.rebalance!r}.")
+        for name in ("rebalance", "fill_idle"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool but is {getattr(self, name)!r}.")
 
 
 #: Share of the N steps that stage 2 refines when the caller gives no ``refine_steps`` (the Wan port of

@@ -38,7 +38,11 @@ Design (why it is shaped this way)
   every rank the same numbers, hence the same skip decision and the same report totals (the one
   process runs the same code on sums over the whole canvas): one reduction before the forwards (the
   decision, only on steps where the gate can skip) and one after (the gain). The decision feeds the
-  assignment, so skipped tiles are never computed and the computed ones are rebalanced.
+  assignment, so skipped tiles are never computed and the computed ones are rebalanced. A step lasts
+  as long as its busiest rank, so ranks that would wait compute the skipped tiles with the largest
+  predicted change instead, their own first (:func:`fill_idle_slots`, ``ParallelConfig.fill_idle``):
+  whole-tile granularity leaves ``ceil(C / R)`` forwards on the busiest rank whatever is done, and
+  filling the others' slots turns that idle time into fewer reused tiles, not into imbalance.
 * **Start-up and failure.** Every rank hashes its generation settings; a mismatch raises on every
   rank, naming the differing values. The process group carries a timeout, so a rank that raises or
   dies makes the others' transfers fail (non-zero exit) instead of hanging.
@@ -57,6 +61,7 @@ import atexit
 import datetime
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -382,6 +387,42 @@ def computers(layout: Layout, compute: torch.Tensor | None, rebalance: bool) -> 
 # --------------------------------------------------------------------------------------------------
 
 
+def fill_idle_slots(
+    compute: torch.Tensor, priority: torch.Tensor | None, home_rank, world_size: int, rebalance: bool = True
+) -> torch.Tensor:
+    """``compute`` plus the skipped tiles that ranks would otherwise idle for: ``(N,)`` bool.
+
+    A step lasts as long as its busiest rank's forwards: ``ceil(C / R)`` for ``C`` computed tiles with
+    rebalancing (:func:`assign_tiles` reaches it for equal costs), the largest home count without.
+    Every rank can compute that many at no cost in time, so skipped tiles are added, highest
+    ``priority`` (the cache's predicted change) first, until the ranks' slots are full (at most all
+    ``N``): first only tiles whose home rank still has a free slot (they move no bytes), then, with
+    rebalancing, any tile (the assignment sends it to a rank with room). Deterministic, like the
+    decision it extends, so every rank gets the same set. One rank: ``compute`` unchanged.
+    """
+    compute = compute.clone()
+    N, R = compute.numel(), world_size
+    C = int(compute.sum())
+    if priority is None or R <= 1 or C == 0 or C == N:
+        return compute
+    home = [int(r) for r in home_rank]
+    load = [0] * R
+    for n in compute.nonzero().flatten().tolist():
+        load[home[n]] += 1
+    slots = math.ceil(C / R) if rebalance else max(load)
+    target = min(N, slots * R) if rebalance else C + sum(slots - x for x in load)
+    order = sorted((n for n in range(N) if not compute[n]), key=lambda n: (-float(priority[n]), n))
+    for n in order:  # 1. tiles whose home rank has room: no bytes move
+        if C < target and load[home[n]] < slots:
+            compute[n], C = True, C + 1
+            load[home[n]] += 1
+    if rebalance:  # 2. what is left goes where the assignment finds room
+        for n in order:
+            if C < target and not compute[n]:
+                compute[n], C = True, C + 1
+    return compute
+
+
 def assign_tiles(costs, home_rank, move_cells, world_size: int) -> torch.Tensor:
     """``(N,)`` rank computing each tile (``-1`` for tiles of cost 0: skipped, computed by nobody).
 
@@ -572,7 +613,9 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
             windows = compute = None
             if tile_cache is not None:
                 windows = _cache_windows(ctx, layout, x.device)
-                compute = tile_cache.plan_cells(i, len(timesteps), windows)
+                compute, priority = tile_cache.plan_cells(i, len(timesteps), windows, with_priority=True)
+                if ctx.config.fill_idle:
+                    compute = fill_idle_slots(compute, priority, layout.home_rank, R, ctx.config.rebalance)
             computer = computers(layout, compute, ctx.config.rebalance)
             ctx.computed_tiles.append(torch.bincount(computer[computer >= 0], minlength=R).tolist())
             values = _tile_predictions(ctx, adapter, layout, computer, x, t, cond, pred_dtype, gather_mode)

@@ -53,9 +53,25 @@ def fake_case(case: dict, parallel=None):
     return fake_run(case, parallel)[0]
 
 
+class ReplayedPlan:
+    """A tile cache that computes exactly the tiles of a recorded hit map (``1`` = reused), instead of
+    deciding: a single process replays what the ranks computed."""
+
+    def __new__(cls, config, hit_map):
+        from supergen.cache import TileCache
+
+        class Replay(TileCache):
+            def plan_cells(self, step, num_steps, windows, with_priority=False):
+                compute = torch.tensor([not h for h in hit_map[step]])
+                return (compute, None) if with_priority else compute
+
+        return Replay(config)
+
+
 def fake_run(case: dict, parallel=None):
     """``(final latent, cache)`` of the fake refine loop; ``case["cache"]``: CacheConfig fields of a tile
-    cache (gate/budget), ``case["rehash"]``: a Step Rehash schedule."""
+    cache (gate/budget), ``case["rehash"]``: a Step Rehash schedule, ``case["hit_map"]``: replay these
+    tile decisions instead of taking them (:class:`ReplayedPlan`)."""
     from supergen.cache import CacheConfig, StepRehash, TileCache
     from supergen.config import TilingConfig
     from supergen.stages import refine
@@ -71,7 +87,8 @@ def fake_run(case: dict, parallel=None):
     latents = torch.randn(1, 4, T, H, W, generator=torch.Generator().manual_seed(case.get("seed", 0)))
     cache = StepRehash(case["rehash"]) if case.get("rehash") else None
     if case.get("cache"):
-        cache = TileCache(CacheConfig(**case["cache"]))
+        config = CacheConfig(**case["cache"])
+        cache = ReplayedPlan(config, case["hit_map"]) if "hit_map" in case else TileCache(config)
     return refine(FakeAdapter(), scheduler, latents, None, grid, plan, cache=cache, parallel=parallel), cache
 
 
@@ -107,8 +124,9 @@ def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(out_dir)
     rank = int(os.environ.get("RANK", "0"))
-    config = ParallelConfig(timeout=spec.get("timeout", 60.0))
     for case in spec["cases"]:
+        # exact single-process decisions unless a case asks for idle ranks to fill their slots
+        config = ParallelConfig(timeout=spec.get("timeout", 60.0), fill_idle=case.get("fill_idle", False))
         if "prompt_by_rank" in case:  # the ranks disagree: every rank must raise, naming the difference
             try:
                 tiny_case({**case, "prompt": case["prompt_by_rank"][rank]}, config)

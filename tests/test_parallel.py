@@ -57,6 +57,8 @@ for _case in CACHE_CASES:
     _case.update(steps=8, refine_steps=7)
     _case["cache"].update(warmup=1, max_skips=2)
 CASES += CACHE_CASES
+# The same with ParallelConfig(fill_idle=True): ranks short of the busiest one's tile count compute more.
+FILL_CASES = [dict(c, name=f"{c['name']}_fill", fill_idle=True) for c in CACHE_CASES]
 TINY = {"name": "tiny_wan", "model": "tiny", "height": 128, "width": 192, "steps": 4, "refine_steps": 3,
         "tiling": {"shift": True}}  # fmt: skip
 TINY_CACHE = dict(TINY, name="tiny_wan_budget", steps=5, refine_steps=4, cache={"mode": "budget", "warmup": 1})
@@ -111,7 +113,7 @@ def single_process():
 def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_path):
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
-    cases = CASES + ([mismatch, TINY, TINY_CACHE] if world == 2 else [])
+    cases = CASES + FILL_CASES + ([mismatch, TINY, TINY_CACHE] if world == 2 else [])
     results = _wait(_launch(world, cases, tmp_path), limit=240)
     for rank, (code, text) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
@@ -152,6 +154,23 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         CACHE_CASES[2], world, rank=1, cache=cache
     )
     assert [sum(s) for s in stats["gate_torus"]["computed_tiles"]].count(0) >= 1  # a step skipping every tile
+    # idle slots filled: each step every rank computes as many tiles as the busiest (or all are computed),
+    # the ranks agree on the decisions, and one process computing the same tiles gets the same latent
+    added = 0
+    for case in FILL_CASES:
+        name = case["name"]
+        got = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(world)]
+        assert all(g["cache"] == got[0]["cache"] for g in got), name
+        hit_map = got[0]["cache"]["hit_map"]
+        for step, per_rank in zip(hit_map, got[0]["computed_tiles"]):
+            assert sum(per_rank) == len(step) - sum(step)
+            assert len(set(per_rank)) == 1 or sum(step) == 0, (name, per_rank)
+        replayed, _ = fake_run(dict(case, hit_map=hit_map))
+        assert (torch.load(tmp_path / f"{name}.pt") - replayed).abs().max().item() <= 1e-5, name
+        plain = single_process[name.removesuffix("_fill")][1].stats
+        added += got[0]["cache"]["computed_tile_steps"] - plain.computed
+    if world > 1:
+        assert added > 0  # filling really computed tiles the single process skipped
     if world == 2:
         for case in (TINY, TINY_CACHE):  # through SuperGen, without and with the tile cache
             single, report = _tiny_single_process(case)
@@ -296,10 +315,58 @@ def test_lpt_skipped_tiles_cost_nothing_and_ties_move_fewest_bytes():
     assert par.assign_tiles([1.0] * 4, torch.tensor([0, 0, 0, 0]), [[0, 9, 3]] * 4, 3).tolist().count(2) == 1
 
 
+def _moved(computer, home) -> int:
+    return int(((computer >= 0) & (computer != home)).sum())
+
+
+def test_fill_idle_slots_fills_own_tiles_first_and_never_lengthens_a_step():
+    home = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    moves = [[0 if r == int(home[n]) else 10 for r in range(3)] for n in range(12)]
+    compute = torch.zeros(12, dtype=torch.bool)
+    compute[[0, 1, 2, 4]] = True  # home loads 3, 1, 0: LPT gives 2, 1, 1 (one tile moves)
+    priority = torch.arange(12, dtype=torch.float64)  # later tiles are predicted to change more
+    filled = par.fill_idle_slots(compute, priority, home, 3)
+    assert filled.nonzero().flatten().tolist() == [0, 1, 2, 4, 10, 11]  # rank 2 has two free slots
+    before, after = (par.assign_tiles(c.float().tolist(), home, moves, 3) for c in (compute, filled))
+    # wait: 4 tiles on 3 ranks take 2 forwards on the busiest; filled, every rank computes 2
+    assert torch.bincount(after[after >= 0], minlength=3).tolist() == [2, 2, 2]
+    assert _moved(after, home) == _moved(before, home) == 1
+    # without rebalancing only a rank's own tiles, up to the largest home load
+    own = par.fill_idle_slots(compute, priority, home, 3, rebalance=False)
+    assert own.nonzero().flatten().tolist() == [0, 1, 2, 4, 6, 7, 9, 10, 11]
+    # nothing to decide or one rank: unchanged
+    assert torch.equal(par.fill_idle_slots(compute, None, home, 3), compute)
+    assert torch.equal(par.fill_idle_slots(compute, priority, torch.zeros(12, dtype=torch.int64), 1), compute)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fill_idle_slots_balances_any_decision(seed):
+    g = torch.Generator().manual_seed(seed)
+    R = int(torch.randint(2, 6, (1,), generator=g))
+    N = int(torch.randint(R, 30, (1,), generator=g))
+    home = torch.sort(torch.randint(R, (N,), generator=g)).values
+    compute = torch.rand(N, generator=g) < torch.rand(1, generator=g)
+    priority = torch.rand(N, generator=g, dtype=torch.float64)
+    moves = [[0 if r == int(home[n]) else 1 for r in range(R)] for n in range(N)]
+    filled = par.fill_idle_slots(compute, priority, home, R)
+    assert bool((filled | ~compute).all())  # a superset
+    before, after = (par.assign_tiles(c.float().tolist(), home, moves, R) for c in (compute, filled))
+    loads = torch.bincount(after[after >= 0], minlength=R)
+    C = int(compute.sum())
+    if C:
+        assert int(loads.max()) == -(-C // R)  # the busiest rank does no more than before
+        assert bool(filled.all()) or int(loads.min()) == int(loads.max())  # and nobody idles
+        assert _moved(after, home) <= _moved(before, home) + max(0, int(filled.sum()) - C)
+    else:
+        assert not filled.any()
+
+
 def test_parallel_config_validation():
     with pytest.raises(ValueError, match="`backend` must be one of"):
         ParallelConfig(backend="mpi")
     with pytest.raises(ValueError, match="`timeout` must be a number of seconds > 0"):
         ParallelConfig(timeout=0)
+    with pytest.raises(ValueError, match="`fill_idle` must be a bool but is 'yes'"):
+        ParallelConfig(fill_idle="yes")
     with pytest.raises(TypeError, match="`parallel` must be a ParallelConfig"):
         par.setup({"backend": "gloo"})
