@@ -244,3 +244,20 @@ def test_clip_workers_draw_the_same_batches_in_order(train):
     for (x0, caps0, cover0), (x1, caps1, cover1) in zip(here, ahead, strict=True):
         assert torch.equal(x0, x1) and caps0 == caps1 and torch.equal(cover0, cover1)
     assert len(here) == len(seed_lists)
+
+
+def test_a_run_cut_short_replays_with_its_planned_schedule(train):
+    """A time-fitted phase the time limit stops early laid its learning-rate schedule over the planned
+    count; the replay must plan the same count and stop where the run stopped."""
+    budget = train.StepBudget(seconds=1e9, steps=10, max_steps=None, stop=6)
+    assert [budget.running(s) for s in range(8)] == [True] * 6 + [False] * 2
+    assert budget.planned(3) == 10  # the schedule still spans 10 steps
+    assert train.StepBudget(seconds=1e9, steps=10, max_steps=None).running(9)
+    cut = [{"vae_steps": 1500, "vae_planned": 1839, "seed": 0}]
+    assert train.replay_commands(cut, 0, 2000, 2, dit_planned=2100) == [
+        "--seed 0 --vae-steps 1839 --vae-stop 1500 --dit-steps 2100 --dit-stop 2000 --threads 2 --out MODEL"
+    ]
+    whole = [{"vae_steps": 1356, "seed": 0}]
+    assert train.replay_commands(whole, 0, 2713, 2, dit_planned=2713) == [
+        "--seed 0 --vae-steps 1356 --dit-steps 2713 --threads 2 --out MODEL"
+    ]

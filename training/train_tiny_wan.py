@@ -306,11 +306,13 @@ class StepBudget:
     steps ``warmup`` to ``probe``, after allocation and first-call costs), at most ``max_steps``.
 
     A time-fitted phase also stops when ``slack`` times its seconds have passed, e.g. if the machine
-    gets busier after the probe; the step count actually run is what the log reports for a replay.
+    gets busier after the probe. The learning-rate schedule is laid over the planned count, so the log
+    reports both: a replay passes the planned count and ``stop``, the steps actually run.
     """
 
-    def __init__(self, seconds: float, steps: int | None, max_steps: int | None, probe: int = 20, warmup: int = 2):
-        self.seconds, self.total, self.max_steps = seconds, steps, max_steps
+    def __init__(self, seconds: float, steps: int | None, max_steps: int | None, probe: int = 20, warmup: int = 2,
+                 stop: int | None = None):  # fmt: skip
+        self.seconds, self.total, self.max_steps, self.stop = seconds, steps, max_steps, stop
         self.probe, self.warmup = probe, warmup
         self.fitted = steps is None
         self.started = time.perf_counter()
@@ -334,6 +336,8 @@ class StepBudget:
         return self.total if self.total is not None else 10**9
 
     def running(self, step: int, slack: float = 1.1) -> bool:
+        if self.stop is not None and step >= self.stop:
+            return False
         if self.fitted and time.perf_counter() - self.started > slack * self.seconds:
             log(f"time budget spent: stopping at step {step} of {self.shown()}")
             return False
@@ -394,7 +398,7 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
             vae.quant_conv.bias[vae.config.z_dim :] = -6.0
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    budget = StepBudget(seconds, args.vae_steps, args.max_steps)
+    budget = StepBudget(seconds, args.vae_steps, args.max_steps, stop=args.vae_stop)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 11)
     first = args.seed * 1_000_003 + VAE_DATA
     seed_lists = (range(first + i * args.vae_batch, first + (i + 1) * args.vae_batch) for i in itertools.count())
@@ -429,7 +433,7 @@ def train_vae(vae, args, seconds: float, device, history: dict, fresh: bool = Tr
                 log(f"vae {step + 1}/{budget.shown()} {record} lr {opt.param_groups[0]['lr']:.2e}")
             step += 1
     vae.eval()
-    return step
+    return step, budget.total or step
 
 
 @torch.no_grad()
@@ -479,7 +483,7 @@ def train_transformer(transformer, latents, captions, bank, args, seconds: float
     transformer.train()
     ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     opt = torch.optim.AdamW(transformer.parameters(), lr=args.dit_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    budget = StepBudget(seconds, args.dit_steps, args.max_steps)
+    budget = StepBudget(seconds, args.dit_steps, args.max_steps, stop=args.dit_stop)
     gen = torch.Generator().manual_seed(args.seed + 22)
     n = latents.shape[0]
     bank.add(captions + [""])
@@ -521,7 +525,7 @@ def train_transformer(transformer, latents, captions, bank, args, seconds: float
     transformer.set_attn_processor(stock)
     transformer.load_state_dict(ema)
     transformer.eval()
-    return step
+    return step, budget.total or step
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -550,19 +554,30 @@ def previous_vae_log(folder: Path) -> dict:
     raise FileNotFoundError(f"{folder}: no vae_log.json, and no training_log.json in {folder.parent}")
 
 
-def replay_commands(vae_runs: list[dict], seed: int, dit_steps: int, threads: int) -> list[str]:
+def _steps(phase: str, run: int, planned: int | None) -> str:
+    """``--vae-steps N`` for a phase that ran its plan; ``--vae-steps PLANNED --vae-stop RUN`` for one the
+    time limit cut short (its learning-rate schedule was laid over the planned count)."""
+    if planned is None or planned == run:
+        return f"--{phase}-steps {run}"
+    return f"--{phase}-steps {planned} --{phase}-stop {run}"
+
+
+def replay_commands(vae_runs: list[dict], seed: int, dit_steps: int, threads: int, dit_planned: int | None = None):
     """The commands that rebuild these weights bit for bit (same device, torch version and threads):
     one per VAE run (``--vae-init`` continues the previous one), then the transformer."""
+    dit = _steps("dit", dit_steps, dit_planned)
     if len(vae_runs) == 1:
         run = vae_runs[0]
-        return [f"--seed {seed} --vae-steps {run['vae_steps']} --dit-steps {dit_steps} --threads {threads} --out MODEL"]
+        vae = _steps("vae", run["vae_steps"], run.get("vae_planned"))
+        return [f"--seed {seed} {vae} {dit} --threads {threads} --out MODEL"]
     out = []
     for i, run in enumerate(vae_runs):
         init = f" --vae-init VAE_{i}" if i else ""
         lr = f" --vae-lr {run['lr']}" if "lr" in run else ""
         t = f" --threads {run.get('threads', 1)}"
-        out.append(f"--seed {run['seed']} --vae-only{init}{lr} --vae-steps {run['vae_steps']}{t} --out VAE_{i + 1}")
-    out.append(f"--seed {seed} --vae-from VAE_{len(vae_runs)} --dit-steps {dit_steps} --threads {threads} --out MODEL")
+        vae = _steps("vae", run["vae_steps"], run.get("vae_planned"))
+        out.append(f"--seed {run['seed']} --vae-only{init}{lr} {vae}{t} --out VAE_{i + 1}")
+    out.append(f"--seed {seed} --vae-from VAE_{len(vae_runs)} {dit} --threads {threads} --out MODEL")
     return out
 
 
@@ -574,6 +589,14 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="cap on each phase's steps (smoke tests)")
     p.add_argument("--vae-steps", type=int, default=None, help="exact VAE steps (replays a logged run)")
     p.add_argument("--dit-steps", type=int, default=None, help="exact transformer steps (replays a logged run)")
+    p.add_argument(
+        "--vae-stop",
+        type=int,
+        default=None,
+        help="stop the VAE after this many of its --vae-steps (replays a run the time limit cut short)",
+    )
+    p.add_argument("--dit-stop", type=int, default=None,
+                   help="stop the transformer after this many of its --dit-steps (as --vae-stop)")  # fmt: skip
     p.add_argument("--vae-only", action="store_true", help="train and save only the VAE (phase 1) into --out")
     p.add_argument("--vae-from", type=Path, default=None, help="a --vae-only folder: skip phase 1")
     p.add_argument(
@@ -651,8 +674,10 @@ def main(argv=None) -> int:
             history["vae_before"] = previous["loss"].get("vae", [])
             log(f"continuing the VAE of {args.vae_init} ({sum(r['vae_steps'] for r in before)} steps)")
         share = (1.0 if args.vae_only else args.vae_fraction) * budget
-        steps = train_vae(vae, args, share, device, history, fresh=args.vae_init is None)
+        steps, planned = train_vae(vae, args, share, device, history, fresh=args.vae_init is None)
         run = {"vae_steps": steps, "seed": args.seed, "lr": args.vae_lr, "threads": torch.get_num_threads()}
+        if planned != steps:  # the time limit cut the schedule short: a replay needs both counts
+            run["vae_planned"] = planned
         history["vae_runs"] = [*before, run]
         vae_steps = sum(r["vae_steps"] for r in history["vae_runs"])
     vae_seconds = time.perf_counter() - t0
@@ -691,7 +716,7 @@ def main(argv=None) -> int:
     bank = TextBank(pipe.tokenizer, pipe.text_encoder, device)
     remaining = max(30.0, budget - (time.perf_counter() - started))
     t0 = time.perf_counter()
-    dit_steps = train_transformer(transformer, latents, captions, bank, args, remaining, device, history)
+    dit_steps, dit_planned = train_transformer(transformer, latents, captions, bank, args, remaining, device, history)
     dit_seconds = time.perf_counter() - t0
 
     pipe.to("cpu")
@@ -707,13 +732,14 @@ def main(argv=None) -> int:
     }
     training = {
         "command": " ".join(["python", "training/train_tiny_wan.py", *(argv if argv is not None else sys.argv[1:])]),
-        "replay": replay_commands(history["vae_runs"], args.seed, dit_steps, torch.get_num_threads()),
+        "replay": replay_commands(history["vae_runs"], args.seed, dit_steps, torch.get_num_threads(), dit_planned),
         "seed": args.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "vae_steps": vae_steps,
         "dit_steps": dit_steps,
+        "dit_planned": dit_planned,
         "seconds": {
             "vae": round(vae_seconds),
             "encode": round(encode_seconds),
