@@ -149,7 +149,6 @@ class Comparison:
 
     def supergen(self, sketch: Sketch, height: int, width: int, shift: bool = True) -> Variant:
         """(d) SuperGen from the sketch; ``shift=False`` is the same run on a fixed grid (the ablation)."""
-
         self.check(height, width)
         sg = self.shifted if shift else self.fixed
         name = "supergen" if shift else "supergen-noshift"
@@ -158,7 +157,6 @@ class Comparison:
     def untiled(self, sketch: Sketch, height: int, width: int) -> Variant:
         """The control of the seam and duplication measures: SuperGen's refinement of the same sketch with
         one tile covering the whole canvas (no tile edges; the model runs off its native size)."""
-
         from .config import TilingConfig
         from .pipeline import SuperGen
 

@@ -410,7 +410,7 @@ def fill_idle_slots(
     for n in compute.nonzero().flatten().tolist():
         load[home[n]] += 1
     slots = math.ceil(C / R) if rebalance else max(load)
-    target = min(N, slots * R) if rebalance else C + sum(slots - x for x in load)
+    target = min(N, slots * R)  # every rank's slots full (without rebalancing, as far as its own tiles go)
     order = sorted((n for n in range(N) if not compute[n]), key=lambda n: (-float(priority[n]), n))
     for n in order:  # 1. tiles whose home rank has room: no bytes move
         if C < target and load[home[n]] < slots:

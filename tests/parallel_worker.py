@@ -53,25 +53,23 @@ def fake_case(case: dict, parallel=None):
     return fake_run(case, parallel)[0]
 
 
-class ReplayedPlan:
+def replayed_plan(config, hit_map):
     """A tile cache that computes exactly the tiles of a recorded hit map (``1`` = reused), instead of
     deciding: a single process replays what the ranks computed."""
+    from supergen.cache import TileCache
 
-    def __new__(cls, config, hit_map):
-        from supergen.cache import TileCache
+    class ReplayedPlan(TileCache):
+        def plan_cells(self, step, num_steps, windows, with_priority=False):
+            compute = torch.tensor([not h for h in hit_map[step]])
+            return (compute, None) if with_priority else compute
 
-        class Replay(TileCache):
-            def plan_cells(self, step, num_steps, windows, with_priority=False):
-                compute = torch.tensor([not h for h in hit_map[step]])
-                return (compute, None) if with_priority else compute
-
-        return Replay(config)
+    return ReplayedPlan(config)
 
 
 def fake_run(case: dict, parallel=None):
     """``(final latent, cache)`` of the fake refine loop; ``case["cache"]``: CacheConfig fields of a tile
     cache (gate/budget), ``case["rehash"]``: a Step Rehash schedule, ``case["hit_map"]``: replay these
-    tile decisions instead of taking them (:class:`ReplayedPlan`)."""
+    tile decisions instead of taking them (:func:`replayed_plan`)."""
     from supergen.cache import CacheConfig, StepRehash, TileCache
     from supergen.config import TilingConfig
     from supergen.stages import refine
@@ -88,7 +86,7 @@ def fake_run(case: dict, parallel=None):
     cache = StepRehash(case["rehash"]) if case.get("rehash") else None
     if case.get("cache"):
         config = CacheConfig(**case["cache"])
-        cache = ReplayedPlan(config, case["hit_map"]) if "hit_map" in case else TileCache(config)
+        cache = replayed_plan(config, case["hit_map"]) if "hit_map" in case else TileCache(config)
     return refine(FakeAdapter(), scheduler, latents, None, grid, plan, cache=cache, parallel=parallel), cache
 
 
