@@ -1,21 +1,29 @@
 """Tile-parallel traffic benchmark: bytes each rank sends per refinement step with supergen's exchange
-(halos + region migration, :mod:`supergen.parallel`) against an all-gather of every tile prediction
-(the published design: each rank keeps the whole canvas and receives every tile prediction), and the
-load imbalance of computed tiles with the cache on. Counted, not timed: the numbers come from the
-same geometry code the runtime moves its tensors with (``Layout``, ``computers``, ``exchange_bytes``;
-tests/test_parallel.py checks that the ranks send exactly what ``exchange_bytes`` predicts), so no GPU
-or process group is needed.
+(halos, predictions and, with regions that follow the grid, region migration: :mod:`supergen.parallel`)
+against an all-gather of every tile prediction (the published design: each rank keeps the whole canvas
+and receives every tile prediction), and the load imbalance of computed tiles with the cache on.
+Counted, not timed: the numbers come from the same geometry code the runtime moves its tensors with
+(``Layout``, ``computers``, ``exchange_bytes``; tests/test_parallel.py checks that the ranks send
+exactly what ``exchange_bytes`` predicts), so no GPU or process group is needed.
 
 Geometry: Wan 2.1 at 480p (native latent tile 60x104, patch 2), 81 frames = 21 latent frames, 16
-latent channels, batch 1, fp32 (element size cancels out of the ratio); 2K = 1440x2560 px (latent
-180x320) and 4K = 2160x3840 px (latent 270x480); default tiling (torus windows shifted every step);
-50 steps, the last 35 refined (Wan's 70 %). Scheduler: UniPC (Wan's), whose multistep history is 3
-region-shaped tensors (2 model outputs + the last sample) that migrate with the latents; the
-``*_euler`` columns count a history-free scheduler (FlowMatchEuler).
+latent channels, batch 1; 2K = 1440x2560 px (latent 180x320) and 4K = 2160x3840 px (latent 270x480);
+default tiling (torus windows shifted every step); 50 steps, the last 35 refined (Wan's 70 %).
+Scheduler: UniPC (Wan's), whose multistep history is 3 region-shaped tensors (2 model outputs + the
+last sample) beside the latents; the ``*_euler`` columns count a history-free scheduler (FlowMatchEuler).
+
+Both region policies (``ParallelConfig.regions``), each row holding one dict per policy: ``fixed`` (the
+default: regions stay, shifted tiles straddle boundaries and exchange halos and predictions) and
+``follow`` (regions move with the grid, carrying every state tensor across each boundary every step).
+
+Two dtype settings: ``ratio`` is everything in fp32 (an fp32 model); ``ratio_bf16`` is a bf16 model as
+diffusers runs Wan: latents and scheduler/cache state in fp32, predictions in bf16, input halos in bf16
+(the Wan adapter's ``predict`` casts its tiles first, so the runtime sends them so), and the baseline's
+all-gathered predictions in bf16 (half the fp32 bytes).
 
 Baseline bytes per rank per step (the issue's, primary ``ratio``): ring all-gather of all N tile
-predictions, ``(R-1)/R * N * tile`` (what every rank receives and, in a ring, sends). Ours: per rank,
-the maximum and the mean over ranks.
+predictions, ``(R-1)/R * N * tile`` (what every rank receives and, in a ring, sends). Ours: the busiest
+rank's bytes, averaged over the steps.
 
 Secondary, what the published code actually sends (``published_bytes_per_rank_step``, ``ratio_published``;
 docs: reference/supergen-method.md sections 1.6 and 6): one all-gather of a flat buffer PADDED to
@@ -61,7 +69,7 @@ from common import RESULTS, environment, print_table, write_json  # noqa: E402
 
 from supergen import parallel as par  # noqa: E402
 from supergen.cache import CacheConfig, TileCache  # noqa: E402
-from supergen.config import TilingConfig  # noqa: E402
+from supergen.config import ParallelConfig, TilingConfig  # noqa: E402
 from supergen.tiling import TileGrid  # noqa: E402
 
 CANVASES = {"2K": (180, 320), "4K": (270, 480)}  # latent cells (pixels / 8)
@@ -73,6 +81,10 @@ RANKS = (2, 4, 8)
 UNIPC_STATE = 4  # latents + 2 model outputs + last sample
 BUDGET, WARMUP, SEED = 0.5, 3, 0
 TARGET_RATIO, TARGET_IMBALANCE = 0.10, 1.15
+REGIONS = ("fixed", "follow")  # ParallelConfig.regions
+COLUMNS = ("ratio", "ratio_bf16", "ratio_euler", "ratio_cache", "ratio_cache_bf16", "ratio_published",
+           "imbalance_cache", "imbalance_cache_worst_step", "imbalance_cache_no_fill", "imbalance_floor_no_fill",
+           "computed_share_cache", "computed_share_cache_no_fill")  # fmt: skip
 
 
 def change_field(canvas_hw, step: int) -> torch.Tensor:
@@ -102,33 +114,36 @@ def simulated_compute(layout, step: int) -> tuple[torch.Tensor, torch.Tensor | N
     return compute, change
 
 
-def run(name: str, canvas_hw, world: int) -> dict:
-    grid = TileGrid((FRAMES, *canvas_hw), TilingConfig(), multiple=PATCH, native_tile=TILE)
-    cell = BATCH * CHANNELS * FRAMES * ELEMENT
-    tile_bytes = TILE[0] * TILE[1] * cell
-    cache = TileCache(CacheConfig(mode="budget", budget=BUDGET, warmup=WARMUP))
-    cache_cell = par.tile_cache_cell_bytes(cache, torch.zeros(BATCH, CHANNELS, FRAMES, 1))
+def layouts_for(grid, world: int, regions: str) -> list:
+    """The runtime's layout of every refinement step under ``regions`` (``ParallelConfig.regions``)."""
     layouts = [par.Layout.at_step(grid, 0, world)]
     for i in range(1, REFINE_STEPS):
-        layouts.append(par.Layout.at_step(grid, i, world, previous=layouts[-1]))
-    ours, ours_euler, allgather, published = [], [], [], []
+        layouts.append(par.Layout.at_step(grid, i, world, previous=layouts[-1], regions=regions))
+    return layouts
+
+
+def count(layouts, world: int, cache, cache_cell: int) -> dict:
+    """Bytes per step (max over ranks, mean over steps) of one region policy, by dtype setting and
+    scheduler, with and without the simulated cache; imbalance and computed share with the cache."""
+    cell = BATCH * CHANNELS * FRAMES * ELEMENT  # one fp32 latent-shaped cell
+    half = cell // 2  # the same in bf16
+    # fp32: everything fp32. bf16: a bf16 model with fp32 latents and scheduler/cache state (as diffusers'
+    # Wan pipeline keeps them): predictions travel in bf16, input halos too (the Wan adapter casts first).
+    dtypes = {"fp32": {}, "bf16": {"halo_cell_bytes": half, "prediction_cell_bytes": half}}
+    sums = {k: [] for k in ("fp32", "bf16", "euler", "cache", "cache_bf16", "cache_no_fill")}
     kinds = {"inputs": [], "predictions": [], "migration": []}
-    ours_cache, imbalance, computed_share, busiest = ({"fill": [], "no_fill": []} for _ in range(4))
+    imbalance, computed_share, busiest = ({"fill": [], "no_fill": []} for _ in range(3))
     imbalance_home, floor = [], []
     for i, layout in enumerate(layouts):
         nxt = layouts[i + 1] if i + 1 < len(layouts) else None
         every = par.computers(layout, None, rebalance=True)
-        sent = par.exchange_bytes(layout, every, cell, nxt, state_tensors=UNIPC_STATE)
-        total = sum(sent.values())
-        ours.append((int(total.max()), float(total.float().mean())))
-        for k in kinds:
-            kinds[k].append(float(sent[k].float().mean()))
-        euler = sum(par.exchange_bytes(layout, every, cell, nxt, state_tensors=1).values())
-        ours_euler.append(int(euler.max()))
-        N = layout.num_tiles
-        allgather.append(N * tile_bytes * (world - 1) / world)
-        # padded prediction all-gather + the latent all-gather before the shift (every step shifts)
-        published.append(2 * (world - 1) * math.ceil(N / world) * tile_bytes)
+        for key, sizes in dtypes.items():
+            sent = par.exchange_bytes(layout, every, cell, nxt, state_tensors=UNIPC_STATE, **sizes)
+            sums[key].append(int(sum(sent.values()).max()))
+            if key == "fp32":
+                for k in kinds:
+                    kinds[k].append(float(sent[k].float().mean()))
+        sums["euler"].append(int(sum(par.exchange_bytes(layout, every, cell, nxt).values()).max()))
 
         reductions = 1 + cache.decides(i, REFINE_STEPS)  # the gain every step, the decision where it decides
         compute, change = simulated_compute(layout, i)
@@ -136,9 +151,14 @@ def run(name: str, canvas_hw, world: int) -> dict:
         for key, decided in (("fill", filled), ("no_fill", compute)):
             computed_share[key].append(float(decided.float().mean()))
             cached = par.computers(layout, decided, rebalance=True)
-            sent_cache = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE,
-                                            cache_cell_bytes=cache_cell, cache_reductions=reductions)  # fmt: skip
-            ours_cache[key].append(int(sum(sent_cache.values()).max()))
+            for setting, sizes in dtypes.items():
+                if key == "no_fill" and setting == "bf16":
+                    continue
+                sent = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE,
+                                          cache_cell_bytes=cache_cell, cache_reductions=reductions,
+                                          **sizes)  # fmt: skip
+                name = "cache" + ("_no_fill" if key == "no_fill" else "") + ("_bf16" if setting == "bf16" else "")
+                sums[name].append(int(sum(sent.values()).max()))
             counts = torch.bincount(cached[cached >= 0], minlength=world).float()
             imbalance[key].append(float(counts.max() / counts.mean()))
             busiest[key].append(int(counts.max()))
@@ -149,25 +169,9 @@ def run(name: str, canvas_hw, world: int) -> dict:
         counts = torch.bincount(home_only[home_only >= 0], minlength=world).float()
         imbalance_home.append(float(counts.max() / counts.mean()))
     assert busiest["fill"] == busiest["no_fill"], "filling idle slots must never lengthen a step"
-    mean_allgather = statistics.mean(allgather)
-    mean_published = statistics.mean(published)
-    row = {
-        "canvas": name,
-        "canvas_latent": [FRAMES, *canvas_hw],
-        "ranks": world,
-        "tiles_per_step": layouts[0].num_tiles,
-        "allgather_bytes_per_rank_step": round(mean_allgather),
-        "ours_max_rank_bytes_per_step": round(statistics.mean(m for m, _ in ours)),
-        "ours_mean_rank_bytes_per_step": round(statistics.mean(a for _, a in ours)),
-        "ours_mean_by_kind": {k: round(statistics.mean(v)) for k, v in kinds.items()},
-        "ratio": statistics.mean(m for m, _ in ours) / mean_allgather,
-        "ratio_euler": statistics.mean(ours_euler) / mean_allgather,
-        "ratio_cache": statistics.mean(ours_cache["fill"]) / mean_allgather,
-        "ratio_cache_no_fill": statistics.mean(ours_cache["no_fill"]) / mean_allgather,
-        "published_bytes_per_rank_step": round(mean_published),
-        "ratio_published": statistics.mean(m for m, _ in ours) / mean_published,
-        "ratio_published_cache": statistics.mean(ours_cache["fill"]) / mean_published,
-        "cache_state_bytes_per_cell": cache_cell,
+    return {
+        "bytes": {k: statistics.mean(v) for k, v in sums.items()},
+        "by_kind_fp32": {k: round(statistics.mean(v)) for k, v in kinds.items()},
         "imbalance_cache": statistics.mean(imbalance["fill"]),
         "imbalance_cache_worst_step": max(imbalance["fill"]),
         "imbalance_cache_no_fill": statistics.mean(imbalance["no_fill"]),
@@ -178,8 +182,46 @@ def run(name: str, canvas_hw, world: int) -> dict:
         "computed_share_cache_no_fill": statistics.mean(computed_share["no_fill"]),
         "busiest_rank_forwards_per_run": sum(busiest["fill"]),
     }
-    row["meets_bytes_target"] = row["ratio"] <= TARGET_RATIO
-    row["meets_imbalance_target"] = row["imbalance_cache"] <= TARGET_IMBALANCE
+
+
+def run(name: str, canvas_hw, world: int) -> dict:
+    grid = TileGrid((FRAMES, *canvas_hw), TilingConfig(), multiple=PATCH, native_tile=TILE)
+    tile_bytes = TILE[0] * TILE[1] * BATCH * CHANNELS * FRAMES * ELEMENT
+    cache = TileCache(CacheConfig(mode="budget", budget=BUDGET, warmup=WARMUP))
+    cache_cell = par.tile_cache_cell_bytes(cache, torch.zeros(BATCH, CHANNELS, FRAMES, 1))
+    per_policy = {regions: layouts_for(grid, world, regions) for regions in REGIONS}
+    tiles = [layout.num_tiles for layout in per_policy["follow"]]
+    allgather = statistics.mean(N * tile_bytes * (world - 1) / world for N in tiles)
+    # the published code: padded prediction all-gather + the latent all-gather before the shift (every step)
+    published = statistics.mean(2 * (world - 1) * math.ceil(N / world) * tile_bytes for N in tiles)
+    row = {
+        "canvas": name,
+        "canvas_latent": [FRAMES, *canvas_hw],
+        "ranks": world,
+        "tiles_per_step": tiles[0],
+        "allgather_bytes_per_rank_step": round(allgather),
+        "published_bytes_per_rank_step": round(published),
+        "cache_state_bytes_per_cell": cache_cell,
+    }
+    for regions, layouts in per_policy.items():
+        c = count(layouts, world, cache, cache_cell)
+        b = c.pop("bytes")
+        row[regions] = {
+            "ours_max_rank_bytes_per_step": round(b["fp32"]),
+            "ours_mean_by_kind": c.pop("by_kind_fp32"),
+            "ratio": b["fp32"] / allgather,
+            # a bf16 all-gather moves half the fp32 bytes
+            "ratio_bf16": b["bf16"] / (allgather / 2),
+            "ratio_euler": b["euler"] / allgather,
+            "ratio_cache": b["cache"] / allgather,
+            "ratio_cache_bf16": b["cache_bf16"] / (allgather / 2),
+            "ratio_cache_no_fill": b["cache_no_fill"] / allgather,
+            "ratio_published": b["fp32"] / published,
+            **c,
+        }
+    default = row[ParallelConfig().regions]
+    row["meets_bytes_target"] = {k: default[k] <= TARGET_RATIO for k in ("ratio", "ratio_bf16")}
+    row["meets_imbalance_target"] = default["imbalance_cache"] <= TARGET_IMBALANCE
     return row
 
 
@@ -188,14 +230,20 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "parallel_cpu.json"))
     args = parser.parse_args()
     rows = [run(name, hw, world) for name, hw in CANVASES.items() for world in RANKS]
-    print_table(rows, ["canvas", "ranks", "tiles_per_step", "allgather_bytes_per_rank_step",
-                       "ours_max_rank_bytes_per_step", "ratio", "ratio_euler", "ratio_cache", "ratio_published",
-                       "imbalance_cache", "imbalance_cache_worst_step", "imbalance_cache_no_fill",
-                       "imbalance_floor_no_fill", "computed_share_cache", "computed_share_cache_no_fill"])  # fmt: skip
+    flat = [{"canvas": r["canvas"], "ranks": r["ranks"], "tiles": r["tiles_per_step"], "regions": regions,
+             **{k: r[regions][k] for k in COLUMNS}} for r in rows for regions in REGIONS]  # fmt: skip
+    print_table(flat, ["canvas", "ranks", "tiles", "regions", *COLUMNS])
     payload = {
         "environment": environment("cpu"),
-        "what": "bytes sent per rank per refinement step: supergen's halo exchange + region migration vs a ring "
-        "all-gather of every tile prediction; load imbalance (max/mean computed tiles per rank) with the cache on",
+        "what": "bytes sent per rank per refinement step: supergen's halo exchange (+ region migration with "
+        "regions that follow the grid) vs a ring all-gather of every tile prediction; load imbalance (max/mean "
+        "computed tiles per rank) with the cache on",
+        "regions": "each row has one dict per ParallelConfig.regions policy: fixed (the default: regions stay, "
+        "shifted tiles exchange halos and predictions across boundaries, no state moves) and follow (regions "
+        "move with the grid; the state of the cells changing owner moves every step)",
+        "dtypes": "ratio*: everything fp32 (an fp32 model); *_bf16: a bf16 model with fp32 latents and "
+        "scheduler/cache state, predictions and input halos in bf16 (the Wan adapter casts tiles first), "
+        "against an all-gather of bf16 predictions",
         "counted_not_timed": "from supergen.parallel's geometry (Layout, computers, exchange_bytes), which the "
         "runtime uses to move its tensors; no process group or GPU involved",
         "geometry": {
@@ -205,18 +253,19 @@ def main() -> None:
             "frames_latent": FRAMES,
             "channels": CHANNELS,
             "batch": BATCH,
-            "element_bytes": ELEMENT,
+            "state_element_bytes": ELEMENT,
             "tiling": "TilingConfig() (torus, shifted every step)",
             "steps": STEPS,
             "refine_steps": REFINE_STEPS,
         },  # fmt: skip
-        "scheduler_state": f"ratio: UniPC, {UNIPC_STATE} region-shaped tensors migrate (latents, 2 model outputs, "
-        "last sample); ratio_euler: FlowMatchEuler (latents only)",
+        "scheduler_state": f"ratio: UniPC, {UNIPC_STATE} region-shaped tensors (latents, 2 model outputs, last "
+        "sample; they migrate only with follow regions); ratio_euler: FlowMatchEuler (latents only)",
         "baselines": "primary (the issue's target): ratio = ours / ring all-gather of all N tile predictions; "
         "secondary: ratio_published = ours / what the published code sends (padded all-gather of ceil(N/R) tiles "
         "per rank + a latent all-gather of the same buffer before every shift step)",
-        "cache_bytes": "ratio_cache: the runtime's accounting of the tile-cache path (its region state migrates "
-        "with the cells, cache_state_bytes_per_cell; window-sum all-reduces) on the simulated skip pattern",
+        "cache_bytes": "ratio_cache: the runtime's accounting of the tile-cache path (with follow regions its "
+        "region state migrates with the cells, cache_state_bytes_per_cell; window-sum all-reduces) on the "
+        "simulated skip pattern",
         "cache_skip_pattern": f"simulated: budget policy, budget {BUDGET}, warm-up {WARMUP} steps and the last step "
         "compute all; other steps the tiles with the largest mean of a smooth random change field (3 drifting "
         f"low-frequency waves, seed {SEED}) over their window",

@@ -130,6 +130,14 @@ def add_generate_parser(sub) -> None:
         help="under torchrun with --cache gate/budget: compute exactly the single-process tiles (ranks with "
         "fewer tiles than the busiest wait instead of computing tiles the cache would reuse)",
     )
+    g.add_argument(
+        "--parallel-regions",
+        choices=("fixed", "follow"),
+        default="fixed",
+        help="under torchrun: ranks keep their canvas regions and exchange the halos of tiles shifted across "
+        "them (fixed), or regions move with the grid carrying the scheduler/cache state (follow); "
+        "bench/parallel.py counts the bytes of both",
+    )
 
 
 def _pixel_pair(flag: str, text: str | None) -> tuple[int, int] | None:
@@ -373,7 +381,9 @@ def run_generate(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from .config import ParallelConfig
 
-        parallel = ParallelConfig(timeout=args.parallel_timeout, fill_idle=not args.parallel_exact)
+        parallel = ParallelConfig(
+            timeout=args.parallel_timeout, fill_idle=not args.parallel_exact, regions=args.parallel_regions
+        )
 
     # 2. Load the pipeline (the random tiny one is built in code; folders load offline, safetensors only).
     from .tiny import load_model

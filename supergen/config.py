@@ -66,6 +66,7 @@ class TilingConfig:
 
 
 PARALLEL_BACKENDS = ("auto", "gloo", "nccl")
+PARALLEL_REGIONS = ("fixed", "follow")
 
 
 @dataclass(frozen=True)
@@ -88,18 +89,30 @@ class ParallelConfig:
             predicts to change most instead (their own tiles first), up to the busiest rank's count.
             The step takes no longer and reuses less. ``False``: exactly the single-process decisions
             (the final latent then equals the one-process run's).
+        regions: ``fixed``: each rank keeps the region it owns at the first refinement step, and tiles
+            that the shifted grid moves across a region boundary take their input halo from, and send
+            their predictions back to, the neighbour; no scheduler or cache state ever moves.
+            ``follow``: regions move with the grid so that no shifted tile straddles a boundary, and
+            each step the strip that changes owner carries its latents, the scheduler's multistep
+            history and the cache's state along. ``fixed`` moves fewer bytes wherever that state is
+            larger than the halos: a half-precision model (predictions and halos travel in its dtype,
+            the state in fp32), a multistep scheduler or the tile cache (``bench/parallel.py`` counts
+            both); ``follow`` wins for a history-free scheduler in fp32.
     """
 
     backend: str = "auto"
     timeout: float = 600.0
     rebalance: bool = True
     fill_idle: bool = True
+    regions: str = "fixed"
 
     def __post_init__(self):
         if self.backend not in PARALLEL_BACKENDS:
             raise ValueError(f"`backend` must be one of {PARALLEL_BACKENDS} but is {self.backend!r}.")
         if not (isinstance(self.timeout, int | float) and not isinstance(self.timeout, bool) and self.timeout > 0):
             raise ValueError(f"`timeout` must be a number of seconds > 0 but is {self.timeout!r}.")
+        if self.regions not in PARALLEL_REGIONS:
+            raise ValueError(f"`regions` must be one of {PARALLEL_REGIONS} but is {self.regions!r}.")
         for name in ("rebalance", "fill_idle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool but is {getattr(self, name)!r}.")

@@ -15,13 +15,25 @@ Design (why it is shaped this way)
   Rehash residual) is region-shaped and stays local. A flat region accepts any shape — bands, the
   staircase of a tile run that ends mid-row, overlapping and clamped windows — with one indexing
   rule, which is what lets every grid mode and every rank count share one code path.
-* **Regions follow the grid.** Home tiles move with the shifted grid, so each step the region moves
-  by the shift: a rank hands its neighbour one shift-wide strip per boundary (latents plus every
-  region-shaped scheduler/cache tensor, found generically). On the torus the run of home tiles is
-  rotated to the rotation that moves the fewest cells (at the end of a shift period the grid jumps
-  back a whole tile; the rotation turns that jump into one more shift-wide step). The alternative,
-  regions fixed in place while the grid moves, makes tiles straddle boundaries by up to half a tile
-  and costs input *and* output strips that grow with the shift; moving the state costs the shift only.
+* **Regions stay where they are (``ParallelConfig.regions="fixed"``, the default).** Each rank keeps
+  the cells it owns at the first refinement step; a tile the shifted grid moves across a boundary is
+  computed by the rank owning most of it, with the rest of its window as halo. Nothing else moves:
+  the scheduler's multistep history, a Step Rehash residual and the tile cache's state stay on their
+  rank for the whole run. ``regions="follow"`` is the alternative: home tiles move with the grid, so
+  each step the region moves by the shift and a rank hands its neighbour one shift-wide strip per
+  boundary, carrying the latents and every region-shaped scheduler/cache tensor (found generically);
+  on the torus the run of home tiles is rotated to move the fewest cells. Which moves fewer bytes is
+  arithmetic (``bench/parallel.py`` counts both): a fixed boundary is straddled by a quarter tile on
+  average, for which the halo and the predictions cross it, in the model's dtype; a following
+  boundary moves by the shift, for which every state tensor crosses it in fp32 (4 with UniPC, 6 with
+  the tile cache). Counted for Wan 2.1 at 2K and 4K on 2-8 ranks, ``fixed`` moves less in every
+  case with a bf16 model or with the tile cache, which is how real runs go; with an fp32 model and
+  UniPC the two are within a point or two except on 2 ranks at 2K, and ``follow`` wins with a
+  history-free scheduler in fp32.
+* **Halos travel in the model's dtype** where the adapter's ``predict`` casts its tiles to the model's
+  dtype before any arithmetic (``ModelAdapter.tile_input_dtype``: the Wan and HunyuanVideo adapters),
+  since rounding twice to a dtype is rounding once: a bf16 model reads the same input for half the
+  bytes. Predictions travel in the model's output dtype; region state in its own (fp32).
 * **Per step, only halos move.** A tile whose window leaves its computing rank's region receives those
   cells from their owners (``batch_isend_irecv``), and its predictions for cells owned by other ranks
   go back to them the same way, per tile, so the owner blends every cell in tile order with the same
@@ -33,16 +45,17 @@ Design (why it is shaped this way)
   and, among equally loaded ranks, to the one that moves the fewest bytes.
 * **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
   prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
-  migrates with the region like the scheduler's. Its decisions need per-tile window means: each rank
-  sums its own cells of every window in float64 and an all-reduce of the ``(N + 1) x 11`` sums gives
-  every rank the same numbers, hence the same skip decision and the same report totals (the one
-  process runs the same code on sums over the whole canvas): one reduction before the forwards (the
-  decision, only on steps where the gate can skip) and one after (the gain). The decision feeds the
-  assignment, so skipped tiles are never computed and the computed ones are rebalanced. A step lasts
-  as long as its busiest rank, so ranks that would wait compute the skipped tiles with the largest
-  predicted change instead, their own first (:func:`fill_idle_slots`, ``ParallelConfig.fill_idle``):
-  whole-tile granularity leaves ``ceil(C / R)`` forwards on the busiest rank whatever is done, and
-  filling the others' slots turns that idle time into fewer reused tiles, not into imbalance.
+  stays with its cells (with ``follow`` regions it migrates with them, like the scheduler's). Its
+  decisions need per-tile window means: each rank sums its own cells of every window in float64 and
+  an all-reduce of the ``(N + 1) x 11`` sums gives every rank the same numbers, hence the same skip
+  decision and the same report totals (the one process runs the same code on sums over the whole
+  canvas): one reduction before the forwards (the decision, only on steps where the gate can skip)
+  and one after (the gain). The decision feeds the assignment, so skipped tiles are never computed
+  and the computed ones are rebalanced. A step lasts as long as its busiest rank, so ranks that
+  would wait compute the skipped tiles with the largest predicted change instead, their own first
+  (:func:`fill_idle_slots`, ``ParallelConfig.fill_idle``): whole-tile granularity leaves
+  ``ceil(C / R)`` forwards on the busiest rank whatever is done, and filling the others' slots turns that idle
+  time into fewer reused tiles, not into imbalance.
 * **Start-up and failure.** Every rank hashes its generation settings; a mismatch raises on every
   rank, naming the differing values. The process group carries a timeout, so a rank that raises or
   dies makes the others' transfers fail (non-zero exit) instead of hanging.
@@ -262,12 +275,25 @@ class Layout:
     rotation: int
 
     @classmethod
-    def at_step(cls, grid, step: int, world_size: int, previous: Layout | None = None) -> Layout:
-        return cls.build(grid.at_step(step), grid.tile, grid.canvas[1:], grid.wrap, world_size, previous)
+    def at_step(cls, grid, step: int, world_size: int, previous: Layout | None = None,
+                regions: str = "follow") -> Layout:  # fmt: skip
+        return cls.build(grid.at_step(step), grid.tile, grid.canvas[1:], grid.wrap, world_size, previous, regions)
 
     @classmethod
-    def build(cls, origins, tile_hw, canvas_hw, wrap, world_size, previous: Layout | None = None) -> Layout:
+    def build(cls, origins, tile_hw, canvas_hw, wrap, world_size, previous: Layout | None = None,
+              regions: str = "follow") -> Layout:  # fmt: skip
+        """The layout of a step whose tiles lie at ``origins``. Without ``previous`` (the first step), or
+        with ``regions="follow"``, regions are runs of home tiles (they follow the grid); with
+        ``regions="fixed"`` the cells keep ``previous``'s owners and each tile's home rank is the one
+        owning most of its window (ties to the lower rank)."""
         tile_hw, canvas_hw = tuple(tile_hw), tuple(canvas_hw)
+        if regions not in ("fixed", "follow"):
+            raise ValueError(f"`regions` must be 'fixed' or 'follow' but is {regions!r}.")
+        if regions == "fixed" and previous is not None:
+            windows = window_cells(origins, tile_hw, canvas_hw, wrap)
+            owned = torch.nn.functional.one_hot(previous.owner[windows], world_size).sum(dim=1)  # (N, world)
+            ranks = owned.argmax(dim=1)  # the first maximum: ties go to the lower rank
+            return cls(origins, tile_hw, canvas_hw, world_size, ranks, previous.owner, windows, previous.rotation)
         home = home_tiles(origins, tile_hw, canvas_hw, wrap).flatten()
         N = origins.shape[0]
         # Regions may wrap only on the torus; there, rotate the runs of home tiles to move fewest cells.
@@ -323,14 +349,17 @@ class Layout:
 
 
 def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next_layout: Layout | None = None,
-                   state_tensors: int = 1, cache_cell_bytes: int = 0,
-                   cache_reductions: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+                   state_tensors: int = 1, cache_cell_bytes: int = 0, cache_reductions: int = 0,
+                   halo_cell_bytes: int | None = None,
+                   prediction_cell_bytes: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """``(world,)`` bytes each rank sends in one step, by kind: ``inputs`` (halo cells its tiles' other
     computers read), ``predictions`` (its tiles' predictions for cells other ranks own), with
     ``next_layout`` ``migration`` (``state_tensors`` region-shaped tensors plus ``cache_cell_bytes`` of
     tile-cache state per cell changing owner, :func:`tile_cache_cell_bytes`) and ``cache_stats``
     (``cache_reductions`` all-reduces of the tile cache's window sums, :func:`window_sums_bytes`).
-    ``cell_bytes`` is one cell of one tensor (``B * C * T * element size``). The runtime moves exactly
+    ``cell_bytes`` is one cell of one latent-shaped tensor (``B * C * T * element size``);
+    ``halo_cell_bytes``/``prediction_cell_bytes`` (default ``cell_bytes``) the same in the dtypes the
+    halos and predictions travel in (:func:`_halo_dtype`, the model's dtype). The runtime moves exactly
     these (bench/parallel.py counts with this function; tests compare it with what the ranks sent)."""
     R = layout.world_size
     need = layout.needs(computer)
@@ -347,7 +376,9 @@ def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next
         moved = layout.owner != next_layout.owner
         migration = torch.bincount(layout.owner[moved], minlength=R) * (state_tensors * cell_bytes + cache_cell_bytes)
     stats = torch.full((R,), cache_reductions * window_sums_bytes(layout.num_tiles, R), dtype=torch.int64)
-    return {"inputs": inputs * cell_bytes, "predictions": predictions * cell_bytes, "migration": migration,
+    halo = cell_bytes if halo_cell_bytes is None else halo_cell_bytes
+    prediction = cell_bytes if prediction_cell_bytes is None else prediction_cell_bytes
+    return {"inputs": inputs * halo, "predictions": predictions * prediction, "migration": migration,
             "cache_stats": stats}  # fmt: skip
 
 
@@ -567,6 +598,13 @@ def _prediction_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
     return getattr(transformer, "dtype", latents.dtype)
 
 
+def _halo_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
+    """Input halos travel in the adapter's ``tile_input_dtype`` (a bf16 model's dtype for the Wan
+    adapter, whose ``predict`` casts first: the same model input for half the bytes)."""
+    choose = getattr(adapter, "tile_input_dtype", None)
+    return latents.dtype if choose is None else choose(latents.dtype)
+
+
 def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid, plan, *, generator=None,
                    progress_bar=None, cache=None) -> torch.Tensor | None:  # fmt: skip
     """Stage 2 shared by ``ctx.world_size`` ranks (same contract as :func:`supergen.stages.refine`).
@@ -593,7 +631,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     h, w = grid.tile
     weight = (blend_ramp(h, grid.overlap[0], grid.config.ramp)[:, None]
               * blend_ramp(w, grid.overlap[1], grid.config.ramp)[None, :]).flatten().to(latents.device)  # fmt: skip
-    pred_dtype = _prediction_dtype(adapter, latents)
+    pred_dtype, halo_dtype = _prediction_dtype(adapter, latents), _halo_dtype(adapter, latents)
     gather_mode = "torus" if grid.wrap else "zero"
     flat = latents.reshape(B, C, T, H * W)
 
@@ -618,7 +656,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
                     compute = fill_idle_slots(compute, priority, layout.home_rank, R, ctx.config.rebalance)
             computer = computers(layout, compute, ctx.config.rebalance)
             ctx.computed_tiles.append(torch.bincount(computer[computer >= 0], minlength=R).tolist())
-            values = _tile_predictions(ctx, adapter, layout, computer, x, t, cond, pred_dtype, gather_mode)
+            values = _tile_predictions(ctx, adapter, layout, computer, x, t, cond, pred_dtype, halo_dtype, gather_mode)
             if tile_cache is not None:
                 # a skipped tile costs no bytes: each owner rebuilds its cells' reused prediction, x + R
                 for n in (~compute).nonzero().flatten().tolist():
@@ -637,14 +675,15 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         del x_in
 
         if i + 1 < len(timesteps):
-            new = Layout.at_step(grid, i + 1, R, previous=layout)
-            refs = _region_refs([scheduler, state] + ([step_cache] if step_cache is not None else []), x)
-            if tile_cache is not None:  # named explicitly: its maps are (K,), not latent-shaped
-                refs += [(tile_cache.__dict__, k) for k in tile_cache.cell_state()]
-            moved = migrate(ctx, layout, new, [x] + [c[k] for c, k in refs])
-            x = moved[0]
-            for (c, k), v in zip(refs, moved[1:]):
-                c[k] = v
+            new = Layout.at_step(grid, i + 1, R, previous=layout, regions=ctx.config.regions)
+            if new.owner is not layout.owner:  # regions that follow the grid carry their state along
+                refs = _region_refs([scheduler, state] + ([step_cache] if step_cache is not None else []), x)
+                if tile_cache is not None:  # named explicitly: its maps are (K,), not latent-shaped
+                    refs += [(tile_cache.__dict__, k) for k in tile_cache.cell_state()]
+                moved = migrate(ctx, layout, new, [x] + [c[k] for c, k in refs])
+                x = moved[0]
+                for (c, k), v in zip(refs, moved[1:]):
+                    c[k] = v
             layout = new
         if progress_bar is not None:
             progress_bar.update()
@@ -679,9 +718,11 @@ def _all_reduce_sum(ctx: ParallelContext, t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
-def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_dtype, gather_mode) -> dict:
+def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_dtype, halo_dtype,
+                      gather_mode) -> dict:  # fmt: skip
     """``{tile: prediction at this rank's cells of its window (B, C, T, cells)}`` for every computed tile
-    covering this rank's cells (window row-major order of :meth:`Layout.output_positions`)."""
+    covering this rank's cells (window row-major order of :meth:`Layout.output_positions`). Input
+    halos travel in ``halo_dtype`` and land in the latents' dtype (:func:`_halo_dtype`)."""
     me, R = ctx.rank, ctx.world_size
     B, C, T = x.shape[:3]
     H, W = layout.canvas_hw
@@ -702,14 +743,14 @@ def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_d
         give = layout.input_cells(computer, me, q, need)
         take = layout.input_cells(computer, q, me, need)
         if give.numel():
-            sends[q] = [x[..., 0, local[give].to(device)].contiguous()]
+            sends[q] = [x[..., 0, local[give].to(device)].to(halo_dtype).contiguous()]
         if take.numel():
-            buf = x.new_empty((B, C, T, take.numel()))
+            buf = x.new_empty((B, C, T, take.numel()), dtype=halo_dtype)
             recvs[q] = [buf]
             places.append((take.to(device), buf))
     _transfer(ctx, sends, recvs, "inputs")
     for idx, buf in places:
-        scratch[..., idx] = buf
+        scratch[..., idx] = buf.to(scratch.dtype)
 
     # 2. Forwards of this rank's tiles (cut from the scratch canvas, where every cell they read is set).
     pred = None

@@ -389,6 +389,7 @@ class SuperGen:
         return {
             "rank": ctx.rank,
             "world_size": ctx.world_size,
+            "regions": ctx.config.regions,
             "computed_tiles_per_rank": ctx.computed_tiles,
             **ctx.stats.as_dict(),
         }

@@ -97,6 +97,8 @@ def tiny_case(case: dict, parallel_config):
 
     pipe = tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    if case.get("dtype"):  # a half-precision model with fp32 latents, as Wan runs in bf16
+        pipe.transformer.to(getattr(torch, case["dtype"]))
     cache = CacheConfig(**case["cache"]) if case.get("cache") else None
     sg = SuperGen(pipe, tiling=TilingConfig(**case["tiling"]), positions="canvas", parallel=parallel_config,
                   cache=cache)  # fmt: skip
@@ -123,8 +125,10 @@ def main(spec_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     rank = int(os.environ.get("RANK", "0"))
     for case in spec["cases"]:
-        # exact single-process decisions unless a case asks for idle ranks to fill their slots
-        config = ParallelConfig(timeout=spec.get("timeout", 60.0), fill_idle=case.get("fill_idle", False))
+        # exact single-process decisions unless a case asks for idle ranks to fill their slots; the
+        # default region policy unless a case names one
+        regions = {"regions": case["regions"]} if "regions" in case else {}
+        config = ParallelConfig(timeout=spec.get("timeout", 60.0), fill_idle=case.get("fill_idle", False), **regions)
         if "prompt_by_rank" in case:  # the ranks disagree: every rank must raise, naming the difference
             try:
                 tiny_case({**case, "prompt": case["prompt_by_rank"][rank]}, config)

@@ -57,11 +57,18 @@ for _case in CACHE_CASES:
     _case.update(steps=8, refine_steps=7)
     _case["cache"].update(warmup=1, max_skips=2)
 CASES += CACHE_CASES
-# The same with ParallelConfig(fill_idle=True): ranks short of the busiest one's tile count compute more.
-FILL_CASES = [dict(c, name=f"{c['name']}_fill", fill_idle=True) for c in CACHE_CASES]
+for _case in CASES:
+    _case["regions"] = "follow"  # regions move with the grid, carrying their state
+# The same with fixed regions (the default): shifted tiles straddle boundaries, no state ever moves.
+FIXED_CASES = [dict(c, name=f"{c['name']}_fixed", regions="fixed") for c in CASES]
+# The cache cases with ParallelConfig(fill_idle=True) (and the default regions): ranks short of the
+# busiest one's tile count compute more.
+FILL_CASES = [dict(c, name=f"{c['name']}_fill", fill_idle=True, regions="fixed") for c in CACHE_CASES]
 TINY = {"name": "tiny_wan", "model": "tiny", "height": 128, "width": 192, "steps": 4, "refine_steps": 3,
         "tiling": {"shift": True}}  # fmt: skip
 TINY_CACHE = dict(TINY, name="tiny_wan_budget", steps=5, refine_steps=4, cache={"mode": "budget", "warmup": 1})
+TINY_FOLLOW = dict(TINY_CACHE, name="tiny_wan_budget_follow", regions="follow")
+TINY_BF16 = dict(TINY, name="tiny_wan_bf16", dtype="bfloat16")  # bf16 model, fp32 latents
 
 
 def _free_port() -> int:
@@ -113,16 +120,17 @@ def single_process():
 def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_path):
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
-    cases = CASES + FILL_CASES + ([mismatch, TINY, TINY_CACHE] if world == 2 else [])
-    results = _wait(_launch(world, cases, tmp_path), limit=240)
+    tiny = [mismatch, TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16] if world == 2 else []
+    cases = CASES + FIXED_CASES + FILL_CASES + tiny
+    results = _wait(_launch(world, cases, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
-    for case in CASES:
+    for case in CASES + FIXED_CASES:
         got = torch.load(tmp_path / f"{case['name']}.pt")
-        want = single_process[case["name"]][0]
+        want = single_process[case["name"].removesuffix("_fixed")][0]
         assert got.shape == want.shape
         assert (got - want).abs().max().item() <= 1e-5, case["name"]
-    stats = {c["name"]: json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in CASES}
+    stats = {c["name"]: json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in CASES + FIXED_CASES}
     # aligned torus tiles never straddle a region: only the shift-wide migration strips move
     kinds = stats["torus_odd"]["exchange"]["bytes_sent_by_kind"]
     assert kinds["inputs"] == 0 and kinds["predictions"] == 0 and kinds["migration"] > 0
@@ -133,14 +141,23 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     for name in ("torus_uneven", "overlap"):
         case = next(c for c in CASES if c["name"] == name)
         assert stats[name]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(case, world, rank=1), name
+    # fixed regions: nothing ever migrates, shifted tiles straddle boundaries (halos both ways), and the
+    # geometry code predicts every byte (the scheduler's history never moves, so UniPC cases count too)
+    for case in FIXED_CASES:
+        kinds = stats[case["name"]]["exchange"]["bytes_sent_by_kind"]
+        assert kinds["migration"] == 0, case["name"]
+        if world > 1 and case["name"] in ("torus_odd_fixed", "clamp_fixed"):
+            assert kinds["inputs"] > 0 and kinds["predictions"] > 0, case["name"]
+        if "cache" not in case and "rehash" not in case:
+            assert stats[case["name"]]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(case, world, rank=1)
     # every tile computed exactly once per step; Step Rehash's reuse steps compute none
     for name in ("torus_odd", "overlap"):
         assert all(sum(step) == 9 if name == "torus_odd" else sum(step) > 0 for step in stats[name]["computed_tiles"])
     assert [sum(s) for s in stats["rehash"]["computed_tiles"]] == [9, 0, 9, 0, 9]
     # tile cache: every rank takes the single-process decisions (the same hit map, so the same report
     # totals), it really skips, nobody computes a skipped tile, and the computed ones are balanced
-    for case in CACHE_CASES:
-        name, want = case["name"], single_process[case["name"]][1].stats
+    for case in [c for c in CASES + FIXED_CASES if "cache" in c]:
+        name, want = case["name"], single_process[case["name"].removesuffix("_fixed")][1].stats
         assert want.skipped > 0, name
         for rank in range(world):
             got = json.loads((tmp_path / f"{name}.rank{rank}.json").read_text())
@@ -150,9 +167,9 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         assert stats[name]["exchange"]["bytes_sent_by_kind"]["cache_stats"] > 0
     # with the cache too, the geometry code (and so the benchmark) predicts every byte (Euler: no history)
     cache = single_process["gate_clamp"][1]
-    assert stats["gate_clamp"]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(
-        CACHE_CASES[2], world, rank=1, cache=cache
-    )
+    for case in (CACHE_CASES[2], next(c for c in FIXED_CASES if c["name"] == "gate_clamp_fixed")):
+        want = _predicted_bytes(case, world, rank=1, cache=cache)
+        assert stats[case["name"]]["exchange"]["bytes_sent_per_step"] == want, case["name"]
     assert [sum(s) for s in stats["gate_torus"]["computed_tiles"]].count(0) >= 1  # a step skipping every tile
     # idle slots filled: each step every rank computes as many tiles as the busiest (or all are computed),
     # the ranks agree on the decisions, and one process computing the same tiles gets the same latent
@@ -172,14 +189,21 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     if world > 1:
         assert added > 0  # filling really computed tiles the single process skipped
     if world == 2:
-        for case in (TINY, TINY_CACHE):  # through SuperGen, without and with the tile cache
+        # through SuperGen: without and with the tile cache, both region policies, and a bf16 model
+        for case in (TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16):
             single, report = _tiny_single_process(case)
             got = torch.load(tmp_path / f"{case['name']}.pt")
             assert (got - single).abs().max().item() <= 1e-5, case["name"]
             for rank in range(2):
                 ranks_report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
                 assert ranks_report["cache"] == report["cache"], (case["name"], rank)
-        assert report["cache"]["skipped_tile_steps"] > 0
+                assert ranks_report["regions"] == case.get("regions", "fixed"), case["name"]
+            if case is TINY_CACHE:
+                assert report["cache"]["skipped_tile_steps"] > 0
+        # a bf16 model's input halos travel in bf16: the same cells as the fp32 run, half the bytes
+        fp32, bf16 = (json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in (TINY, TINY_BF16))
+        assert fp32["bytes_sent_by_kind"]["inputs"] > 0
+        assert bf16["bytes_sent_by_kind"]["inputs"] * 2 == fp32["bytes_sent_by_kind"]["inputs"]
         # the mismatch raised on every rank before any model work, naming the differing value
         for rank in range(2):
             message = (tmp_path / f"mismatch.rank{rank}.error").read_text()
@@ -195,9 +219,9 @@ def _predicted_bytes(case: dict, world: int, rank: int, cache=None) -> list[int]
     extra = {}
     if cache is not None:
         extra["cache_cell_bytes"] = par.tile_cache_cell_bytes(cache, torch.zeros(1, 4, T, 1))
-    layout, out = par.Layout.at_step(grid, 0, world), []
+    layout, out, regions = par.Layout.at_step(grid, 0, world), [], case["regions"]
     for i in range(steps):
-        nxt = par.Layout.at_step(grid, i + 1, world, previous=layout) if i + 1 < steps else None
+        nxt = par.Layout.at_step(grid, i + 1, world, previous=layout, regions=regions) if i + 1 < steps else None
         compute = None
         if cache is not None:
             compute = torch.tensor(cache.stats.per_step[i])
@@ -281,6 +305,42 @@ def test_aligned_torus_regions_move_one_shift_strip_per_boundary():
         moved = layout.owner != new.owner
         assert torch.bincount(layout.owner[moved], minlength=3).tolist() == [24, 24, 24], step
         layout = new
+
+
+def test_fixed_regions_keep_their_cells_and_give_each_tile_to_its_majority_owner():
+    """Fixed regions: the first step's owners stay for the whole run (the same tensor, so the loop moves
+    no state); each shifted tile's home is the rank owning most of its window (ties: lower rank)."""
+    grid, first = _layout((1, 24, 24), (8, 8), {"shift": True}, 3)
+    layout = first
+    for step in range(1, grid.period + 1):
+        layout = par.Layout.at_step(grid, step, 3, previous=layout, regions="fixed")
+        assert layout.owner is first.owner
+        owned = torch.stack([torch.bincount(first.owner[w], minlength=3) for w in layout.windows])
+        best = owned.max(dim=1, keepdim=True).values
+        assert layout.home_rank.tolist() == [row.index(b) for row, b in zip(owned.tolist(), best.flatten().tolist())]
+        # a tile shifted off its region reads its neighbour's cells: a halo, both ways
+        if step % grid.period:
+            assert int(sum(par.exchange_bytes(layout, layout.home_rank, 1).values()).sum()) > 0
+    with pytest.raises(ValueError, match="`regions` must be 'fixed' or 'follow' but is 'moving'"):
+        par.Layout.at_step(grid, 1, 3, previous=first, regions="moving")
+
+
+def test_halo_dtype_is_the_models_only_where_predict_casts_first():
+    from supergen.adapters.base import cast_first_dtype
+
+    class Model:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    assert cast_first_dtype(Model(torch.bfloat16), torch.float32) == torch.bfloat16
+    assert cast_first_dtype(Model(torch.float32), torch.float32) == torch.float32
+    assert cast_first_dtype(Model(torch.bfloat16), torch.float16) == torch.float16  # not narrower: keep
+    assert cast_first_dtype(Model(torch.float64), torch.float32) == torch.float32
+
+    class Plain:  # an adapter without tile_input_dtype (the test fakes): halos in the latents' dtype
+        pass
+
+    assert par._halo_dtype(Plain(), torch.zeros(1)) == torch.float32
 
 
 def test_halo_cells_are_exactly_the_foreign_window_cells():
@@ -368,5 +428,7 @@ def test_parallel_config_validation():
         ParallelConfig(timeout=0)
     with pytest.raises(ValueError, match="`fill_idle` must be a bool but is 'yes'"):
         ParallelConfig(fill_idle="yes")
+    with pytest.raises(ValueError, match=r"`regions` must be one of \('fixed', 'follow'\) but is 'moving'"):
+        ParallelConfig(regions="moving")
     with pytest.raises(TypeError, match="`parallel` must be a ParallelConfig"):
         par.setup({"backend": "gloo"})

@@ -135,6 +135,13 @@ class ModelAdapter(ABC):
     def conditioning(self, canvas_shape: tuple[int, ...], **pipeline_kwargs) -> Conditioning:
         """Encode prompts (or take ``prompt_embeds``) and build canvas-size conditioning once."""
 
+    def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
+        """A dtype ``tiles`` may be rounded to before :meth:`predict` without changing its result (tile
+        parallelism sends input halos in it). The default keeps ``latents_dtype``; an adapter whose
+        ``predict`` casts the tiles to the transformer's dtype before any other arithmetic returns
+        :func:`cast_first_dtype` (rounding to a dtype twice is rounding once)."""
+        return latents_dtype
+
     @abstractmethod
     def predict(
         self,
@@ -150,6 +157,17 @@ class ModelAdapter(ABC):
         for ``canvas`` positions). Returns the prediction in the same layout, guidance applied, in the
         scheduler's prediction space, computing at most :attr:`max_tile_batch` tiles per forward.
         """
+
+
+def cast_first_dtype(transformer, latents_dtype: torch.dtype) -> torch.dtype:
+    """``transformer.dtype`` where it is a narrower float than ``latents_dtype`` (a bf16/fp16 model
+    with fp32 latents), else ``latents_dtype``: what :meth:`ModelAdapter.tile_input_dtype` returns for
+    adapters whose ``predict`` starts with ``tiles.to(transformer.dtype)``."""
+    model_dtype = getattr(transformer, "dtype", latents_dtype)
+    if model_dtype.is_floating_point and latents_dtype.is_floating_point:
+        if torch.finfo(model_dtype).bits < torch.finfo(latents_dtype).bits:
+            return model_dtype
+    return latents_dtype
 
 
 @contextlib.contextmanager

@@ -25,7 +25,15 @@ import inspect
 
 import torch
 
-from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter, rope_window_hook, vae_tiling
+from .base import (
+    Conditioning,
+    ModelAdapter,
+    ModelSpec,
+    cast_first_dtype,
+    register_adapter,
+    rope_window_hook,
+    vae_tiling,
+)
 
 
 def canvas_rope(rope, hidden_states: torch.Tensor, origin: tuple[int, int], canvas_hw: tuple[int, int]):
@@ -152,6 +160,9 @@ class HunyuanVideoAdapter(ModelAdapter):
         guidance = torch.full((B,), float(value("guidance_scale")), device=pipe._execution_device, dtype=dtype) * 1000.0
         extra = {"guidance": guidance, "attention_kwargs": value("attention_kwargs")}
         return Conditioning(embeds, true_cfg if embeds["uncond"] is not None else 1.0, None, extra)
+
+    def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
+        return cast_first_dtype(self.pipe.transformer, latents_dtype)  # predict's first step is that cast
 
     @torch.no_grad()
     def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:

@@ -22,7 +22,15 @@ import contextlib
 import torch
 
 from ..ops import halo_gather
-from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter, rope_window_hook, vae_tiling
+from .base import (
+    Conditioning,
+    ModelAdapter,
+    ModelSpec,
+    cast_first_dtype,
+    register_adapter,
+    rope_window_hook,
+    vae_tiling,
+)
 
 #: Wan 2.1 native sizes in pixels: 1.3B was trained at 480p (the pipeline default), the 14B T2V and
 #: I2V-720P models at 720p. The config cannot tell I2V-14B-480P from -720P (one architecture), so the
@@ -187,6 +195,9 @@ class WanAdapter(ModelAdapter):
             torch.zeros(canvas_shape, device=device), last_image,
         )  # fmt: skip
         return y, image_embeds
+
+    def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
+        return cast_first_dtype(self.pipe.transformer, latents_dtype)  # predict's first step is that cast
 
     @torch.no_grad()
     def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
