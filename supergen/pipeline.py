@@ -325,7 +325,10 @@ class SuperGen:
 
         with stage("refine"):
             # 4. The same N-step schedule as the sketch; re-noise the canvas to step N-k.
-            adapter.set_timesteps(pipe.scheduler, plan.num_inference_steps, device=clean.device)
+            adapter.set_timesteps(
+                pipe.scheduler, plan.num_inference_steps, device=clean.device,
+                sketch_shape=(plan.latent_frames, *plan.sketch_latent),
+            )  # fmt: skip
             if len(pipe.scheduler.timesteps) != plan.num_inference_steps:
                 raise ValueError(
                     f"scheduler {type(pipe.scheduler).__name__} makes {len(pipe.scheduler.timesteps)} timesteps "

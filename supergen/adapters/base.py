@@ -7,7 +7,7 @@ two calls), image conditioning built at canvas size and cropped with each tile's
 positions each tile sees (``local``: the model's own; ``canvas``: the tile's absolute place on the
 canvas, so objects are not repeated per tile).
 
-Adding a family (HunyuanVideo, LTX-Video, ...) is one new file: subclass :class:`ModelAdapter`,
+Adding a family (as HunyuanVideo and LTX-Video were) is one new file: subclass :class:`ModelAdapter`,
 fill in :class:`ModelSpec`, implement the abstract methods and decorate the class with
 :func:`register_adapter` naming the transformer classes it serves.
 """
@@ -114,10 +114,12 @@ class ModelAdapter(ABC):
         """
         self.step_context = {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
 
-    def set_timesteps(self, scheduler, num_inference_steps: int, device=None) -> None:
+    def set_timesteps(self, scheduler, num_inference_steps: int, device=None, sketch_shape=None) -> None:
         """Give ``scheduler`` the N-step schedule the family's pipeline uses (stage 2 continues it).
 
         The default is the scheduler's own spacing; pipelines that pass explicit sigmas override it.
+        ``sketch_shape``: the sketch's latent ``(T, h, w)``, for families whose pipeline shifts the
+        schedule by the sequence length it generates (LTX-Video).
         """
         scheduler.set_timesteps(num_inference_steps, device=device)
 
@@ -157,6 +159,15 @@ class ModelAdapter(ABC):
         for ``canvas`` positions). Returns the prediction in the same layout, guidance applied, in the
         scheduler's prediction space, computing at most :attr:`max_tile_batch` tiles per forward.
         """
+
+
+def call_default_latent(pipe, spatial_scale: int) -> tuple[int, int]:
+    """The pipeline's default ``height``/``width`` in latent cells: the size its model is made for (the
+    native tile of families whose pipelines say it only there)."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    return params["height"].default // spatial_scale, params["width"].default // spatial_scale
 
 
 def cast_first_dtype(transformer, latents_dtype: torch.dtype) -> torch.dtype:
@@ -234,7 +245,7 @@ def supported_transformers() -> tuple[str, ...]:
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for module in ("wan", "cogvideox", "hunyuan_video"):
+    for module in ("wan", "cogvideox", "hunyuan_video", "ltx_video"):
         try:
             importlib.import_module(f"{__package__}.{module}")
         except ModuleNotFoundError as e:

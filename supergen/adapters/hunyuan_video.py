@@ -29,6 +29,7 @@ from .base import (
     Conditioning,
     ModelAdapter,
     ModelSpec,
+    call_default_latent,
     cast_first_dtype,
     register_adapter,
     rope_window_hook,
@@ -72,14 +73,13 @@ class HunyuanVideoAdapter(ModelAdapter):
                 f"HunyuanVideo image-to-video (`image_condition_type={config.image_condition_type!r}`) is not "
                 "supported yet; use the text-to-video model."
             )
-        defaults = inspect.signature(pipe.__call__).parameters
         s = pipe.vae_scale_factor_spatial
         self.spec = ModelSpec(
             family="hunyuan_video",
             patch=(config.patch_size_t, config.patch_size, config.patch_size),
             vae_scale=(pipe.vae_scale_factor_temporal, s),
             latent_channels=config.out_channels,
-            native_latent=(defaults["height"].default // s, defaults["width"].default // s),
+            native_latent=call_default_latent(pipe, s),
             prediction="flow",
         )
         self.step_context: dict = {}
@@ -95,7 +95,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         kwargs = dict(height=height, width=width, num_frames=num_frames, output_type="latent", return_dict=False)
         return self.pipe(**kwargs, **pipeline_kwargs)[0]
 
-    def set_timesteps(self, scheduler, num_inference_steps: int, device=None) -> None:
+    def set_timesteps(self, scheduler, num_inference_steps: int, device=None, sketch_shape=None) -> None:
         """The pipeline's N-step schedule: explicit sigmas ``linspace(1, 0, N + 1)[:-1]`` (shifted by the
         scheduler), not the scheduler's default spacing; stage 2 must continue this very schedule."""
         import numpy as np
