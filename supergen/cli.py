@@ -102,6 +102,16 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="where the sketch is upscaled")
     g.add_argument("--sketch-size", default=None, help="stage-1 size H,W in pixels (default: native)")
     g.add_argument(
+        "--reshift-steps",
+        type=int,
+        default=None,
+        help="noise reshifting of the sketch: run only the first K steps at the sketch size, the rest at "
+        "--reshift-scale of it (off by default)",
+    )
+    g.add_argument(
+        "--reshift-scale", type=float, default=None, help="with --reshift-steps: the lower size per side (default 0.5)"
+    )
+    g.add_argument(
         "--cache",
         default="off",
         help="tile cache: off, gate, budget:F (fraction of tiles computed per step) or rehash:G (Step Rehash: "
@@ -281,6 +291,7 @@ def _check_generate_args(args) -> dict:
     from .cache import CacheConfig
 
     cache = CacheConfig.parse(args.cache, args.cache_threshold)
+    reshift = _reshift(args, model["steps"])
     return {
         "kind": kind,
         "folder": folder,
@@ -293,7 +304,24 @@ def _check_generate_args(args) -> dict:
         "tile": tile,
         "overlap": _pixel_pair("--overlap", args.overlap),
         "sketch": _pixel_pair("--sketch-size", args.sketch_size),
+        "reshift": reshift,
     }
+
+
+def _reshift(args, steps: int):
+    """``--reshift-steps``/``--reshift-scale`` as a :class:`ReshiftConfig` (``None`` when off), checked."""
+    from .config import ReshiftConfig
+
+    if args.reshift_steps is None:
+        if args.reshift_scale is not None:
+            raise ValueError("`--reshift-scale` needs `--reshift-steps` (the steps run at the sketch size).")
+        return None
+    if not 1 <= args.reshift_steps < steps:
+        raise ValueError(f"`--reshift-steps` must be in [1, --steps={steps}) but is {args.reshift_steps}.")
+    scale = 0.5 if args.reshift_scale is None else args.reshift_scale
+    if not 0 < scale < 1:
+        raise ValueError(f"`--reshift-scale` must be in (0, 1) but is {scale}.")
+    return ReshiftConfig(native_steps=args.reshift_steps, scale=scale)
 
 
 def _latent_cells(flag: str, pixels: tuple[int, int] | None, scale: int, multiple: int) -> tuple[int, int] | None:
@@ -401,8 +429,9 @@ def run_generate(args) -> int:
     # The sketch size is the model's native size: it also sets the default tile.
     sketch = settings["sketch"] or probe.native_size
     sg = SuperGen(
-        pipe, tiling=tiling, positions=args.positions, native_size=sketch, cache=settings["cache"], parallel=parallel
-    )
+        pipe, tiling=tiling, positions=args.positions, native_size=sketch, cache=settings["cache"], parallel=parallel,
+        reshift=settings["reshift"],
+    )  # fmt: skip
     call = dict(
         prompt=settings["prompt"],
         negative_prompt=args.negative_prompt,

@@ -118,6 +118,32 @@ class ParallelConfig:
                 raise ValueError(f"`{name}` must be a bool but is {getattr(self, name)!r}.")
 
 
+@dataclass(frozen=True)
+class ReshiftConfig:
+    """Noise reshifting of the sketch (stage 1, after SURF's preview stage): the layout is decided at the
+    native size, the rest of the sketch is generated at a lower size.
+
+    The stock pipeline runs the first ``native_steps`` of the N steps at the native size; the model's
+    clean estimate at that step is area-averaged down by ``scale`` per side (latent cells, rounded to the
+    model's patch), re-noised to the same step with fresh noise, and the remaining ``N - native_steps``
+    steps denoise it at that size. Stage 2 upscales this smaller sketch like any other.
+
+    Attributes:
+        native_steps: steps run at the native size, in ``[1, N)`` (checked against N per call).
+        scale: the lower size per side as a fraction of the native size, in ``(0, 1)``.
+    """
+
+    native_steps: int
+    scale: float = 0.5
+
+    def __post_init__(self):
+        if not isinstance(self.native_steps, int) or isinstance(self.native_steps, bool) or self.native_steps < 1:
+            raise ValueError(f"`native_steps` must be an int >= 1 but is {self.native_steps!r}.")
+        ok = isinstance(self.scale, int | float) and not isinstance(self.scale, bool) and 0 < self.scale < 1
+        if not ok:
+            raise ValueError(f"`scale` must be a number in (0, 1) but is {self.scale!r}.")
+
+
 #: Share of the N steps that stage 2 refines when the caller gives no ``refine_steps`` (the Wan port of
 #: the method uses 0.7); a model folder's ``supergen.json`` may set its own ``refine_fraction``.
 REFINE_FRACTION = 0.7

@@ -20,7 +20,7 @@ import torch
 from .adapters.base import POSITIONS, adapter_for
 from .config import REFINE_FRACTION, TilingConfig, default_refine_steps
 from .metrics import StageTimer, seam_score
-from .stages import check_inputs, refine, sketch
+from .stages import check_inputs, refine, reshift_latent, reshifted_sketch, sketch
 from .upscale import renoise, scheduler_family, upscale_latents
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -72,6 +72,8 @@ class SuperGen:
             residual; without a ``rehash_similarity`` map each call first runs a calibration pass
             (reported as the stage ``calibrate``, not counted in ``refine``), whose map the report
             returns (``report["cache"]["similarity"]``) for reuse.
+        reshift: a :class:`supergen.config.ReshiftConfig` for noise reshifting of the sketch (its first
+            ``native_steps`` at the native size, the rest at ``scale`` of it per side); ``None`` = off.
         parallel: a :class:`supergen.config.ParallelConfig` to share stage 2 across the processes of a
             ``torchrun`` launch (:mod:`supergen.parallel`); with one process (``WORLD_SIZE`` unset or 1)
             it changes nothing. Every rank runs the sketch itself; rank 0 gets the video, the other
@@ -88,6 +90,7 @@ class SuperGen:
         native_size: tuple[int, int] | None = None,
         max_tile_batch: int = 1,
         adapter_options: dict | None = None,
+        reshift=None,
     ):
         if parallel is not None:
             from .config import ParallelConfig
@@ -95,6 +98,12 @@ class SuperGen:
             if not isinstance(parallel, ParallelConfig):
                 raise TypeError(f"`parallel` must be a ParallelConfig or None but is {type(parallel).__name__}.")
         self.parallel = parallel
+        if reshift is not None:
+            from .config import ReshiftConfig
+
+            if not isinstance(reshift, ReshiftConfig):
+                raise TypeError(f"`reshift` must be a ReshiftConfig or None but is {type(reshift).__name__}.")
+        self.reshift = reshift
         if cache is not None:
             from .cache import CacheConfig, check_model_caches
 
@@ -181,6 +190,11 @@ class SuperGen:
         )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} but is {output_type!r}.")
+        reshifted_hw = None
+        if self.reshift is not None:
+            if sketch_latents is not None:
+                raise ValueError("`sketch_latents` is a ready sketch; noise reshifting applies to a generated one.")
+            reshifted_hw = reshift_latent(adapter.spec, plan, self.reshift)
         rehash = self.cache is not None and self.cache.mode == "rehash"
         similarity = self.cache.rehash_similarity if rehash else None
         ctx = self._parallel_context(plan, grid, prompt, negative_prompt, guidance_scale, upscale, generator,
@@ -283,6 +297,7 @@ class SuperGen:
             "sizes": {
                 "frames": plan.num_frames,
                 "sketch": list(plan.sketch_hw),
+                "sketch_reshift": self._reshift_report(plan, reshifted_hw),
                 "target": list(plan.target_hw),
                 "sketch_latent": [plan.latent_frames, *plan.sketch_latent],
                 "canvas_latent": [plan.latent_frames, *plan.canvas_latent],
@@ -317,7 +332,11 @@ class SuperGen:
 
         # 2. Stage 1: sketch at the native size with the stock pipeline.
         with stage("sketch"):
-            low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+            if self.reshift is not None:
+                low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator, **text,
+                                       **pipeline_kwargs)  # fmt: skip
+            else:
+                low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
 
         # 3. Upscale the sketch to the canvas (pixel space by default).
         with stage("upscale"):
@@ -381,9 +400,19 @@ class SuperGen:
             "scheduler": {"class": type(self.pipe.scheduler).__name__,
                           **{k: v for k, v in self.pipe.scheduler.config.items() if not k.startswith("_")}},
             "parallel": repr(self.parallel),
+            "reshift": repr(self.reshift),
         }  # fmt: skip
         check_same_config(ctx, settings)
         return ctx
+
+    def _reshift_report(self, plan, reshifted_hw) -> dict | None:
+        if reshifted_hw is None:
+            return None
+        return {
+            "native_steps": self.reshift.native_steps,
+            "scale": self.reshift.scale,
+            "latent": [plan.latent_frames, *reshifted_hw],
+        }
 
     @staticmethod
     def _parallel_report(ctx) -> dict | None:

@@ -1,27 +1,30 @@
 """The two stages of SuperGen, written as the method reads.
 
-Stage 1 (:func:`sketch`) is the stock pipeline at the model's native size. Between the stages the
-sketch is upscaled in pixel space and re-noised to step N−k of the same N-step schedule
-(:mod:`supergen.upscale`). Stage 2 (:func:`refine`) denoises the canvas for the last k steps: at each
-step the tile grid is placed (shifted every step, or overlapping with blend ramps), every tile is a
-native-size forward of the same model, the tile predictions are fused into one canvas prediction and
-the scheduler takes ONE step on the whole canvas — one trajectory, so multistep schedulers work
-unchanged. Model quirks live in the adapter; nothing here branches on the model family.
+Stage 1 (:func:`sketch`) is the stock pipeline at the model's native size (or, with noise
+reshifting, :func:`reshifted_sketch`: its first steps at the native size, the rest at a lower one).
+Between the stages the sketch is upscaled in pixel space and re-noised to step N−k of the same
+N-step schedule (:mod:`supergen.upscale`). Stage 2 (:func:`refine`) denoises the canvas for the last
+k steps: at each step the tile grid is placed (shifted every step, or overlapping with blend ramps),
+every tile is a native-size forward of the same model, the tile predictions are fused into one
+canvas prediction and the scheduler takes ONE step on the whole canvas — one trajectory, so
+multistep schedulers work unchanged. Model quirks live in the adapter; nothing here branches on the
+model family.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from .adapters.base import Conditioning, ModelAdapter, ModelSpec
 from .cache import StepRehash
-from .config import TilingConfig
+from .config import ReshiftConfig, TilingConfig
 from .ops import blend_scatter, halo_gather
 from .tiling import TileGrid
-from .upscale import UPSCALE_MODES
+from .upscale import UPSCALE_MODES, clean_estimate, renoise
 
 #: Tensors ``callback_on_step_end`` may see (and replace: only ``latents`` is read back).
 CALLBACK_TENSOR_INPUTS = ("latents", "noise_pred", "origins")
@@ -134,6 +137,70 @@ def sketch(adapter: ModelAdapter, plan: Plan, latents: torch.Tensor | None = Non
         return latents
     h, w = plan.sketch_hw
     return adapter.sketch(h, w, plan.num_frames, num_inference_steps=plan.num_inference_steps, **pipeline_kwargs)
+
+
+def reshift_latent(spec: ModelSpec, plan: Plan, reshift: ReshiftConfig) -> tuple[int, int]:
+    """The lower sketch size of noise reshifting, in latent cells: the sketch's times ``reshift.scale``,
+    rounded to the model's patch; raises ``ValueError`` (before any model work) when the reshift cannot
+    apply to this plan."""
+    N, K = plan.num_inference_steps, reshift.native_steps
+    if K >= N:
+        raise ValueError(f"`reshift.native_steps` must be in [1, num_inference_steps={N}) but is {K}.")
+    if spec.prediction not in ("flow", "v", "epsilon"):
+        raise ValueError(f"noise reshifting needs a model predicting flow, v or epsilon, not {spec.prediction!r}.")
+    low = tuple(max(p, round(size * reshift.scale / p) * p) for size, p in zip(plan.sketch_latent, spec.patch[1:]))
+    if low == tuple(plan.sketch_latent):
+        raise ValueError(
+            f"`reshift.scale` {reshift.scale} leaves the sketch at its own size ({plan.sketch_latent[0]}x"
+            f"{plan.sketch_latent[1]} latent cells, patch {spec.patch[1]}x{spec.patch[2]}); use a smaller scale."
+        )
+    return low
+
+
+def reshifted_sketch(adapter: ModelAdapter, plan: Plan, reshift: ReshiftConfig, scheduler, *,
+                     generator: torch.Generator | None = None, **pipeline_kwargs) -> torch.Tensor:  # fmt: skip
+    """Stage 1 with noise reshifting (:class:`supergen.config.ReshiftConfig`): the sketch latent
+    ``(B, C, T, h', w')`` at the lower size :func:`reshift_latent`.
+
+    1. The stock pipeline runs the first K steps at the native size and stops (diffusers' documented
+       early stop: a step-end callback sets the pipeline's ``_interrupt``), returning the latent at step K.
+    2. One native forward at step K (the one the pipeline would run next) gives the clean estimate.
+    3. The estimate is area-averaged down to the lower size and re-noised to step K with fresh noise
+       from ``generator`` (the same formula as stage 2's re-noise).
+    4. The remaining N − K steps run at the lower size in supergen's loop with one tile covering the
+       canvas, which is the family's own denoising loop (tested per family), on the same N-step schedule.
+    """
+    K, N = reshift.native_steps, plan.num_inference_steps
+    low_hw = reshift_latent(adapter.spec, plan, reshift)
+
+    def stop_after_native_steps(pipe, i, t, tensors):
+        if i == K - 1:
+            pipe._interrupt = True
+        return {}
+
+    h, w = plan.sketch_hw
+    latents = adapter.sketch(
+        h, w, plan.num_frames, num_inference_steps=N, generator=generator,
+        callback_on_step_end=stop_after_native_steps, callback_on_step_end_tensor_inputs=["latents"],
+        **pipeline_kwargs,
+    )  # fmt: skip
+
+    adapter.set_timesteps(scheduler, N, device=latents.device, sketch_shape=(plan.latent_frames, *plan.sketch_latent))
+    cond = adapter.conditioning(tuple(latents.shape), num_frames=plan.num_frames, **pipeline_kwargs)
+    t = scheduler.timesteps[K]
+    sigmas = getattr(scheduler, "sigmas", None)
+    adapter.begin_step(K, t, float(sigmas[K]) if sigmas is not None else None, N)
+    native_hw = tuple(latents.shape[-2:])
+    pred = adapter.predict(latents, t, cond, torch.zeros(1, 2, dtype=torch.int64), native_hw)
+    x0 = clean_estimate(scheduler, adapter.spec.prediction, latents, pred, K)
+
+    B, C, T = x0.shape[:3]
+    small = F.interpolate(x0.reshape(B, C * T, *native_hw), size=low_hw, mode="area").reshape(B, C, T, *low_hw)
+    noisy = renoise(scheduler, small, K, generator)
+
+    grid = TileGrid((T, *low_hw), TilingConfig(tile=low_hw, shift=False), multiple=adapter.spec.patch[1:])
+    low_plan = replace(plan, canvas_latent=low_hw, refine_steps=N - K)
+    return refine(adapter, scheduler, noisy, cond, grid, low_plan, generator=generator)
 
 
 def refine(

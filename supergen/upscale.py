@@ -81,3 +81,25 @@ def renoise(scheduler, x0: torch.Tensor, begin_index: int, generator: torch.Gene
     t = int(scheduler.timesteps[begin_index])
     alpha_bar = scheduler.alphas_cumprod[t].to(x0.device, torch.float32)
     return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
+
+
+def clean_estimate(scheduler, prediction: str, latents: torch.Tensor, model_output: torch.Tensor,
+                   index: int) -> torch.Tensor:  # fmt: skip
+    """The model's estimate of the clean latent at step ``index`` of the scheduler's current schedule,
+    from the noisy ``latents`` and the guided ``model_output`` (``prediction``: what the model predicts,
+    :attr:`supergen.adapters.base.ModelSpec.prediction`); fp32. The inverse of :func:`renoise` with the
+    noise the model sees:
+
+    * ``flow`` (velocity ``ε − x0``): ``x0 = x − σ·v``;
+    * ``v``: ``x0 = sqrt(ᾱ_t)·x − sqrt(1 − ᾱ_t)·v``; ``epsilon``: ``x0 = (x − sqrt(1 − ᾱ_t)·ε) / sqrt(ᾱ_t)``.
+    """
+    x, out = latents.float(), model_output.float()
+    if prediction == "flow":
+        sigma = scheduler.sigmas[index].to(x.device, torch.float32)
+        return x - sigma * out
+    if prediction not in ("v", "epsilon"):
+        raise ValueError(f"`prediction` must be 'flow', 'v' or 'epsilon' but is {prediction!r}.")
+    alpha_bar = scheduler.alphas_cumprod[int(scheduler.timesteps[index])].to(x.device, torch.float32)
+    if prediction == "v":
+        return alpha_bar.sqrt() * x - (1.0 - alpha_bar).sqrt() * out
+    return (x - (1.0 - alpha_bar).sqrt() * out) / alpha_bar.sqrt()

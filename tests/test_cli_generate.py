@@ -170,6 +170,10 @@ BAD = [
     (lambda p: ["--report", str(p / "r.txt")], "`--report` must end in .json"),
     (lambda p: ["--cache", "sometimes"], "`--cache` must be off, gate, budget:F or rehash:G"),
     (lambda p: ["--cache", "rehash:1.5"], "`rehash_gamma` must be in \\(0, 1\\]"),
+    (lambda p: ["--steps", "4", "--reshift-steps", "4"], "`--reshift-steps` must be in \\[1, --steps=4\\) but is 4"),
+    (lambda p: ["--reshift-steps", "2", "--reshift-scale", "1.5"], "`--reshift-scale` must be in \\(0, 1\\)"),
+    (lambda p: ["--reshift-scale", "0.5"], "`--reshift-scale` needs `--reshift-steps`"),
+    (lambda p: ["--reshift-steps", "2", "--reshift-scale", "0.95"], "`reshift.scale` 0.95 leaves the sketch"),
 ]
 
 
@@ -210,3 +214,13 @@ def test_step_rehash_from_the_command_line(tmp_path, capsys):
     assert len(cache["key_steps"]) == 5 and cache["key_steps"][0] and cache["key_steps"][-1]
     assert len(cache["similarity"]) == 5 and "calibrate" in data["seconds"]
     assert "calibrate s" in capsys.readouterr().out
+
+
+def test_noise_reshifting_from_the_command_line(tmp_path):
+    """`--reshift-steps K --reshift-scale S`: the report names the lower sketch the refinement started from."""
+    report = tmp_path / "r.json"
+    argv = ["generate", *SMALL, "--steps", "4", "--reshift-steps", "2", "--reshift-scale", "0.5"]
+    assert main([*argv, "--out", str(tmp_path / "r.mp4"), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["sizes"]["sketch_reshift"] == {"native_steps": 2, "scale": 0.5, "latent": [2, 4, 4]}
+    assert data["sizes"]["target"] == [96, 64]
