@@ -291,7 +291,9 @@ class Layout:
             raise ValueError(f"`regions` must be 'fixed' or 'follow' but is {regions!r}.")
         if regions == "fixed" and previous is not None:
             windows = window_cells(origins, tile_hw, canvas_hw, wrap)
-            owned = torch.nn.functional.one_hot(previous.owner[windows], world_size).sum(dim=1)  # (N, world)
+            N = origins.shape[0]
+            flat = previous.owner[windows] + world_size * torch.arange(N)[:, None]  # (tile, owner) pairs
+            owned = torch.bincount(flat.flatten(), minlength=N * world_size).view(N, world_size)
             ranks = owned.argmax(dim=1)  # the first maximum: ties go to the lower rank
             return cls(origins, tile_hw, canvas_hw, world_size, ranks, previous.owner, windows, previous.rotation)
         home = home_tiles(origins, tile_hw, canvas_hw, wrap).flatten()

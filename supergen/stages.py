@@ -198,9 +198,11 @@ def reshifted_sketch(adapter: ModelAdapter, plan: Plan, reshift: ReshiftConfig, 
     small = F.interpolate(x0.reshape(B, C * T, *native_hw), size=low_hw, mode="area").reshape(B, C, T, *low_hw)
     noisy = renoise(scheduler, small, K, generator)
 
+    # Conditioning of the lower size: canvas-size inputs (image-to-video's first frame) are built for it.
+    low_cond = adapter.conditioning(tuple(noisy.shape), num_frames=plan.num_frames, **pipeline_kwargs)
     grid = TileGrid((T, *low_hw), TilingConfig(tile=low_hw, shift=False), multiple=adapter.spec.patch[1:])
     low_plan = replace(plan, canvas_latent=low_hw, refine_steps=N - K)
-    return refine(adapter, scheduler, noisy, cond, grid, low_plan, generator=generator)
+    return refine(adapter, scheduler, noisy, low_cond, grid, low_plan, generator=generator)
 
 
 def refine(

@@ -140,3 +140,21 @@ def test_supergen_with_reshift_is_deterministic_and_reports_it(pipe):
     assert a.latents.shape == plain.latents.shape == (1, 16, 3, 16, 16)
     assert a.report["sizes"]["sketch_reshift"] == {"native_steps": 3, "scale": 0.5, "latent": [3, 4, 4]}
     assert plain.report["sizes"]["sketch_reshift"] is None
+
+
+def test_image_to_video_conditions_the_lower_size_on_its_own_first_frame(monkeypatch):
+    """The continuation's canvas-size inputs (the encoded first frame and mask) are built at the lower size."""
+    i2v = tiny_wan_pipeline(image_to_video=True)
+    i2v.set_progress_bar_config(disable=True)
+    shapes, real_refine = [], stages.refine
+
+    def rest(adapter, scheduler, latents, cond, grid, plan, **kw):
+        shapes.append((tuple(latents.shape[-2:]), tuple(cond.canvas_extra.shape[-2:])))
+        return real_refine(adapter, scheduler, latents, cond, grid, plan, **kw)
+
+    monkeypatch.setattr(stages, "refine", rest)
+    sg = SuperGen(i2v, reshift=ReshiftConfig(native_steps=2, scale=0.5))
+    image = torch.rand(1, 3, 64, 64)
+    out = sg(**CALL, image=image, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert shapes[0] == ((4, 4), (4, 4))  # the reshifted sketch's rest, then stage 2 on the canvas
+    assert out.latents.shape == (1, 16, 3, 16, 16) and torch.isfinite(out.latents).all()

@@ -312,6 +312,13 @@ def test_supergen_is_family_agnostic_cogvideox(patch_size_t):
     assert torch.equal(a.latents, b.latents) and a.latents.shape == (1, 4, 3, 16, 16)
     assert a.report["model"]["family"] == "cogvideox" and a.report["model"]["scheduler_family"] == "ddpm"
     assert a.report["tiling"]["tiles_per_step"] == 4
+    # noise reshifting with a v-prediction model: the clean estimate inverts the DDIM re-noise
+    from supergen.config import ReshiftConfig
+
+    reshifted = SuperGen(cog, native_size=(32, 32), reshift=ReshiftConfig(native_steps=1, scale=0.5))
+    c = reshifted(generator=torch.Generator().manual_seed(2), output_type="latent", **kw)
+    assert c.latents.shape == a.latents.shape and torch.isfinite(c.latents).all()
+    assert c.report["sizes"]["sketch_reshift"]["latent"] == [3, 4, 4]
 
 
 def test_tile_cache_off_changes_nothing_and_budget_computes_its_share(pipe, monkeypatch):
