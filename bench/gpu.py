@@ -5,7 +5,9 @@
 1. the CUDA runs of the kernel and op tests (the compiled kernels, not the interpreter) →
    ``bench/results/cuda_tests_<device>.json`` (pytest's summary line and any failures);
 2. ``bench/kernels.py`` → ``bench/results/kernels_<device>.json``;
-3. ``bench/e2e.py --device cuda`` (the full-size Wan 2.1 1.3B transformer at 480p tiles) →
+3. ``bench/reshift.py --device cuda --cases 0``: stage 1 with and without noise reshifting on the same
+   full-size transformer (about a minute) → ``bench/results/reshift_<device>.json``;
+4. ``bench/e2e.py --device cuda`` (the full-size Wan 2.1 1.3B transformer at 480p tiles) →
    ``bench/results/e2e_<device>.json``.
 
 About 15 minutes on an H100. Each step runs in its own process; a failing step is reported and the
@@ -64,7 +66,10 @@ def main(argv=None) -> int:
     failed = []
     if not args.skip_tests and run_tests() != 0:
         failed.append("tests")
-    steps = [("kernels", [sys.executable, "bench/kernels.py"])]
+    steps = [
+        ("kernels", [sys.executable, "bench/kernels.py"]),
+        ("reshift", [sys.executable, "bench/reshift.py", "--device", "cuda", "--cases", "0"]),
+    ]
     if not args.skip_e2e:
         steps.append(("e2e", [sys.executable, "bench/e2e.py", "--device", "cuda"]))
     for name, command in steps:
