@@ -116,7 +116,8 @@ def simulated_compute(layout, step: int) -> tuple[torch.Tensor, torch.Tensor | N
 
 def layouts_for(grid, world: int, regions: str) -> list:
     """The runtime's layout of every refinement step under ``regions`` (``ParallelConfig.regions``)."""
-    layouts = [par.Layout.at_step(grid, 0, world)]
+    first = par.Layout.fixed(grid, world, REFINE_STEPS) if regions == "fixed" else par.Layout.at_step(grid, 0, world)
+    layouts = [first]
     for i in range(1, REFINE_STEPS):
         layouts.append(par.Layout.at_step(grid, i, world, previous=layouts[-1], regions=regions))
     return layouts

@@ -89,9 +89,10 @@ class ParallelConfig:
             predicts to change most instead (their own tiles first), up to the busiest rank's count.
             The step takes no longer and reuses less. ``False``: exactly the single-process decisions
             (the final latent then equals the one-process run's).
-        regions: ``fixed``: each rank keeps the region it owns at the first refinement step, and tiles
-            that the shifted grid moves across a region boundary take their input halo from, and send
-            their predictions back to, the neighbour; no scheduler or cache state ever moves.
+        regions: ``fixed``: each rank keeps one region for the whole run (of a few balanced partitions,
+            the one whose halos are fewest over the run), and tiles that the shifted grid moves across
+            a region boundary take their input halo from, and send their predictions back to, the
+            neighbour; no scheduler or cache state ever moves.
             ``follow``: regions move with the grid so that no shifted tile straddles a boundary, and
             each step the strip that changes owner carries its latents, the scheduler's multistep
             history and the cache's state along. ``fixed`` moves fewer bytes wherever that state is

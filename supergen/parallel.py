@@ -16,8 +16,10 @@ Design (why it is shaped this way)
   staircase of a tile run that ends mid-row, overlapping and clamped windows — with one indexing
   rule, which is what lets every grid mode and every rank count share one code path.
 * **Regions stay where they are (``ParallelConfig.regions="fixed"``, the default).** Each rank keeps
-  the cells it owns at the first refinement step; a tile the shifted grid moves across a boundary is
-  computed by the rank owning most of it, with the rest of its window as halo. Nothing else moves:
+  one region for the whole run, chosen before the loop among a few balanced partitions (runs of home
+  tiles, bands, blocks: :func:`fixed_owner`) as the one whose counted halos are fewest over the run's
+  grid placements; a tile the shifted grid moves across a boundary is computed by the rank owning most
+  of it, with the rest of its window as halo. Nothing else moves:
   the scheduler's multistep history, a Step Rehash residual and the tile cache's state stay on their
   rank for the whole run. ``regions="follow"`` is the alternative: home tiles move with the grid, so
   each step the region moves by the shift and a rank hands its neighbour one shift-wide strip per
@@ -254,6 +256,46 @@ def window_cells(origins: torch.Tensor, tile_hw, canvas_hw, wrap: bool) -> torch
     return (rows[:, :, None] * W + cols[:, None, :]).reshape(origins.shape[0], h * w)
 
 
+def _owned_counts(owner: torch.Tensor, windows: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``(N, world)`` cells of each window owned by each rank."""
+    N = windows.shape[0]
+    pairs = owner[windows] + world_size * torch.arange(N)[:, None]  # (tile, owner) as one index
+    return torch.bincount(pairs.flatten(), minlength=N * world_size).view(N, world_size)
+
+
+def fixed_owner(grid, world_size: int, steps: int, rebalance: bool = True) -> torch.Tensor:
+    """``(H * W,)`` owner of each cell for regions that stay fixed over a run of ``steps`` grid placements.
+
+    Candidates, each a balanced partition: runs of the first step's home tiles in row-major order (the
+    regions ``follow`` starts from) and in column-major order, bands of rows, bands of columns, and
+    blocks of ``r x c`` with ``r * c == world_size``. Chosen: the one under which the busiest rank sends
+    the fewest cells (:func:`exchange_bytes` with every tile computed and assigned as the run assigns
+    them, ``rebalance``), summed over the steps; ties to the earlier candidate. Deterministic, so every
+    rank picks the same."""
+    _, H, W = grid.canvas
+    R = world_size
+    first = grid.at_step(0)
+    N = first.shape[0]
+    home = home_tiles(first, grid.tile, (H, W), grid.wrap).flatten()
+    rows = torch.arange(H).repeat_interleave(W)
+    cols = torch.arange(W).repeat(H)
+    nx = len(set(first[:, 1].tolist()))  # the first step's tiles are row-major over a full product grid
+    n = torch.arange(N)
+    column_major = (n % nx) * (N // nx) + n // nx
+    candidates = [home_ranks(N, R)[home], (column_major * R // N)[home], rows * R // H, cols * R // W]
+    candidates += [(rows * r // H) * (R // r) + cols * (R // r) // W for r in range(2, R) if R % r == 0]
+    placements = [grid.at_step(i) for i in range(steps)]
+    best, best_cost = None, None
+    for owner in candidates:
+        cost = 0
+        for origins in placements:
+            layout = Layout.with_owner(origins, grid.tile, (H, W), grid.wrap, R, owner)
+            cost += int(sum(exchange_bytes(layout, computers(layout, None, rebalance), 1).values()).max())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = owner, cost
+    return best
+
+
 def home_ranks(num_tiles: int, world_size: int, rotation: int = 0) -> torch.Tensor:
     """``(N,)`` home rank of each tile: contiguous runs of the row-major order started at ``rotation``,
     balanced by count (sizes differ by at most one; with more ranks than tiles some ranks own none)."""
@@ -290,12 +332,7 @@ class Layout:
         if regions not in ("fixed", "follow"):
             raise ValueError(f"`regions` must be 'fixed' or 'follow' but is {regions!r}.")
         if regions == "fixed" and previous is not None:
-            windows = window_cells(origins, tile_hw, canvas_hw, wrap)
-            N = origins.shape[0]
-            flat = previous.owner[windows] + world_size * torch.arange(N)[:, None]  # (tile, owner) pairs
-            owned = torch.bincount(flat.flatten(), minlength=N * world_size).view(N, world_size)
-            ranks = owned.argmax(dim=1)  # the first maximum: ties go to the lower rank
-            return cls(origins, tile_hw, canvas_hw, world_size, ranks, previous.owner, windows, previous.rotation)
+            return cls.with_owner(origins, tile_hw, canvas_hw, wrap, world_size, previous.owner, previous.rotation)
         home = home_tiles(origins, tile_hw, canvas_hw, wrap).flatten()
         N = origins.shape[0]
         # Regions may wrap only on the torus; there, rotate the runs of home tiles to move fewest cells.
@@ -310,6 +347,21 @@ class Layout:
         _, rotation, ranks, owner = best
         windows = window_cells(origins, tile_hw, canvas_hw, wrap)
         return cls(origins, tile_hw, canvas_hw, world_size, ranks, owner, windows, rotation)
+
+    @classmethod
+    def with_owner(cls, origins, tile_hw, canvas_hw, wrap, world_size, owner, rotation: int = 0) -> Layout:
+        """The layout of tiles at ``origins`` over cells owned as ``owner`` says: each tile's home rank is
+        the one owning most of its window (ties to the lower rank)."""
+        tile_hw, canvas_hw = tuple(tile_hw), tuple(canvas_hw)
+        windows = window_cells(origins, tile_hw, canvas_hw, wrap)
+        ranks = _owned_counts(owner, windows, world_size).argmax(dim=1)  # the first maximum
+        return cls(origins, tile_hw, canvas_hw, world_size, ranks, owner, windows, rotation)
+
+    @classmethod
+    def fixed(cls, grid, world_size: int, steps: int, rebalance: bool = True) -> Layout:
+        """The first step's layout with fixed regions (:func:`fixed_owner` over the run's ``steps``)."""
+        owner = fixed_owner(grid, world_size, steps, rebalance)
+        return cls.with_owner(grid.at_step(0), grid.tile, grid.canvas[1:], grid.wrap, world_size, owner)
 
     @property
     def num_tiles(self) -> int:
@@ -637,7 +689,8 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     gather_mode = "torus" if grid.wrap else "zero"
     flat = latents.reshape(B, C, T, H * W)
 
-    layout = Layout.at_step(grid, 0, R)
+    fixed = ctx.config.regions == "fixed"
+    layout = Layout.fixed(grid, R, len(timesteps), ctx.config.rebalance) if fixed else Layout.at_step(grid, 0, R)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
     if tile_cache is not None:
         tile_cache.start_cells(x[..., 0, :])

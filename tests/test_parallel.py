@@ -219,7 +219,8 @@ def _predicted_bytes(case: dict, world: int, rank: int, cache=None) -> list[int]
     extra = {}
     if cache is not None:
         extra["cache_cell_bytes"] = par.tile_cache_cell_bytes(cache, torch.zeros(1, 4, T, 1))
-    layout, out, regions = par.Layout.at_step(grid, 0, world), [], case["regions"]
+    regions, out = case["regions"], []
+    layout = par.Layout.fixed(grid, world, steps) if regions == "fixed" else par.Layout.at_step(grid, 0, world)
     for i in range(steps):
         nxt = par.Layout.at_step(grid, i + 1, world, previous=layout, regions=regions) if i + 1 < steps else None
         compute = None
@@ -310,7 +311,9 @@ def test_aligned_torus_regions_move_one_shift_strip_per_boundary():
 def test_fixed_regions_keep_their_cells_and_give_each_tile_to_its_majority_owner():
     """Fixed regions: the first step's owners stay for the whole run (the same tensor, so the loop moves
     no state); each shifted tile's home is the rank owning most of its window (ties: lower rank)."""
-    grid, first = _layout((1, 24, 24), (8, 8), {"shift": True}, 3)
+    grid, _ = _layout((1, 24, 24), (8, 8), {"shift": True}, 3)
+    first = par.Layout.fixed(grid, 3, grid.period)
+    assert sorted(set(first.owner.tolist())) == [0, 1, 2]
     layout = first
     for step in range(1, grid.period + 1):
         layout = par.Layout.at_step(grid, step, 3, previous=layout, regions="fixed")
@@ -323,6 +326,28 @@ def test_fixed_regions_keep_their_cells_and_give_each_tile_to_its_majority_owner
             assert int(sum(par.exchange_bytes(layout, layout.home_rank, 1).values()).sum()) > 0
     with pytest.raises(ValueError, match="`regions` must be 'fixed' or 'follow' but is 'moving'"):
         par.Layout.at_step(grid, 1, 3, previous=first, regions="moving")
+
+
+def _busiest_rank_cells(grid, world, owner, steps):
+    total = 0
+    for i in range(steps):
+        layout = par.Layout.with_owner(grid.at_step(i), grid.tile, grid.canvas[1:], grid.wrap, world, owner)
+        total += int(sum(par.exchange_bytes(layout, par.computers(layout, None, True), 1).values()).max())
+    return total
+
+
+def test_fixed_regions_are_the_candidate_partition_that_sends_least():
+    """Wan's 2K canvas on 2 ranks: column bands send less than the runs of home tiles the grid-following
+    regions start from, and the choice finds them; on 4K the runs stay (nothing cheaper among the candidates)."""
+    tiling = TilingConfig()
+    grid = TileGrid((1, 180, 320), tiling, multiple=(2, 2), native_tile=(60, 104))
+    chosen = par.fixed_owner(grid, 2, 35)
+    bands = torch.arange(320).repeat(180) * 2 // 320
+    runs = par.Layout.at_step(grid, 0, 2).owner
+    assert torch.equal(chosen, bands)
+    assert _busiest_rank_cells(grid, 2, bands, 35) < _busiest_rank_cells(grid, 2, runs, 35)
+    grid = TileGrid((1, 270, 480), tiling, multiple=(2, 2), native_tile=(60, 104))
+    assert torch.equal(par.fixed_owner(grid, 2, 35), par.Layout.at_step(grid, 0, 2).owner)
 
 
 def test_halo_dtype_is_the_models_only_where_predict_casts_first():
