@@ -220,6 +220,13 @@ def test_bad_input_fails_before_model_work(pipe, monkeypatch, kwargs, match):
         sg(**call)
 
 
+def test_sketch_refuses_the_arguments_it_sets(pipe):
+    adapter = adapter_for(pipe)
+    for key in ("output_type", "return_dict"):
+        with pytest.raises(TypeError, match=f"`{key}` is set by supergen's sketch and cannot be passed"):
+            adapter.sketch(64, 64, 9, **{key: "np"}, **PROMPT)
+
+
 def test_bad_tiling_and_unsupported_pipeline(pipe):
     with pytest.raises(ValueError, match="overlap"):
         SuperGen(pipe, tiling=TilingConfig(overlap=6))(height=128, width=128, num_frames=9, num_inference_steps=2,

@@ -93,6 +93,15 @@ class ModelAdapter(ABC):
         """Run the stock pipeline at ``height x width`` and return its final latent ``(B, C, T, h, w)``
         (normalised as the pipeline's denoiser sees it)."""
 
+    def stock_latents(self, height: int, width: int, num_frames: int, **pipeline_kwargs):
+        """The stock pipeline at ``height x width``, its final latent as it returns it with
+        ``output_type="latent"`` (which, like ``return_dict``, the caller may not set)."""
+        for key in ("output_type", "return_dict"):
+            if key in pipeline_kwargs:
+                raise TypeError(f"`{key}` is set by supergen's sketch and cannot be passed.")
+        kwargs = dict(height=height, width=width, num_frames=num_frames, output_type="latent", return_dict=False)
+        return self.pipe(**kwargs, **pipeline_kwargs)[0]
+
     # -- VAE ----------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -126,17 +126,7 @@ class CogVideoXAdapter(ModelAdapter):
     def sketch(self, height: int, width: int, num_frames: int, **pipeline_kwargs) -> torch.Tensor:
         if not self.spec.valid_frames(num_frames):
             raise ValueError(f"`num_frames` must be 4k+1 for the CogVideoX VAE but is {num_frames}.")
-        for key in ("output_type", "return_dict"):
-            if key in pipeline_kwargs:
-                raise TypeError(f"`{key}` is set by supergen's sketch and cannot be passed.")
-        latents = self.pipe(
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            output_type="latent",
-            return_dict=False,
-            **pipeline_kwargs,
-        )[0]
+        latents = self.stock_latents(height, width, num_frames, **pipeline_kwargs)
         frames = (num_frames - 1) // self.spec.vae_scale[0] + 1
         # The pipeline returns 1.5's padding frames with `output_type="latent"` and drops them only when
         # decoding; drop them here so the sketch is the video the pipeline would have decoded.

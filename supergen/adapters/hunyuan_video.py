@@ -89,11 +89,7 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     @torch.no_grad()
     def sketch(self, height: int, width: int, num_frames: int, **pipeline_kwargs) -> torch.Tensor:
-        for key in ("output_type", "return_dict"):
-            if key in pipeline_kwargs:
-                raise TypeError(f"`{key}` is set by supergen's sketch and cannot be passed.")
-        kwargs = dict(height=height, width=width, num_frames=num_frames, output_type="latent", return_dict=False)
-        return self.pipe(**kwargs, **pipeline_kwargs)[0]
+        return self.stock_latents(height, width, num_frames, **pipeline_kwargs)
 
     def set_timesteps(self, scheduler, num_inference_steps: int, device=None, sketch_shape=None) -> None:
         """The pipeline's N-step schedule: explicit sigmas ``linspace(1, 0, N + 1)[:-1]`` (shifted by the

@@ -102,12 +102,8 @@ class LTXVideoAdapter(ModelAdapter):
 
     @torch.no_grad()
     def sketch(self, height: int, width: int, num_frames: int, **pipeline_kwargs) -> torch.Tensor:
-        for key in ("output_type", "return_dict"):
-            if key in pipeline_kwargs:
-                raise TypeError(f"`{key}` is set by supergen's sketch and cannot be passed.")
         self._refuse_decode_arguments(pipeline_kwargs)
-        kwargs = dict(height=height, width=width, num_frames=num_frames, output_type="latent", return_dict=False)
-        packed = self.pipe(**kwargs, **pipeline_kwargs)[0]
+        packed = self.stock_latents(height, width, num_frames, **pipeline_kwargs)  # packed tokens
         s, t = self.spec.vae_scale[1], self.spec.vae_scale[0]
         return self._unpack(packed, ((num_frames - 1) // t + 1, height // s, width // s))
 

@@ -113,8 +113,7 @@ class WanAdapter(ModelAdapter):
 
     @torch.no_grad()
     def sketch(self, height: int, width: int, num_frames: int, **pipeline_kwargs) -> torch.Tensor:
-        kwargs = dict(height=height, width=width, num_frames=num_frames, output_type="latent", return_dict=False)
-        return self.pipe(**kwargs, **pipeline_kwargs)[0]
+        return self.stock_latents(height, width, num_frames, **pipeline_kwargs)
 
     # -- VAE ----------------------------------------------------------------------------------------
 
