@@ -81,10 +81,10 @@ RANKS = (2, 4, 8)
 UNIPC_STATE = 4  # latents + 2 model outputs + last sample
 BUDGET, WARMUP, SEED = 0.5, 3, 0
 TARGET_RATIO, TARGET_IMBALANCE = 0.10, 1.15
-REGIONS = ("fixed", "follow")  # ParallelConfig.regions
-COLUMNS = ("ratio", "ratio_bf16", "ratio_euler", "ratio_cache", "ratio_cache_bf16", "ratio_published",
-           "imbalance_cache", "imbalance_cache_worst_step", "imbalance_cache_no_fill", "imbalance_floor_no_fill",
-           "computed_share_cache", "computed_share_cache_no_fill")  # fmt: skip
+REGIONS = ("fixed", "follow")  # ParallelConfig.regions, counted both; "auto" (the default) picks per setting
+COLUMNS = ("ratio", "ratio_bf16", "ratio_euler", "ratio_euler_bf16", "ratio_cache", "ratio_cache_bf16",
+           "ratio_published", "imbalance_cache", "imbalance_cache_worst_step", "imbalance_cache_no_fill",
+           "imbalance_floor_no_fill", "computed_share_cache", "computed_share_cache_no_fill")  # fmt: skip
 
 
 def change_field(canvas_hw, step: int) -> torch.Tensor:
@@ -116,8 +116,7 @@ def simulated_compute(layout, step: int) -> tuple[torch.Tensor, torch.Tensor | N
 
 def layouts_for(grid, world: int, regions: str) -> list:
     """The runtime's layout of every refinement step under ``regions`` (``ParallelConfig.regions``)."""
-    first = par.Layout.fixed(grid, world, REFINE_STEPS) if regions == "fixed" else par.Layout.at_step(grid, 0, world)
-    layouts = [first]
+    layouts = [par.Layout.first(grid, world, REFINE_STEPS, regions)]
     for i in range(1, REFINE_STEPS):
         layouts.append(par.Layout.at_step(grid, i, world, previous=layouts[-1], regions=regions))
     return layouts
@@ -131,7 +130,7 @@ def count(layouts, world: int, cache, cache_cell: int) -> dict:
     # fp32: everything fp32. bf16: a bf16 model with fp32 latents and scheduler/cache state (as diffusers'
     # Wan pipeline keeps them): predictions travel in bf16, input halos too (the Wan adapter casts first).
     dtypes = {"fp32": {}, "bf16": {"halo_cell_bytes": half, "prediction_cell_bytes": half}}
-    sums = {k: [] for k in ("fp32", "bf16", "euler", "cache", "cache_bf16", "cache_no_fill")}
+    sums = {k: [] for k in ("fp32", "bf16", "euler", "euler_bf16", "cache", "cache_bf16", "cache_no_fill")}
     kinds = {"inputs": [], "predictions": [], "migration": []}
     imbalance, computed_share, busiest = ({"fill": [], "no_fill": []} for _ in range(3))
     imbalance_home, floor = [], []
@@ -145,6 +144,8 @@ def count(layouts, world: int, cache, cache_cell: int) -> dict:
                 for k in kinds:
                     kinds[k].append(float(sent[k].float().mean()))
         sums["euler"].append(int(sum(par.exchange_bytes(layout, every, cell, nxt).values()).max()))
+        euler_bf16 = par.exchange_bytes(layout, every, cell, nxt, **dtypes["bf16"])
+        sums["euler_bf16"].append(int(sum(euler_bf16.values()).max()))
 
         reductions = 1 + cache.decides(i, REFINE_STEPS)  # the gain every step, the decision where it decides
         compute, change = simulated_compute(layout, i)
@@ -214,15 +215,32 @@ def run(name: str, canvas_hw, world: int) -> dict:
             # a bf16 all-gather moves half the fp32 bytes
             "ratio_bf16": b["bf16"] / (allgather / 2),
             "ratio_euler": b["euler"] / allgather,
+            "ratio_euler_bf16": b["euler_bf16"] / (allgather / 2),
             "ratio_cache": b["cache"] / allgather,
             "ratio_cache_bf16": b["cache_bf16"] / (allgather / 2),
             "ratio_cache_no_fill": b["cache_no_fill"] / allgather,
             "ratio_published": b["fp32"] / published,
             **c,
         }
-    default = row[ParallelConfig().regions]
-    row["meets_bytes_target"] = {k: default[k] <= TARGET_RATIO for k in ("ratio", "ratio_bf16")}
-    row["meets_imbalance_target"] = default["imbalance_cache"] <= TARGET_IMBALANCE
+    # What the runtime's default (regions="auto") picks in each setting: par.choose_regions with that
+    # setting's per-cell sizes (state beyond the latents: UniPC's 3 history tensors, the cache's state).
+    cell = BATCH * CHANNELS * FRAMES * ELEMENT
+    history = (UNIPC_STATE - 1) * cell
+    settings = {
+        "ratio": (cell, history, cell, cell),
+        "ratio_bf16": (cell, history, cell // 2, cell // 2),
+        "ratio_euler": (cell, 0, cell, cell),
+        "ratio_euler_bf16": (cell, 0, cell // 2, cell // 2),
+        "ratio_cache": (cell, history + cache_cell, cell, cell),
+        "ratio_cache_bf16": (cell, history + cache_cell, cell // 2, cell // 2),
+    }
+    config = ParallelConfig()
+    row["auto"] = {}
+    for key, sizes in settings.items():
+        regions = par.choose_regions(config, grid, world, REFINE_STEPS, *sizes)
+        row["auto"][key] = {"regions": regions, "ratio": row[regions][key]}
+    row["meets_bytes_target"] = {k: v["ratio"] <= TARGET_RATIO for k, v in row["auto"].items()}
+    row["meets_imbalance_target"] = row["fixed"]["imbalance_cache"] <= TARGET_IMBALANCE
     return row
 
 

@@ -142,11 +142,11 @@ def add_generate_parser(sub) -> None:
     )
     g.add_argument(
         "--parallel-regions",
-        choices=("fixed", "follow"),
-        default="fixed",
+        choices=("auto", "fixed", "follow"),
+        default="auto",
         help="under torchrun: ranks keep their canvas regions and exchange the halos of tiles shifted across "
-        "them (fixed), or regions move with the grid carrying the scheduler/cache state (follow); "
-        "bench/parallel.py counts the bytes of both",
+        "them (fixed), regions move with the grid carrying the scheduler/cache state (follow), or whichever "
+        "sends fewer bytes for this run (auto, counted before the loop)",
     )
 
 

@@ -66,7 +66,7 @@ class TilingConfig:
 
 
 PARALLEL_BACKENDS = ("auto", "gloo", "nccl")
-PARALLEL_REGIONS = ("fixed", "follow")
+PARALLEL_REGIONS = ("auto", "fixed", "follow")
 
 
 @dataclass(frozen=True)
@@ -89,23 +89,27 @@ class ParallelConfig:
             predicts to change most instead (their own tiles first), up to the busiest rank's count.
             The step takes no longer and reuses less. ``False``: exactly the single-process decisions
             (the final latent then equals the one-process run's).
-        regions: ``fixed``: each rank keeps one region for the whole run (of a few balanced partitions,
-            the one whose halos are fewest over the run), and tiles that the shifted grid moves across
-            a region boundary take their input halo from, and send their predictions back to, the
-            neighbour; no scheduler or cache state ever moves.
+        regions: ``auto`` (default): whichever of the two below makes the busiest rank send fewer bytes
+            over this run, counted before the loop with the run's dtypes and state (the scheduler's
+            multistep history measured on a one-cell copy, the tile cache's per-cell state); in
+            practice ``fixed`` for a multistep scheduler or the tile cache, ``follow`` for a
+            history-free one. ``fixed``: each rank keeps one region for the whole run (of a few
+            balanced partitions, the one whose halos are fewest over the run), and tiles that the
+            shifted grid moves across a region boundary take their input halo from, and send their
+            predictions back to, the neighbour; no scheduler or cache state ever moves.
             ``follow``: regions move with the grid so that no shifted tile straddles a boundary, and
             each step the strip that changes owner carries its latents, the scheduler's multistep
             history and the cache's state along. ``fixed`` moves fewer bytes wherever that state is
             larger than the halos: a half-precision model (predictions and halos travel in its dtype,
             the state in fp32), a multistep scheduler or the tile cache (``bench/parallel.py`` counts
-            both); ``follow`` wins for a history-free scheduler in fp32.
+            both); ``follow`` wins for a history-free scheduler.
     """
 
     backend: str = "auto"
     timeout: float = 600.0
     rebalance: bool = True
     fill_idle: bool = True
-    regions: str = "fixed"
+    regions: str = "auto"
 
     def __post_init__(self):
         if self.backend not in PARALLEL_BACKENDS:

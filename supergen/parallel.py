@@ -123,6 +123,7 @@ class ParallelContext:
     config: ParallelConfig = field(default_factory=ParallelConfig)
     stats: ExchangeStats = field(default_factory=ExchangeStats)
     computed_tiles: list[list[int]] = field(default_factory=list)  # per step: tiles computed by each rank
+    regions: str | None = None  # the region policy the last refinement ran with (``auto`` resolved)
 
     @property
     def distributed(self) -> bool:
@@ -358,6 +359,13 @@ class Layout:
         return cls(origins, tile_hw, canvas_hw, world_size, ranks, owner, windows, rotation)
 
     @classmethod
+    def first(cls, grid, world_size: int, steps: int, regions: str, rebalance: bool = True) -> Layout:
+        """The first step's layout of a run of ``steps`` under ``regions`` (``fixed`` or ``follow``)."""
+        if regions == "fixed":
+            return cls.fixed(grid, world_size, steps, rebalance)
+        return cls.at_step(grid, 0, world_size)
+
+    @classmethod
     def fixed(cls, grid, world_size: int, steps: int, rebalance: bool = True) -> Layout:
         """The first step's layout with fixed regions (:func:`fixed_owner` over the run's ``steps``)."""
         owner = fixed_owner(grid, world_size, steps, rebalance)
@@ -455,6 +463,53 @@ def tile_cache_cell_bytes(cache, like: torch.Tensor) -> int:
     probe.start_cells(like[..., :1])
     probe.set_input_change(torch.zeros(1, dtype=torch.float64, device=like.device))
     return sum(t.numel() * t.element_size() for t in probe.cell_state().values())
+
+
+def scheduler_cell_bytes(adapter, scheduler, like: torch.Tensor, begin: int, steps: int = 3) -> int:
+    """Bytes per cell of the region-shaped state a scheduler carries between steps (UniPC's history,
+    CogVideoX DPM's ``x0``; none for Euler), beyond the latents: measured on a one-cell copy stepped
+    ``steps`` times from ``begin`` with a zero prediction (the most it held after any step)."""
+    import copy
+
+    probe = copy.deepcopy(scheduler)
+    if hasattr(probe, "set_begin_index"):
+        probe.set_begin_index(begin)
+    x = like[..., :1].clone()
+    state: dict = {}
+    most = 0
+    for i, t in enumerate(probe.timesteps[begin : begin + steps]):
+        x = adapter.scheduler_step(probe, torch.zeros_like(x), t, x, step_index=begin + i, state=state)
+        refs = _region_refs([probe, state], x)
+        most = max(most, sum(c[k].numel() * c[k].element_size() for c, k in refs))
+    return most
+
+
+def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: int, state_cell_bytes: int,
+                  halo_cell_bytes: int, prediction_cell_bytes: int, rebalance: bool = True) -> int:  # fmt: skip
+    """Bytes the busiest rank sends over a run of ``steps`` with every tile computed, under ``regions``
+    (``state_cell_bytes``: what migrates with a cell besides its latent, for ``follow``)."""
+    layout = Layout.first(grid, world_size, steps, regions, rebalance)
+    total = 0
+    for i in range(steps):
+        nxt = Layout.at_step(grid, i + 1, world_size, previous=layout, regions=regions) if i + 1 < steps else None
+        sent = exchange_bytes(layout, computers(layout, None, rebalance), cell_bytes, nxt,
+                              cache_cell_bytes=state_cell_bytes, halo_cell_bytes=halo_cell_bytes,
+                              prediction_cell_bytes=prediction_cell_bytes)  # fmt: skip
+        total += int(sum(sent.values()).max())
+        layout = nxt
+    return total
+
+
+def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, cell_bytes: int,
+                   state_cell_bytes: int, halo_cell_bytes: int, prediction_cell_bytes: int) -> str:  # fmt: skip
+    """``config.regions``, or for ``auto`` the policy under which the busiest rank sends fewer bytes over
+    the run (:func:`count_regions`, every tile computed; ties to ``fixed``). Deterministic."""
+    if config.regions != "auto":
+        return config.regions
+    sizes = (cell_bytes, state_cell_bytes, halo_cell_bytes, prediction_cell_bytes, config.rebalance)
+    fixed = count_regions(grid, world_size, steps, "fixed", *sizes)
+    follow = count_regions(grid, world_size, steps, "follow", *sizes)
+    return "fixed" if fixed <= follow else "follow"
 
 
 def computers(layout: Layout, compute: torch.Tensor | None, rebalance: bool) -> torch.Tensor:
@@ -689,8 +744,20 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     gather_mode = "torus" if grid.wrap else "zero"
     flat = latents.reshape(B, C, T, H * W)
 
-    fixed = ctx.config.regions == "fixed"
-    layout = Layout.fixed(grid, R, len(timesteps), ctx.config.rebalance) if fixed else Layout.at_step(grid, 0, R)
+    # The region policy: as configured, or (auto) the one that sends fewer bytes with this run's dtypes
+    # and state (the scheduler's history measured on a one-cell copy, the caches' per-cell state).
+    regions = ctx.config.regions
+    if regions == "auto":
+        cell = B * C * T
+        state_bytes = scheduler_cell_bytes(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
+        if tile_cache is not None:
+            state_bytes += tile_cache_cell_bytes(tile_cache, flat[..., :1])
+        if step_cache is not None:
+            state_bytes += cell * 4  # its fp32 residual
+        sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
+        regions = choose_regions(ctx.config, grid, R, len(timesteps), *sizes)
+    ctx.regions = regions
+    layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
     if tile_cache is not None:
         tile_cache.start_cells(x[..., 0, :])
@@ -730,7 +797,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         del x_in
 
         if i + 1 < len(timesteps):
-            new = Layout.at_step(grid, i + 1, R, previous=layout, regions=ctx.config.regions)
+            new = Layout.at_step(grid, i + 1, R, previous=layout, regions=regions)
             if new.owner is not layout.owner:  # regions that follow the grid carry their state along
                 refs = _region_refs([scheduler, state] + ([step_cache] if step_cache is not None else []), x)
                 if tile_cache is not None:  # named explicitly: its maps are (K,), not latent-shaped

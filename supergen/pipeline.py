@@ -421,7 +421,8 @@ class SuperGen:
         return {
             "rank": ctx.rank,
             "world_size": ctx.world_size,
-            "regions": ctx.config.regions,
+            "regions": ctx.regions or ctx.config.regions,  # auto resolved to the policy that ran
+            "regions_configured": ctx.config.regions,
             "computed_tiles_per_rank": ctx.computed_tiles,
             **ctx.stats.as_dict(),
         }

@@ -197,7 +197,9 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
             for rank in range(2):
                 ranks_report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
                 assert ranks_report["cache"] == report["cache"], (case["name"], rank)
-                assert ranks_report["regions"] == case.get("regions", "fixed"), case["name"]
+                assert ranks_report["regions_configured"] == case.get("regions", "auto"), case["name"]
+                assert ranks_report["regions"] == case.get("regions", ranks_report["regions"]), case["name"]
+                assert ranks_report["regions"] in ("fixed", "follow"), case["name"]  # auto resolved
             if case is TINY_CACHE:
                 assert report["cache"]["skipped_tile_steps"] > 0
         # a bf16 model's input halos travel in bf16: the same cells as the fp32 run, half the bytes
@@ -220,7 +222,7 @@ def _predicted_bytes(case: dict, world: int, rank: int, cache=None) -> list[int]
     if cache is not None:
         extra["cache_cell_bytes"] = par.tile_cache_cell_bytes(cache, torch.zeros(1, 4, T, 1))
     regions, out = case["regions"], []
-    layout = par.Layout.fixed(grid, world, steps) if regions == "fixed" else par.Layout.at_step(grid, 0, world)
+    layout = par.Layout.first(grid, world, steps, regions)
     for i in range(steps):
         nxt = par.Layout.at_step(grid, i + 1, world, previous=layout, regions=regions) if i + 1 < steps else None
         compute = None
@@ -350,6 +352,37 @@ def test_fixed_regions_are_the_candidate_partition_that_sends_least():
     assert torch.equal(par.fixed_owner(grid, 2, 35), par.Layout.at_step(grid, 0, 2).owner)
 
 
+class _Stepper:
+    """The adapter protocol's default scheduler step (what the Wan and HunyuanVideo adapters use)."""
+
+    def scheduler_step(self, scheduler, noise_pred, t, latents, *, step_index, state, generator=None):
+        return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+
+def test_auto_regions_follow_without_history_and_stay_fixed_with_it():
+    """The scheduler's region-shaped state is measured on a one-cell copy (UniPC: 2 model outputs and the
+    last sample; Euler: none), and auto picks the policy the counted bytes favour: on Wan's 2K canvas
+    with a bf16 model, following regions for Euler (only the latents move), fixed ones for UniPC."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    like = torch.zeros(1, 16, 21, 1, 7)
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for scheduler in (unipc, euler):
+        scheduler.set_timesteps(10)
+    cell = 16 * 21
+    assert par.scheduler_cell_bytes(_Stepper(), unipc, like, 4) == 3 * cell * 4
+    assert par.scheduler_cell_bytes(_Stepper(), euler, like, 4) == 0
+    assert len(unipc.timesteps) == 10 and unipc.model_outputs[-1] is None  # the real scheduler is untouched
+    grid = TileGrid((1, 180, 320), TilingConfig(), multiple=(2, 2), native_tile=(60, 104))
+    bf16 = (cell * 4, cell * 2, cell * 2)  # latents fp32; halos and predictions bf16
+    config = ParallelConfig()
+    assert config.regions == "auto"
+    assert par.choose_regions(config, grid, 2, 35, bf16[0], 0, *bf16[1:]) == "follow"
+    assert par.choose_regions(config, grid, 2, 35, bf16[0], 3 * cell * 4, *bf16[1:]) == "fixed"
+    assert par.choose_regions(ParallelConfig(regions="follow"), grid, 2, 35, bf16[0], 10**9, *bf16[1:]) == "follow"
+
+
 def test_halo_dtype_is_the_models_only_where_predict_casts_first():
     from supergen.adapters.base import cast_first_dtype
 
@@ -453,7 +486,7 @@ def test_parallel_config_validation():
         ParallelConfig(timeout=0)
     with pytest.raises(ValueError, match="`fill_idle` must be a bool but is 'yes'"):
         ParallelConfig(fill_idle="yes")
-    with pytest.raises(ValueError, match=r"`regions` must be one of \('fixed', 'follow'\) but is 'moving'"):
+    with pytest.raises(ValueError, match=r"`regions` must be one of \('auto', 'fixed', 'follow'\) but is 'moving'"):
         ParallelConfig(regions="moving")
     with pytest.raises(TypeError, match="`parallel` must be a ParallelConfig"):
         par.setup({"backend": "gloo"})
