@@ -15,25 +15,27 @@ Design (why it is shaped this way)
   Rehash residual) is region-shaped and stays local. A flat region accepts any shape — bands, the
   staircase of a tile run that ends mid-row, overlapping and clamped windows — with one indexing
   rule, which is what lets every grid mode and every rank count share one code path.
-* **Regions stay where they are (``ParallelConfig.regions="fixed"``, the default).** Each rank keeps
-  one region for the whole run, chosen before the loop among a few balanced partitions (runs of home
-  tiles, bands, blocks: :func:`fixed_owner`) as the one whose counted halos are fewest over the run's
-  grid placements; a tile the shifted grid moves across a boundary is computed by the rank owning most
-  of it, with the rest of its window as halo. Nothing else moves:
-  the scheduler's multistep history, a Step Rehash residual and the tile cache's state stay on their
-  rank for the whole run. ``regions="follow"`` is the alternative: home tiles move with the grid, so
-  each step the region moves by the shift and a rank hands its neighbour one shift-wide strip per
-  boundary, carrying the latents and every region-shaped scheduler/cache tensor (found generically);
-  on the torus the run of home tiles is rotated to move the fewest cells. Which moves fewer bytes is
-  arithmetic (``bench/parallel.py`` counts both): a fixed boundary is straddled by a quarter tile on
-  average, for which the halo and the predictions cross it, in the model's dtype; a following
-  boundary moves by the shift, for which every state tensor crosses it in fp32 (4 with UniPC, 6 with
-  the tile cache). Counted for Wan 2.1 at 2K and 4K on 2-8 ranks, ``fixed`` moves less in every
-  case with a bf16 model or with the tile cache, which is how real runs go; with an fp32 model and
-  UniPC the two are within a point or two except on 2 ranks at 2K, and ``follow`` wins with a
-  history-free scheduler in fp32.
+* **Two region policies, and the default counts which to use.** ``ParallelConfig.regions="auto"``
+  counts both below over the run before the loop (:func:`choose_regions`), with the run's dtypes and
+  the state that would migrate (the scheduler's history measured on a one-cell copy,
+  :func:`scheduler_cell_bytes`; the caches' state), and takes the one whose busiest rank sends less.
+* **Fixed regions (``regions="fixed"``) stay where they are.** Each rank keeps one region for the whole
+  run, chosen before the loop among a few balanced partitions (runs of home tiles, bands, blocks:
+  :func:`fixed_owner`) as the one whose counted halos are fewest over the run's grid placements; a
+  tile the shifted grid moves across a boundary is computed by the rank owning most of it, with the
+  rest of its window as halo. Nothing else moves: the scheduler's multistep history, a Step Rehash
+  residual and the tile cache's state stay on their rank for the whole run. ``regions="follow"`` is
+  the alternative: home tiles move with the grid, so each step the region moves by the shift and a
+  rank hands its neighbour one shift-wide strip per boundary, carrying the latents and every
+  region-shaped scheduler/cache tensor (found generically); on the torus the run of home tiles is
+  rotated to move the fewest cells. Which moves fewer bytes is arithmetic (``bench/parallel.py``
+  counts both): a fixed boundary is straddled by a quarter tile on average, for which the halo and
+  the predictions cross it, in the model's dtype; a following boundary moves by the shift, for which
+  every state tensor crosses it in fp32 (4 with UniPC, 6 with the tile cache, 1 with Euler). Counted
+  for Wan 2.1 at 2K and 4K on 2-8 ranks with a bf16 model, ``fixed`` moves less with UniPC or the
+  tile cache, ``follow`` with a history-free scheduler (Euler).
 * **Halos travel in the model's dtype** where the adapter's ``predict`` casts its tiles to the model's
-  dtype before any arithmetic (``ModelAdapter.tile_input_dtype``: the Wan and HunyuanVideo adapters),
+  dtype before any arithmetic (``ModelAdapter.tile_input_dtype``: the Wan, HunyuanVideo and LTX-Video adapters),
   since rounding twice to a dtype is rounding once: a bf16 model reads the same input for half the
   bytes. Predictions travel in the model's output dtype; region state in its own (fp32).
 * **Per step, only halos move.** A tile whose window leaves its computing rank's region receives those
