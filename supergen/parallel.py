@@ -478,9 +478,10 @@ def scheduler_cell_bytes(adapter, scheduler, like: torch.Tensor, begin: int, ste
         probe.set_begin_index(begin)
     x = like[..., :1].clone()
     state: dict = {}
+    noise = torch.Generator(device=x.device).manual_seed(0)  # schedulers that draw noise leave the global RNG be
     most = 0
     for i, t in enumerate(probe.timesteps[begin : begin + steps]):
-        x = adapter.scheduler_step(probe, torch.zeros_like(x), t, x, step_index=begin + i, state=state)
+        x = adapter.scheduler_step(probe, torch.zeros_like(x), t, x, step_index=begin + i, state=state, generator=noise)
         refs = _region_refs([probe, state], x)
         most = max(most, sum(c[k].numel() * c[k].element_size() for c, k in refs))
     return most

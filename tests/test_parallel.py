@@ -371,8 +371,10 @@ def test_auto_regions_follow_without_history_and_stay_fixed_with_it():
     for scheduler in (unipc, euler):
         scheduler.set_timesteps(10)
     cell = 16 * 21
+    rng = torch.get_rng_state()
     assert par.scheduler_cell_bytes(_Stepper(), unipc, like, 4) == 3 * cell * 4
     assert par.scheduler_cell_bytes(_Stepper(), euler, like, 4) == 0
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe draws no global randomness
     assert len(unipc.timesteps) == 10 and unipc.model_outputs[-1] is None  # the real scheduler is untouched
     grid = TileGrid((1, 180, 320), TilingConfig(), multiple=(2, 2), native_tile=(60, 104))
     bf16 = (cell * 4, cell * 2, cell * 2)  # latents fp32; halos and predictions bf16
