@@ -237,7 +237,7 @@ def run(name: str, canvas_hw, world: int) -> dict:
     config = ParallelConfig()
     row["auto"] = {}
     for key, sizes in settings.items():
-        regions = par.choose_regions(config, grid, world, REFINE_STEPS, *sizes)
+        regions, _ = par.choose_regions(config, grid, world, REFINE_STEPS, *sizes)
         row["auto"][key] = {"regions": regions, "ratio": row[regions][key]}
     row["meets_bytes_target"] = {k: v["ratio"] <= TARGET_RATIO for k, v in row["auto"].items()}
     row["meets_imbalance_target"] = row["fixed"]["imbalance_cache"] <= TARGET_IMBALANCE

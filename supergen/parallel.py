@@ -361,16 +361,20 @@ class Layout:
         return cls(origins, tile_hw, canvas_hw, world_size, ranks, owner, windows, rotation)
 
     @classmethod
-    def first(cls, grid, world_size: int, steps: int, regions: str, rebalance: bool = True) -> Layout:
-        """The first step's layout of a run of ``steps`` under ``regions`` (``fixed`` or ``follow``)."""
+    def first(cls, grid, world_size: int, steps: int, regions: str, rebalance: bool = True,
+              owner: torch.Tensor | None = None) -> Layout:  # fmt: skip
+        """The first step's layout of a run of ``steps`` under ``regions`` (``fixed`` or ``follow``);
+        ``owner``: fixed regions already chosen by :func:`fixed_owner`."""
         if regions == "fixed":
-            return cls.fixed(grid, world_size, steps, rebalance)
+            return cls.fixed(grid, world_size, steps, rebalance, owner)
         return cls.at_step(grid, 0, world_size)
 
     @classmethod
-    def fixed(cls, grid, world_size: int, steps: int, rebalance: bool = True) -> Layout:
-        """The first step's layout with fixed regions (:func:`fixed_owner` over the run's ``steps``)."""
-        owner = fixed_owner(grid, world_size, steps, rebalance)
+    def fixed(cls, grid, world_size: int, steps: int, rebalance: bool = True,
+              owner: torch.Tensor | None = None) -> Layout:  # fmt: skip
+        """The first step's layout with fixed regions (``owner``, else :func:`fixed_owner` over the
+        run's ``steps``)."""
+        owner = fixed_owner(grid, world_size, steps, rebalance) if owner is None else owner
         return cls.with_owner(grid.at_step(0), grid.tile, grid.canvas[1:], grid.wrap, world_size, owner)
 
     @property
@@ -488,10 +492,12 @@ def scheduler_cell_bytes(adapter, scheduler, like: torch.Tensor, begin: int, ste
 
 
 def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: int, state_cell_bytes: int,
-                  halo_cell_bytes: int, prediction_cell_bytes: int, rebalance: bool = True) -> int:  # fmt: skip
+                  halo_cell_bytes: int, prediction_cell_bytes: int, rebalance: bool = True,
+                  owner: torch.Tensor | None = None) -> int:  # fmt: skip
     """Bytes the busiest rank sends over a run of ``steps`` with every tile computed, under ``regions``
-    (``state_cell_bytes``: what migrates with a cell besides its latent, for ``follow``)."""
-    layout = Layout.first(grid, world_size, steps, regions, rebalance)
+    (``state_cell_bytes``: what migrates with a cell besides its latent, for ``follow``; ``owner``:
+    fixed regions already chosen)."""
+    layout = Layout.first(grid, world_size, steps, regions, rebalance, owner)
     total = 0
     for i in range(steps):
         nxt = Layout.at_step(grid, i + 1, world_size, previous=layout, regions=regions) if i + 1 < steps else None
@@ -503,16 +509,19 @@ def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: i
     return total
 
 
-def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, cell_bytes: int,
-                   state_cell_bytes: int, halo_cell_bytes: int, prediction_cell_bytes: int) -> str:  # fmt: skip
-    """``config.regions``, or for ``auto`` the policy under which the busiest rank sends fewer bytes over
-    the run (:func:`count_regions`, every tile computed; ties to ``fixed``). Deterministic."""
+def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, cell_bytes: int, state_cell_bytes: int,
+                   halo_cell_bytes: int, prediction_cell_bytes: int) -> tuple[str, torch.Tensor | None]:  # fmt: skip
+    """``(regions, owner)``: ``config.regions``, or for ``auto`` the policy under which the busiest rank
+    sends fewer bytes over the run (:func:`count_regions`, every tile computed; ties to ``fixed``);
+    ``owner`` is the fixed regions :func:`fixed_owner` chose on the way (``None`` when not chosen here),
+    for the run to start from instead of choosing them again. Deterministic."""
     if config.regions != "auto":
-        return config.regions
+        return config.regions, None
     sizes = (cell_bytes, state_cell_bytes, halo_cell_bytes, prediction_cell_bytes, config.rebalance)
-    fixed = count_regions(grid, world_size, steps, "fixed", *sizes)
+    owner = fixed_owner(grid, world_size, steps, config.rebalance)
+    fixed = count_regions(grid, world_size, steps, "fixed", *sizes, owner=owner)
     follow = count_regions(grid, world_size, steps, "follow", *sizes)
-    return "fixed" if fixed <= follow else "follow"
+    return ("fixed", owner) if fixed <= follow else ("follow", None)
 
 
 def computers(layout: Layout, compute: torch.Tensor | None, rebalance: bool) -> torch.Tensor:
@@ -749,7 +758,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
 
     # The region policy: as configured, or (auto) the one that sends fewer bytes with this run's dtypes
     # and state (the scheduler's history measured on a one-cell copy, the caches' per-cell state).
-    regions = ctx.config.regions
+    regions, owner = ctx.config.regions, None
     if regions == "auto":
         cell = B * C * T
         state_bytes = scheduler_cell_bytes(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
@@ -758,9 +767,9 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         if step_cache is not None:
             state_bytes += cell * 4  # its fp32 residual
         sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
-        regions = choose_regions(ctx.config, grid, R, len(timesteps), *sizes)
+        regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes)
     ctx.regions = regions
-    layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance)
+    layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
     if tile_cache is not None:
         tile_cache.start_cells(x[..., 0, :])

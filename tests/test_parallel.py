@@ -380,9 +380,13 @@ def test_auto_regions_follow_without_history_and_stay_fixed_with_it():
     bf16 = (cell * 4, cell * 2, cell * 2)  # latents fp32; halos and predictions bf16
     config = ParallelConfig()
     assert config.regions == "auto"
-    assert par.choose_regions(config, grid, 2, 35, bf16[0], 0, *bf16[1:]) == "follow"
-    assert par.choose_regions(config, grid, 2, 35, bf16[0], 3 * cell * 4, *bf16[1:]) == "fixed"
-    assert par.choose_regions(ParallelConfig(regions="follow"), grid, 2, 35, bf16[0], 10**9, *bf16[1:]) == "follow"
+    assert par.choose_regions(config, grid, 2, 35, bf16[0], 0, *bf16[1:]) == ("follow", None)
+    regions, owner = par.choose_regions(config, grid, 2, 35, bf16[0], 3 * cell * 4, *bf16[1:])
+    assert regions == "fixed" and torch.equal(owner, par.fixed_owner(grid, 2, 35))  # chosen once, handed on
+    assert par.choose_regions(ParallelConfig(regions="follow"), grid, 2, 35, bf16[0], 10**9, *bf16[1:]) == (
+        "follow",
+        None,
+    )
 
 
 def test_halo_dtype_is_the_models_only_where_predict_casts_first():
