@@ -728,7 +728,7 @@ def main(argv=None) -> int:
         "num_inference_steps": NUM_INFERENCE_STEPS,
         "refine_fraction": REFINE_FRACTION,
         "vocabulary": list(synthetic.VOCABULARY),
-        "domain": "supergen.synthetic: coloured circles/squares/triangles moving over grey gradients",
+        "domain": "supergen.synthetic: coloured circles, bars and pillars moving over grey gradients",
     }
     training = {
         "command": " ".join(["python", "training/train_tiny_wan.py", *(argv if argv is not None else sys.argv[1:])]),
