@@ -184,7 +184,7 @@ def test_committed_folder_is_small_and_safetensors_only():
 @needs_model
 def test_committed_model_loads_and_generates(model):
     _no_unknown_tokens(model.tokenizer)
-    frames = _generate(model, "a blue square moving right on a light texture", steps=4)
+    frames = _generate(model, "a blue pillar moving right on a light texture", steps=4)
     assert frames.shape == (1, synthetic.FRAMES, synthetic.SIZE, synthetic.SIZE, 3)
     assert 0.0 <= frames.min() and frames.max() <= 1.0
 
