@@ -10,7 +10,8 @@ far apart in RGB, backgrounds are nearly grey (their chroma stays below the dete
 objects in one clip have distinct colours and never touch, and shape classes differ in their elongation
 (circle 1, bar 2.5 wide, pillar 2.5 tall), which survives the blur of a small model and its 4x VAE:
 classes told apart by corners (square against circle, triangle) did not (see the model card). The
-detector is what the quality measures use on generated videos: is the prompted shape visible, how many objects are there.
+detector is what the quality measures use on generated videos: is the prompted shape visible, how
+many objects are there.
 
 This module needs only numpy (scipy's labelling is used when installed); it must not import diffusers.
 """
@@ -172,9 +173,7 @@ def _background(rng: np.random.Generator, tone: str, kind: str, size: int) -> np
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
-def _trajectory(
-    rng: np.random.Generator, half: tuple[float, float], size: int, frames: int
-) -> tuple[np.ndarray, str]:
+def _trajectory(rng: np.random.Generator, half: tuple[float, float], size: int, frames: int) -> tuple[np.ndarray, str]:
     """Straight-line motion with elastic bounces at the frame edges, and the caption's direction word
     (the direction of the main axis that most of the frame-to-frame steps go)."""
     axis = int(rng.integers(2))  # 0: vertical main axis, 1: horizontal
@@ -224,8 +223,7 @@ def sample_clip(seed: int, *, size: int = SIZE, frames: int = FRAMES, max_object
             # Centres farther apart than the two circumscribed circles plus 3 px: never touching.
             radius = math.hypot(*half_extent(shape, half))
             gap = [
-                np.linalg.norm(positions - o.positions, axis=1).min() - radius - math.hypot(*o.extent)
-                for o in objects
+                np.linalg.norm(positions - o.positions, axis=1).min() - radius - math.hypot(*o.extent) for o in objects
             ]
             gap_ok = all(g > 3 * scale for g in gap)
             if gap_ok:
