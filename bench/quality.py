@@ -188,6 +188,9 @@ def summarise(rows: list[dict], scales: list[int]) -> dict:
                 # Edge lines against the other lines of the patch grid (metrics.seam_score(grid=...)).
                 "seam_score_mean": statistics.fmean(seams) if seams else None,
                 "seam_score_max": max(seams) if seams else None,
+                # The mean's standard error: the seam score of one case depends on where its objects lie
+                # relative to the edge lines, so 20 cases resolve the mean only to about +-0.05..0.1.
+                "seam_score_sem": statistics.stdev(seams) / len(seams) ** 0.5 if len(seams) > 1 else None,
                 # Edge lines against every line, and two controls on the same lines: the bicubic sketch and
                 # the untiled refinement of the same sketch (no tiles, same decoder).
                 "seam_score_all_lines_mean": mean("seam_score_all_lines"),
@@ -345,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             table += [
                 line(f"x{s} {m}: seam score (mean)", x["seam_score_mean"], "<= 1.05" if sg else "",
                      passed[f"x{s}_seam"] if sg else ""),
+                line(f"x{s} {m}: its standard error", x["seam_score_sem"]),
                 line(f"x{s} {m}: the untiled refinement, same lines and score",
                      x["seam_score_untiled_grid_same_lines_mean"]),
                 line(f"x{s} {m}: seam score against adjacent grid lines", x["seam_score_adjacent_mean"]),

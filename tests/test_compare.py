@@ -277,6 +277,8 @@ def test_quality_summary_and_verdicts():
     summary = quality.summarise(rows, [2])
     sg = summary["x2"]["supergen"]
     assert sg["seam_score_mean"] == pytest.approx(1.045) and sg["seam_score_max"] == pytest.approx(1.09)
+    seams = 1.0 + 0.01 * np.arange(10)
+    assert sg["seam_score_sem"] == pytest.approx(seams.std(ddof=1) / np.sqrt(10))
     assert sg["seam_score_all_lines_mean"] == pytest.approx(2.09)
     assert sg["seam_score_bicubic_same_lines_mean"] == pytest.approx(2.09 / 1.25)
     assert sg["seam_excess_mean"] == pytest.approx(1.25)  # each method's score over the control's, averaged
