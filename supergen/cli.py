@@ -63,7 +63,7 @@ EMBEDDED = ("tiny", "tiny-random")
 TINY_DEFAULTS = {"frames": 9, "steps": 10, "guidance_scale": 5.0, "refine_fraction": 0.7}
 PATH_DEFAULTS = {"frames": 81, "steps": 50, "guidance_scale": 5.0, "refine_fraction": 0.7}
 #: A prompt inside the embedded models' vocabulary (``supergen.synthetic.VOCABULARY``).
-TINY_PROMPT = "a red circle moving right and a blue bar moving down on a dark gradient"
+TINY_PROMPT = "a blue bar moving right on a dark gradient"
 OTHER_PROMPT = "a red fox running through fresh snow, golden hour"
 
 
