@@ -134,7 +134,7 @@ def count_bookkeeping() -> dict:
     return spent
 
 
-def _db(value: float) -> float | str:
+def json_db(value: float) -> float | str:
     # JSON has no infinity: a row whose video equals the cache-off video bit for bit reads "inf".
     return "inf" if value == float("inf") else round(value, 2)
 
@@ -244,7 +244,7 @@ def main() -> int:
             "computed_tile_steps": cache.get("computed_tile_steps", n_tiles),
             "skipped_tile_steps": cache.get("skipped_tile_steps", 0),
             "bookkeeping_s": round(statistics.median(overhead[name]), 4),
-            "psnr_db": None if name == "off" else _db(psnr(frames, reference, data_range=1.0)),
+            "psnr_db": None if name == "off" else json_db(psnr(frames, reference, data_range=1.0)),
             "ssim": None if name == "off" else round(ssim(frames, reference, data_range=1.0), 4),
             "seam_score": None if report["seam_score"] is None else round(report["seam_score"], 4),
         }

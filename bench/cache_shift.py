@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache import build_pipeline, json_db  # noqa: E402
 from common import RESULTS, environment, print_table, write_json  # noqa: E402
 
 SCHEDULES = {"shift every step": {}, "shift every 3 steps": {"shift_every": 3}, "fixed grid": {"shift": False}}
@@ -38,20 +39,18 @@ def main() -> int:
 
     from supergen import SuperGen, TilingConfig
     from supergen.cache import CacheConfig
-    from supergen.cli import TINY_PROMPT
     from supergen.metrics import psnr
-    from supergen.tiny import TRAINED_DIR, load_pretrained
+    from supergen.tiny import TRAINED_DIR
 
     if not TRAINED_DIR.is_dir():
         print(f"bench/cache_shift.py: the trained model is not installed at {TRAINED_DIR}", file=sys.stderr)
         return 2
-    pipe = load_pretrained(TRAINED_DIR)
-    pipe.set_progress_bar_config(disable=True)
-    h, w = pipe.native_size
+    pipe, model = build_pipeline("trained")  # the same model, size and prompt as bench/cache.py's trained rows
+    h, w = model["native_size"]
 
     def run(tiling, cache):
         return SuperGen(pipe, cache=cache, tiling=tiling, native_size=(h, w))(
-            prompt=TINY_PROMPT, height=TILES * h, width=TILES * w, num_frames=FRAMES, num_inference_steps=STEPS,
+            **model["prompt"], height=TILES * h, width=TILES * w, num_frames=FRAMES, num_inference_steps=STEPS,
             refine_steps=REFINE_STEPS, guidance_scale=GUIDANCE, sketch_height=h, sketch_width=w,
             generator=torch.Generator().manual_seed(SEED), output_type="pt",
         )  # fmt: skip
@@ -67,7 +66,7 @@ def main() -> int:
             rows.append({
                 "grid": name, "threshold": threshold, "computed_tile_steps": cache["computed_tile_steps"],
                 "skipped_tile_steps": cache["skipped_tile_steps"],
-                "psnr_db": "inf" if fidelity == float("inf") else round(float(fidelity), 2),
+                "psnr_db": json_db(float(fidelity)),
                 "seam_score": round(out.report["seam_score"], 4),
                 "seam_score_cache_off": round(off.report["seam_score"], 4),
             })  # fmt: skip
@@ -76,7 +75,7 @@ def main() -> int:
     payload = {
         "benchmark": "cache_shift",
         "environment": environment("cpu"),
-        "model": {"source": "supergen/models/tiny-wan", "native_size": [h, w], "prompt": TINY_PROMPT},
+        "model": model,
         "setup": {
             "canvas_px": [TILES * h, TILES * w],
             "frames": FRAMES,
