@@ -28,6 +28,7 @@ Usage: ``python bench/quality.py [--model PATH] [--cases 20] [--scale 2 3] [--ou
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import statistics
 import sys
@@ -45,7 +46,11 @@ from common import RESULTS, device_slug, environment, print_table, write_json  #
 #: Held-out clip seeds for the captions: training draws clips from 1e7, 2e7 and 3e7 on, and
 #: training/eval_tiny_wan.py uses 9e7 .. 9e7 + 1999.
 PROMPT_SEEDS = 90_002_000
-CASES = 20
+#: Issue 8 asks for the count on 20 cases; the seam score's mean over 20 has a standard error of
+#: 0.05-0.06 (it depends on where each case's objects lie against the edge lines), as large as the
+#: target's margin, so the bench runs 60 (about 0.03) and also summarises the first 20 on their own.
+CASES = 60
+FIRST = 20
 TARGETS = {
     "seam_score_mean_max": 1.05,
     "count_match_fraction_min": 0.9,
@@ -97,6 +102,7 @@ def measure_case(pipe, case: dict, scales: list[int], settings: dict) -> dict:
     comparison = Comparison(
         pipe, prompt=case["prompt"], num_frames=settings["frames"], num_inference_steps=settings["steps"],
         refine_steps=settings["refine_steps"], guidance_scale=settings["guidance_scale"],
+        refine_guidance_scale=settings["refine_guidance_scale"],
     )  # fmt: skip
     sketch = comparison.sketch(case["seed"])
     found = synthetic.detect_objects(sketch.frames)
@@ -264,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, nargs="+", default=[2], help="target scale(s) per side, e.g. 2 3")
     parser.add_argument("--steps", type=int, default=None, help="N (default: the model's sidecar)")
     parser.add_argument("--refine-steps", type=int, default=None, help="k (default: model's share of N)")
+    parser.add_argument(
+        "--refine-guidance-scale",
+        type=float,
+        default=None,
+        help="stage 2's guidance (default: the model's sidecar value, else its guidance_scale)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny ops: 1 is fastest)")
     parser.add_argument("--jobs", type=int, default=1, help="cases measured in parallel processes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -296,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         or default_refine_steps(steps, sidecar.get("refine_fraction", REFINE_FRACTION)),
         "guidance_scale": sidecar.get("guidance_scale", 5.0),
     }
+    refine_guidance = args.refine_guidance_scale
+    if refine_guidance is None:
+        refine_guidance = sidecar.get("refine_guidance_scale", settings["guidance_scale"])
+    if not (math.isfinite(refine_guidance) and refine_guidance >= 0):
+        print(f"quality: --refine-guidance-scale must be a finite number >= 0 but is {refine_guidance}.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    settings["refine_guidance_scale"] = refine_guidance
     if settings["refine_steps"] > steps:
         print(f"quality: --refine-steps must be in [1, {steps}] but is {settings['refine_steps']}.", file=sys.stderr)
         return 2
@@ -319,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.0f} s] case {row['case']:2d} sketch count {row['sketch_count']} "
               f"native {'ok' if row['native_visible'] else 'MISS'}  {cells}", flush=True)  # fmt: skip
     summary = summarise(rows, scales)
+    if len(rows) > FIRST:  # the issue's 20 cases on their own
+        summary[f"first_{FIRST}"] = summarise(rows[:FIRST], scales)
+        summary[f"first_{FIRST}_pass"] = verdicts(summary[f"first_{FIRST}"], scales)
     passed = verdicts(summary, scales)
     payload = {
         "benchmark": "quality",

@@ -83,6 +83,12 @@ def add_model_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="N, denoising steps (default: the model's, else 50)")
     p.add_argument("--refine-steps", type=int, default=None, help="k: refine the last k of N (default: model's, 0.7N)")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: model's, or 5)")
+    p.add_argument(
+        "--refine-guidance-scale",
+        type=float,
+        default=None,
+        help="guidance scale of the tiled refinement (default: the model's, else --guidance-scale; 1 = no CFG)",
+    )
 
 
 def add_generate_parser(sub) -> None:
@@ -244,12 +250,19 @@ def model_defaults(name: str, folder: Path | None) -> dict:
 
 def resolve_model_arguments(args, folder: Path | None) -> dict:
     """The options of :func:`add_model_arguments` checked (counts >= 1, k <= N) and completed from the
-    model's defaults: ``frames``, ``steps``, ``refine_steps`` and ``guidance_scale``."""
+    model's defaults: ``frames``, ``steps``, ``refine_steps``, ``guidance_scale`` and
+    ``refine_guidance_scale`` (``None``: the model folder's sidecar value, else ``guidance_scale``,
+    resolved by the pipeline)."""
+    from .config import check_guidance
+
     for flag, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames),
                         ("--steps", args.steps), ("--refine-steps", args.refine_steps)):  # fmt: skip
         if value is not None and value < 1:
             raise ValueError(f"`{flag}` must be >= 1 but is {value}.")
     defaults = model_defaults(args.model, folder)
+    refine_guidance = args.refine_guidance_scale
+    if refine_guidance is not None:
+        refine_guidance = check_guidance("--refine-guidance-scale", refine_guidance)
     steps = args.steps or defaults["steps"]
     refine_steps = args.refine_steps or default_refine_steps(steps, defaults["refine_fraction"])
     if refine_steps > steps:
@@ -258,7 +271,10 @@ def resolve_model_arguments(args, folder: Path | None) -> dict:
         "frames": args.frames or defaults["frames"],
         "steps": steps,
         "refine_steps": refine_steps,
-        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"],
+        "guidance_scale": check_guidance(
+            "--guidance-scale", args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"]
+        ),
+        "refine_guidance_scale": refine_guidance,
     }
 
 
@@ -441,6 +457,7 @@ def run_generate(args) -> int:
         num_inference_steps=settings["steps"],
         refine_steps=settings["refine_steps"],
         guidance_scale=settings["guidance_scale"],
+        refine_guidance_scale=settings["refine_guidance_scale"],
         sketch_height=sketch[0],
         sketch_width=sketch[1],
         upscale=args.upscale,

@@ -19,7 +19,6 @@ from where the sketch left it, so (d) is bit for bit what ``SuperGen(...)(..., g
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +68,14 @@ class Comparison:
     """
 
     def __init__(self, pipe, *, prompt: str, negative_prompt: str = "", num_frames: int, num_inference_steps: int,
-                 refine_steps: int, guidance_scale: float):  # fmt: skip
+                 refine_steps: int, guidance_scale: float, refine_guidance_scale: float | None = None):  # fmt: skip
         from .config import TilingConfig
-        from .pipeline import SuperGen
+        from .pipeline import SuperGen, resolve_refine_guidance
 
         self.pipe = pipe
         self.text = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance_scale}
+        # Stage 2 of (d) and of the untiled control; (b) and (c) generate from noise with `guidance_scale`.
+        self.refine_guidance_scale = resolve_refine_guidance(pipe, guidance_scale, refine_guidance_scale)
         self.num_frames = num_frames
         self.steps = num_inference_steps
         self.refine_steps = refine_steps
@@ -145,7 +146,7 @@ class Comparison:
         # "latent" upscaling of the zero sketch is exactly zero (the pixel path would decode and encode a
         # made-up sketch), so the start is sigma_0 * noise with nothing of any sketch in it.
         return self._tiled("naive", self.fixed, zero, torch.Generator().manual_seed(seed), height, width, self.steps,
-                           upscale="latent")  # fmt: skip
+                           self.text["guidance_scale"], upscale="latent")  # fmt: skip
 
     def supergen(self, sketch: Sketch, height: int, width: int, shift: bool = True) -> Variant:
         """(d) SuperGen from the sketch; ``shift=False`` is the same run on a fixed grid (the ablation)."""
@@ -170,13 +171,16 @@ class Comparison:
 
         generator = torch.Generator()
         generator.set_state(sketch.generator_state)
-        return self._tiled(name, sg, sketch.latents, generator, height, width, self.refine_steps)
+        return self._tiled(name, sg, sketch.latents, generator, height, width, self.refine_steps,
+                           self.refine_guidance_scale)  # fmt: skip
 
-    def _tiled(self, name, sg, sketch_latents, generator, height, width, refine_steps, upscale="pixel") -> Variant:
+    def _tiled(self, name, sg, sketch_latents, generator, height, width, refine_steps, refine_guidance_scale,
+               upscale="pixel") -> Variant:  # fmt: skip
         started = time.perf_counter()
         h, w = self.native_size
         out = sg(
-            **self.text, height=height, width=width, num_frames=self.num_frames, num_inference_steps=self.steps,
+            **self.text, refine_guidance_scale=refine_guidance_scale, height=height, width=width,
+            num_frames=self.num_frames, num_inference_steps=self.steps,
             refine_steps=refine_steps, sketch_height=h, sketch_width=w, sketch_latents=sketch_latents,
             upscale=upscale, generator=generator, output_type="np",
         )  # fmt: skip
@@ -306,8 +310,6 @@ def check_compare_args(args) -> dict:
         raise ValueError(f"`--threads` must be >= 1 but is {args.threads}.")
     if args.seed < 0:
         raise ValueError(f"`--seed` must be >= 0 but is {args.seed}.")
-    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
-        raise ValueError(f"`--guidance-scale` must be a finite number >= 0 but is {args.guidance_scale}.")
     model = resolve_model_arguments(args, folder)
     # The native size, where it is known without loading (the model's own check runs again after loading).
     sidecar = {} if folder is None else read_sidecar(folder)
@@ -361,7 +363,7 @@ def run_compare(args) -> int:
     comparison = Comparison(
         pipe, prompt=settings["prompt"], negative_prompt=args.negative_prompt, num_frames=settings["frames"],
         num_inference_steps=settings["steps"], refine_steps=settings["refine_steps"],
-        guidance_scale=settings["guidance_scale"],
+        guidance_scale=settings["guidance_scale"], refine_guidance_scale=settings["refine_guidance_scale"],
     )  # fmt: skip
     native = comparison.native_size
     height, width = args.height or 2 * native[0], args.width or 2 * native[1]
@@ -381,7 +383,8 @@ def run_compare(args) -> int:
     title = [
         f"prompt: {settings['prompt']}",
         f"model {args.model}, seed {args.seed}, {settings['frames']} frames, {steps} steps, "
-        f"guidance {settings['guidance_scale']:g}, native {native[0]}x{native[1]} -> {height}x{width}",
+        f"guidance {settings['guidance_scale']:g} (refinement {comparison.refine_guidance_scale:g}), "
+        f"native {native[0]}x{native[1]} -> {height}x{width}",
     ]
     image = compose([(label(v, native, height, width, steps), v.frames) for v in variants], title)
     with _atomic(settings["out"]) as tmp:

@@ -3,6 +3,7 @@ before any model work with a message naming the field, the value and what would 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 BOUNDARIES = ("torus", "clamp")
@@ -157,3 +158,10 @@ REFINE_FRACTION = 0.7
 def default_refine_steps(num_inference_steps: int, fraction: float = REFINE_FRACTION) -> int:
     """k, the last k of N steps refined: ``round(fraction * N)``, at least 1."""
     return max(1, round(fraction * num_inference_steps))
+
+
+def check_guidance(name: str, value) -> float:
+    """A guidance scale: a finite number >= 0 (<= 1 runs the conditional branch only)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0 but is {value!r}.")
+    return float(value)

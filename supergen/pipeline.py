@@ -18,12 +18,20 @@ from dataclasses import dataclass, replace
 import torch
 
 from .adapters.base import POSITIONS, adapter_for
-from .config import REFINE_FRACTION, TilingConfig, default_refine_steps
+from .config import REFINE_FRACTION, TilingConfig, check_guidance, default_refine_steps
 from .metrics import StageTimer, seam_score
 from .stages import check_inputs, refine, reshift_latent, reshifted_sketch, sketch
 from .upscale import renoise, scheduler_family, upscale_latents
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+def resolve_refine_guidance(pipe, guidance_scale: float, refine_guidance_scale: float | None) -> float:
+    """Stage 2's guidance scale: the one given, else the model folder's ``supergen.json``
+    ``refine_guidance_scale`` (``pipe.supergen_info``), else ``guidance_scale``; checked (finite, >= 0)."""
+    if refine_guidance_scale is None:
+        refine_guidance_scale = getattr(pipe, "supergen_info", {}).get("refine_guidance_scale", guidance_scale)
+    return check_guidance("refine_guidance_scale", refine_guidance_scale)
 
 
 @dataclass
@@ -146,6 +154,7 @@ class SuperGen:
         num_inference_steps: int = 50,
         refine_steps: int | None = None,
         guidance_scale: float = 5.0,
+        refine_guidance_scale: float | None = None,
         sketch_height: int | None = None,
         sketch_width: int | None = None,
         sketch_latents: torch.Tensor | None = None,
@@ -164,6 +173,13 @@ class SuperGen:
         ``guidance_scale``, ``generator``, ...) plus the target ``height``/``width``, ``refine_steps``
         (k: stage 2 runs the last k of the N steps; default 70 % of N, as the Wan port of the method)
         and the sketch size (default: the model's native size).
+
+        ``refine_guidance_scale``: the ``guidance_scale`` stage 2's tiles are denoised with (default: the
+        model folder's ``supergen.json`` value if it sets one, else ``guidance_scale``). The sketch
+        already carries the prompt's layout, and every tile sees the whole prompt, so guidance in a late,
+        low-noise refinement mostly pushes each tile towards the prompted object on its own; at 1 the
+        refinement runs the conditional branch only (half the forwards). The embedded tiny model
+        refines at 1 (measured in ``bench/quality.py``).
         """
         pipe, adapter = self.pipe, self.adapter
         timer = StageTimer(pipe._execution_device)
@@ -190,6 +206,8 @@ class SuperGen:
         )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES} but is {output_type!r}.")
+        check_guidance("guidance_scale", guidance_scale)
+        refine_guidance_scale = resolve_refine_guidance(pipe, guidance_scale, refine_guidance_scale)
         reshifted_hw = None
         if self.reshift is not None:
             if sketch_latents is not None:
@@ -197,8 +215,8 @@ class SuperGen:
             reshifted_hw = reshift_latent(adapter.spec, plan, self.reshift)
         rehash = self.cache is not None and self.cache.mode == "rehash"
         similarity = self.cache.rehash_similarity if rehash else None
-        ctx = self._parallel_context(plan, grid, prompt, negative_prompt, guidance_scale, upscale, generator,
-                                     callback_on_step_end)  # fmt: skip
+        ctx = self._parallel_context(plan, grid, prompt, negative_prompt, (guidance_scale, refine_guidance_scale),
+                                     upscale, generator, callback_on_step_end)  # fmt: skip
         if similarity is not None and tuple(similarity.shape) != (plan.refine_steps,) * 2:
             raise ValueError(
                 f"`rehash_similarity` must be ({plan.refine_steps}, {plan.refine_steps}) for refine_steps="
@@ -238,6 +256,7 @@ class SuperGen:
                     generator=torch.Generator(device).manual_seed(self.cache.rehash_seed),
                     cache=calibration,
                     stage=lambda name: contextlib.nullcontext(),
+                    refine_guidance_scale=refine_guidance_scale,
                     parallel=ctx,
                 )  # fmt: skip
                 if ctx.distributed:  # each rank holds its region of every residual
@@ -262,6 +281,7 @@ class SuperGen:
             generator=generator,
             cache=step_cache,
             stage=timer.stage,
+            refine_guidance_scale=refine_guidance_scale,
             progress=True,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
@@ -312,6 +332,7 @@ class SuperGen:
                 "upscale": upscale,
             },
             "steps": {"total": plan.num_inference_steps, "refine": plan.refine_steps, "begin_index": plan.begin_index},
+            "guidance_scale": {"sketch": guidance_scale, "refine": refine_guidance_scale},
             "seconds": {k: round(v, 4) for k, v in timer.seconds.items()},
             "peak_memory_bytes": dict(timer.peak_bytes),
             "peak_memory_kind": "cuda allocator" if timer.device.type == "cuda" else "process peak RSS",
@@ -325,7 +346,8 @@ class SuperGen:
 
     def _generate_latents(
         self, plan, grid, text, pipeline_kwargs, sketch_latents, upscale, *, generator, cache, stage,
-        progress=False, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), parallel=None,
+        refine_guidance_scale, progress=False, callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",), parallel=None,
     ) -> torch.Tensor | None:  # fmt: skip
         """Stages 1 and 2 up to the refined canvas latent, each step timed under ``stage(name)``."""
         pipe, adapter = self.pipe, self.adapter
@@ -356,7 +378,10 @@ class SuperGen:
             latents = renoise(pipe.scheduler, clean, plan.begin_index, generator)
 
             # 5. Conditioning at canvas size (text embeddings; image latents cropped per tile later).
-            cond = adapter.conditioning(tuple(latents.shape), num_frames=plan.num_frames, **text, **pipeline_kwargs)
+            #    Stage 2's own guidance scale (``refine_guidance_scale``), the sketch's everywhere else.
+            refine_text = dict(text, guidance_scale=refine_guidance_scale)
+            cond = adapter.conditioning(tuple(latents.shape), num_frames=plan.num_frames, **refine_text,
+                                        **pipeline_kwargs)  # fmt: skip
 
             # 6. Stage 2: tiled refinement over the last k steps.
             bar = pipe.progress_bar(total=plan.refine_steps) if progress else contextlib.nullcontext()
@@ -372,7 +397,7 @@ class SuperGen:
                     parallel=parallel,
                 )  # fmt: skip
 
-    def _parallel_context(self, plan, grid, prompt, negative_prompt, guidance_scale, upscale, generator, callback):
+    def _parallel_context(self, plan, grid, prompt, negative_prompt, guidance_scales, upscale, generator, callback):
         """Join the ranks (if ``parallel`` is set and ``WORLD_SIZE`` > 1) and check that they agree, before
         any model work. Returns the context (``world_size == 1``: the plain single-process path)."""
         from .parallel import ParallelContext, check_same_config, setup
@@ -392,7 +417,7 @@ class SuperGen:
             "positions": self.adapter.positions,
             "prompt": prompt if isinstance(prompt, str | None) else list(prompt),
             "negative_prompt": negative_prompt if isinstance(negative_prompt, str | None) else list(negative_prompt),
-            "guidance_scale": guidance_scale,
+            "guidance_scale": list(guidance_scales),  # (sketch, refine)
             "upscale": upscale,
             "seed": generator.initial_seed() if generator is not None else None,
             "model": [type(self.pipe).__name__, type(transformer).__name__, str(transformer.dtype),

@@ -164,6 +164,8 @@ BAD = [
     (lambda p: ["--frames", "8"], "`num_frames` must be 4k\\+1"),
     (lambda p: ["--steps", "4", "--refine-steps", "5"], "`--refine-steps` must be in \\[1, --steps=4\\]"),
     (lambda p: ["--steps", "0"], "`--steps` must be >= 1"),
+    (lambda p: ["--guidance-scale", "nan"], "`--guidance-scale` must be a finite number >= 0 but is nan"),
+    (lambda p: ["--refine-guidance-scale", "-2"], "`--refine-guidance-scale` must be a finite number >= 0 but is -2.0"),
     (lambda p: ["--tile-size", "40,40"], "`--tile-size` must be a multiple of 16"),
     (lambda p: ["--tile-size", "big"], "`--tile-size` must be N or H,W"),
     (lambda p: ["--overlap", "48"], "overlap"),

@@ -137,6 +137,31 @@ def test_naive_tiling_starts_from_the_seed_noise_without_a_sketch(monkeypatch):
     assert comparison.shifted.tiling.shift and not comparison.fixed.tiling.shift
 
 
+def test_refine_guidance_is_for_the_sketch_refinements_only(monkeypatch):
+    """A model's sidecar ``refine_guidance_scale`` (the trained tiny model's is 1) applies to (d) and its
+    untiled control; (c) generates from noise and keeps the full guidance: two branches per tile."""
+    from supergen.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.supergen_info = {"refine_guidance_scale": 1.0}
+    comparison = compare.Comparison(pipe, prompt=PROMPT, num_frames=5, num_inference_steps=3, refine_steps=2,
+                                    guidance_scale=5.0)  # fmt: skip
+    assert comparison.refine_guidance_scale == 1.0
+    forward, calls = type(pipe.transformer).forward, []
+    monkeypatch.setattr(
+        type(pipe.transformer), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
+    )
+    sketch = comparison.sketch(3)
+    for method, branches, steps in (("naive", 2, 3), ("supergen", 1, 2), ("untiled", 1, 2)):
+        calls.clear()
+        variant = comparison.naive(3, 96, 64) if method == "naive" else getattr(comparison, method)(sketch, 96, 64)
+        assert len(calls) == branches * steps * variant.tiles, method
+    given = compare.Comparison(pipe, prompt=PROMPT, num_frames=5, num_inference_steps=3, refine_steps=2,
+                               guidance_scale=5.0, refine_guidance_scale=3.0)  # fmt: skip
+    assert given.refine_guidance_scale == 3.0
+
+
 # -- bad input: ValueError before any model work, no file written ----------------------------------
 
 
@@ -162,6 +187,7 @@ def no_model(monkeypatch):
             r"`--refine-steps` must be in \[1, --steps=3\]",
         ),
         (["--out", "{tmp}/x.png", "--seed", "-1"], "`--seed` must be >= 0"),
+        (["--out", "{tmp}/x.png", "--refine-guidance-scale", "inf"], "`--refine-guidance-scale` must be a finite"),
         (["--out", "{tmp}/x.png", "--model", "{tmp}/no-such-folder"], "does not exist"),
         (["--out", "{tmp}/x.png", "--prompt", ""], "`--prompt` must be a non-empty text"),
     ],

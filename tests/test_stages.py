@@ -203,6 +203,8 @@ def test_supergen_same_seed_same_output(pipe):
         ({"num_inference_steps": 0}, "`num_inference_steps`"),
         ({"upscale": "nearest"}, "`upscale`"),
         ({"output_type": "gif"}, "`output_type`"),
+        ({"guidance_scale": float("nan")}, "`guidance_scale` must be a finite number >= 0 but is nan"),
+        ({"refine_guidance_scale": -1.0}, "`refine_guidance_scale` must be a finite number >= 0 but is -1.0"),
         ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, "callback_on_step_end_tensor_inputs"),
     ],
 )
@@ -218,6 +220,46 @@ def test_bad_input_fails_before_model_work(pipe, monkeypatch, kwargs, match):
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         sg(**call)
+
+
+def test_refine_guidance_scale_sets_stage_two_only(pipe, monkeypatch):
+    """``refine_guidance_scale`` is the guidance of the tiles and of nothing else: at 1 each tile runs one
+    branch (the sketch keeps both); from a given sketch, stage 2 depends on it alone; unset, it is the
+    model's sidecar value (``pipe.supergen_info``), else ``guidance_scale``."""
+    sg = SuperGen(pipe)
+    kw = dict(height=128, width=64, num_frames=9, num_inference_steps=4, refine_steps=3, output_type="latent")
+    forward, calls = type(pipe.transformer).forward, []
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.transformer), "forward", counting)
+    runs = {}
+    for name, extra in (("both 4", {}), ("refine 1", {"refine_guidance_scale": 1.0})):
+        calls.clear()
+        out = sg(**PROMPT, **kw, **extra, generator=torch.Generator().manual_seed(5))
+        runs[name] = (len(calls), out)
+    tile_steps = runs["both 4"][1].report["tiling"]["tiles_per_step"] * 3
+    sketch_calls = 2 * 4  # the stock pipeline: a conditional and an unconditional call per step
+    assert runs["both 4"][0] == sketch_calls + 2 * tile_steps
+    assert runs["refine 1"][0] == sketch_calls + tile_steps
+    assert runs["both 4"][1].report["guidance_scale"] == {"sketch": 4.0, "refine": 4.0}
+    assert runs["refine 1"][1].report["guidance_scale"] == {"sketch": 4.0, "refine": 1.0}
+    assert not torch.equal(runs["both 4"][1].latents, runs["refine 1"][1].latents)
+
+    # From a given sketch the sketch's guidance plays no part.
+    sketch = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw.update(sketch_latents=sketch)
+    low = sg(**dict(PROMPT, guidance_scale=1.0), **kw, generator=torch.Generator().manual_seed(5)).latents
+    mixed = sg(**PROMPT, **kw, refine_guidance_scale=1.0, generator=torch.Generator().manual_seed(5)).latents
+    assert torch.equal(low, mixed)
+    # Unset: the sidecar's value; given: it wins.
+    monkeypatch.setattr(pipe, "supergen_info", {"refine_guidance_scale": 1.0}, raising=False)
+    side = sg(**PROMPT, **kw, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(side.latents, low) and side.report["guidance_scale"]["refine"] == 1.0
+    given = sg(**PROMPT, **kw, refine_guidance_scale=4.0, generator=torch.Generator().manual_seed(5))
+    assert given.report["guidance_scale"]["refine"] == 4.0 and not torch.equal(given.latents, low)
 
 
 def test_sketch_refuses_the_arguments_it_sets(pipe):
