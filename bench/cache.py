@@ -269,7 +269,8 @@ def main() -> int:
             "frames": FRAMES,
             "steps": STEPS,
             "refine_steps": REFINE_STEPS,
-            "guidance_scale": GUIDANCE,
+            # sketch and stage 2 (stage 2's comes from the model's sidecar: the trained tiny model refines at 1)
+            "guidance_scale": results["off"]["report"]["guidance_scale"],
             "seed": SEED,
             "threads": THREADS,
             "repeats": REPEATS,

@@ -59,6 +59,7 @@ def main() -> int:
     for name, options in SCHEDULES.items():
         tiling = TilingConfig(**options)
         off = run(tiling, None)
+        guidance = off.report["guidance_scale"]
         for threshold in THRESHOLDS:
             out = run(tiling, CacheConfig(mode="gate", threshold=threshold))
             cache = out.report["cache"]
@@ -81,7 +82,7 @@ def main() -> int:
             "frames": FRAMES,
             "steps": STEPS,
             "refine_steps": REFINE_STEPS,
-            "guidance_scale": GUIDANCE,
+            "guidance_scale": guidance,  # sketch and stage 2 (the model's sidecar: refinement at 1)
             "seed": SEED,
             "schedules": SCHEDULES,
         },  # fmt: skip
