@@ -10,7 +10,8 @@ For one prompt and seed, each row shows the first, middle and last frame of:
   the schedule's first sigma, giving ``sigma_0 * noise`` (sigma_0 = 1 - 1e-6 for Wan's flow schedule),
   i.e. the seed's noise, the same noise the direct run (b) starts from, denoised tile by tile;
 * **(d) supergen**: the sketch upscaled, re-noised and refined over the last k steps with shifted tiles
-  (the defaults of ``supergen generate``).
+  (the defaults of ``supergen generate``, including the model's stage 2 guidance,
+  ``refine_guidance_scale``, which only this row's refinement and its untiled control use).
 
 (a) and (d) share one sketch: it is computed once with the stock pipeline and the generator continues
 from where the sketch left it, so (d) is bit for bit what ``SuperGen(...)(..., generator=seed)`` gives.
@@ -383,8 +384,8 @@ def run_compare(args) -> int:
     title = [
         f"prompt: {settings['prompt']}",
         f"model {args.model}, seed {args.seed}, {settings['frames']} frames, {steps} steps, "
-        f"guidance {settings['guidance_scale']:g} (refinement {comparison.refine_guidance_scale:g}), "
-        f"native {native[0]}x{native[1]} -> {height}x{width}",
+        f"guidance {settings['guidance_scale']:g} (stage 2: {comparison.refine_guidance_scale:g}), "
+        f"{native[0]}x{native[1]} -> {height}x{width}",
     ]
     image = compose([(label(v, native, height, width, steps), v.frames) for v in variants], title)
     with _atomic(settings["out"]) as tmp:
