@@ -174,12 +174,14 @@ class SuperGen:
         (k: stage 2 runs the last k of the N steps; default 70 % of N, as the Wan port of the method)
         and the sketch size (default: the model's native size).
 
-        ``refine_guidance_scale``: the ``guidance_scale`` stage 2's tiles are denoised with (default: the
-        model folder's ``supergen.json`` value if it sets one, else ``guidance_scale``). The sketch
-        already carries the prompt's layout, and every tile sees the whole prompt, so guidance in a late,
-        low-noise refinement mostly pushes each tile towards the prompted object on its own; at 1 the
-        refinement runs the conditional branch only (half the forwards). The embedded tiny model
-        refines at 1 (measured in ``bench/quality.py``).
+        ``refine_guidance_scale``: the ``guidance_scale`` stage 2's tiles are denoised with, in the
+        pipeline's own meaning of it (default: the model folder's ``supergen.json`` value if it sets
+        one, else ``guidance_scale``). The sketch already carries the prompt's layout, and every tile
+        sees the whole prompt, so guidance in a late, low-noise refinement mostly pushes each tile
+        towards the prompted object on its own. For classifier-free guidance (Wan, CogVideoX, LTX-Video)
+        1 runs the conditional branch only (half the forwards); for HunyuanVideo it is the embedded
+        guidance value stage 2 feeds the transformer. The embedded tiny model refines at 1 (measured in
+        ``bench/quality.py``).
         """
         pipe, adapter = self.pipe, self.adapter
         timer = StageTimer(pipe._execution_device)
