@@ -28,7 +28,6 @@ Usage: ``python bench/quality.py [--model PATH] [--cases 20] [--scale 2 3] [--ou
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import statistics
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from supergen.config import REFINE_FRACTION, default_refine_steps
+from supergen.config import REFINE_FRACTION, check_guidance, default_refine_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_slug, environment, print_table, write_json  # noqa: E402
@@ -311,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     refine_guidance = args.refine_guidance_scale
     if refine_guidance is None:
         refine_guidance = sidecar.get("refine_guidance_scale", settings["guidance_scale"])
-    if not (math.isfinite(refine_guidance) and refine_guidance >= 0):
-        print(f"quality: --refine-guidance-scale must be a finite number >= 0 but is {refine_guidance}.",
-              file=sys.stderr)  # fmt: skip
+    try:
+        settings["refine_guidance_scale"] = check_guidance("--refine-guidance-scale", refine_guidance)
+    except ValueError as e:
+        print(f"quality: {e}", file=sys.stderr)
         return 2
-    settings["refine_guidance_scale"] = refine_guidance
     if settings["refine_steps"] > steps:
         print(f"quality: --refine-steps must be in [1, {steps}] but is {settings['refine_steps']}.", file=sys.stderr)
         return 2

@@ -161,7 +161,7 @@ def default_refine_steps(num_inference_steps: int, fraction: float = REFINE_FRAC
 
 
 def check_guidance(name: str, value) -> float:
-    """A guidance scale: a finite number >= 0 (<= 1 runs the conditional branch only)."""
+    """A guidance scale, as a pipeline's ``guidance_scale``: a finite number >= 0; returned as a float."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise ValueError(f"`{name}` must be a finite number >= 0 but is {value!r}.")
     return float(value)
