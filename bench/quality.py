@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from supergen.config import REFINE_FRACTION, check_guidance, default_refine_steps
+from supergen.config import REFINE_FRACTION, TilingConfig, check_guidance, default_refine_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, device_slug, environment, print_table, write_json  # noqa: E402
@@ -101,7 +101,7 @@ def measure_case(pipe, case: dict, scales: list[int], settings: dict) -> dict:
     comparison = Comparison(
         pipe, prompt=case["prompt"], num_frames=settings["frames"], num_inference_steps=settings["steps"],
         refine_steps=settings["refine_steps"], guidance_scale=settings["guidance_scale"],
-        refine_guidance_scale=settings["refine_guidance_scale"],
+        refine_guidance_scale=settings["refine_guidance_scale"], shift_period=settings["shift_period"],
     )  # fmt: skip
     sketch = comparison.sketch(case["seed"])
     found = synthetic.detect_objects(sketch.frames)
@@ -275,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stage 2's guidance (default: the model's sidecar value, else its guidance_scale)",
     )
+    parser.add_argument(
+        "--shift-period",
+        type=int,
+        default=TilingConfig.shift_period,
+        help="supergen's TilingConfig.shift_period: the longest sweep of a tile in shift steps (smaller: faster drift)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny ops: 1 is fastest)")
     parser.add_argument("--jobs", type=int, default=1, help="cases measured in parallel processes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -294,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for flag, value in (("--cases", args.cases), ("--threads", args.threads), ("--jobs", args.jobs),
                         ("--steps", args.steps or 1),
-                        ("--refine-steps", args.refine_steps or 1), *(("--scale", s) for s in args.scale)):  # fmt: skip
+                        ("--refine-steps", args.refine_steps or 1), ("--shift-period", args.shift_period),
+                        *(("--scale", s) for s in args.scale)):  # fmt: skip
         if value < 1:
             print(f"quality: {flag} must be >= 1 but is {value}.", file=sys.stderr)
             return 2
@@ -306,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "refine_steps": args.refine_steps
         or default_refine_steps(steps, sidecar.get("refine_fraction", REFINE_FRACTION)),
         "guidance_scale": sidecar.get("guidance_scale", 5.0),
+        "shift_period": args.shift_period,
     }
     refine_guidance = args.refine_guidance_scale
     if refine_guidance is None:

@@ -103,6 +103,13 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--tile-size", default=None, help="tile H,W in pixels (default: the model's native size)")
     g.add_argument("--overlap", default="0", help="tile overlap in pixels, N or H,W (blended with ramps)")
     g.add_argument("--shift", choices=("on", "off"), default="on", help="shift the tile grid every step")
+    g.add_argument(
+        "--shift-period",
+        type=int,
+        default=16,
+        help="each axis's grid sweeps its tile in at most this many steps (default 16); set it to the refined "
+        "steps for the slowest drift that still crosses every band (fewer bytes between ranks, see README)",
+    )
     g.add_argument("--boundary", choices=("torus", "clamp"), default="torus", help="windows wrap or stay inside")
     g.add_argument("--positions", choices=("local", "canvas"), default="local", help="rotary positions per tile")
     g.add_argument("--upscale", choices=("pixel", "latent"), default="pixel", help="where the sketch is upscaled")
@@ -297,7 +304,7 @@ def _check_generate_args(args) -> dict:
         p is not None for p in (out, report, latents)
     ):
         raise ValueError("`--out`, `--report` and `--save-latents` must be different files.")
-    for flag, value in (("--fps", args.fps), ("--threads", args.threads)):
+    for flag, value in (("--fps", args.fps), ("--threads", args.threads), ("--shift-period", args.shift_period)):
         if value is not None and value < 1:
             raise ValueError(f"`{flag}` must be >= 1 but is {value}.")
     model = resolve_model_arguments(args, folder)
@@ -441,7 +448,9 @@ def run_generate(args) -> int:
     scale, multiple = spec.vae_scale[1], spec.pixel_multiple()
     tile = _latent_cells("--tile-size", settings["tile"], scale, multiple)
     overlap = _latent_cells("--overlap", settings["overlap"], scale, multiple)
-    tiling = TilingConfig(tile=tile, overlap=overlap, boundary=args.boundary, shift=args.shift == "on")
+    tiling = TilingConfig(
+        tile=tile, overlap=overlap, boundary=args.boundary, shift=args.shift == "on", shift_period=args.shift_period
+    )
     # The sketch size is the model's native size: it also sets the default tile.
     sketch = settings["sketch"] or probe.native_size
     sg = SuperGen(

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import TilingConfig
+
 #: Rows of the PNG, in order.
 METHODS = ("bicubic", "direct", "naive", "supergen")
 # Layout of the PNG in pixels: outer margin, gap between cells and rows, height of one text line.
@@ -64,13 +66,14 @@ class Variant:
 class Comparison:
     """Generate the variants of one prompt with one pipeline and fixed sampling settings.
 
+    ``shift_period`` is (d)'s ``TilingConfig.shift_period`` (how fast its grid drifts).
     ``check(height, width)`` validates a target for every tiled variant (raises ``ValueError``) without
     running the model; the variant methods call it themselves.
     """
 
     def __init__(self, pipe, *, prompt: str, negative_prompt: str = "", num_frames: int, num_inference_steps: int,
-                 refine_steps: int, guidance_scale: float, refine_guidance_scale: float | None = None):  # fmt: skip
-        from .config import TilingConfig
+                 refine_steps: int, guidance_scale: float, refine_guidance_scale: float | None = None,
+                 shift_period: int = TilingConfig.shift_period):  # fmt: skip
         from .pipeline import SuperGen, resolve_refine_guidance
 
         self.pipe = pipe
@@ -81,7 +84,7 @@ class Comparison:
         self.steps = num_inference_steps
         self.refine_steps = refine_steps
         # The shifted grid is SuperGen's default; the fixed grid serves the naive and no-shift variants.
-        self.shifted = SuperGen(pipe, tiling=TilingConfig(shift=True))
+        self.shifted = SuperGen(pipe, tiling=TilingConfig(shift=True, shift_period=shift_period))
         self.fixed = SuperGen(pipe, tiling=TilingConfig(shift=False))
         self.native_size = self.shifted.native_size
 

@@ -330,6 +330,8 @@ class SuperGen:
                 "overlap": list(grid.overlap),
                 "boundary": grid.config.boundary,
                 "shift": grid.config.shift,
+                "shift_period": grid.config.shift_period,
+                "shift_cells": [grid.rows.step, grid.cols.step],  # how far the grid moves per shift, (rows, cols)
                 "positions": adapter.positions,
                 "upscale": upscale,
             },

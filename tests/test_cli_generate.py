@@ -169,6 +169,7 @@ BAD = [
     (lambda p: ["--tile-size", "40,40"], "`--tile-size` must be a multiple of 16"),
     (lambda p: ["--tile-size", "big"], "`--tile-size` must be N or H,W"),
     (lambda p: ["--overlap", "48"], "overlap"),
+    (lambda p: ["--shift-period", "0"], "`--shift-period` must be >= 1 but is 0"),
     (lambda p: ["--report", str(p / "r.txt")], "`--report` must end in .json"),
     (lambda p: ["--cache", "sometimes"], "`--cache` must be off, gate, budget:F or rehash:G"),
     (lambda p: ["--cache", "rehash:1.5"], "`rehash_gamma` must be in \\(0, 1\\]"),
@@ -216,6 +217,22 @@ def test_step_rehash_from_the_command_line(tmp_path, capsys):
     assert len(cache["key_steps"]) == 5 and cache["key_steps"][0] and cache["key_steps"][-1]
     assert len(cache["similarity"]) == 5 and "calibrate" in data["seconds"]
     assert "calibrate s" in capsys.readouterr().out
+
+
+def test_shift_period_from_the_command_line(tmp_path):
+    """`--shift-period P` reaches the grid: a shorter period moves it further per step (the report says so)."""
+    cells = {}
+    for period in (16, 2):
+        report = tmp_path / f"p{period}.json"
+        argv = ["generate", *SMALL, "--steps", "3", "--refine-steps", "2", "--shift-period", str(period)]
+        assert main([*argv, "--out", str(tmp_path / f"p{period}.mp4"), "--report", str(report)]) == 0
+        tiling = json.loads(report.read_text())["tiling"]
+        assert tiling["shift_period"] == period
+        cells[period] = tiling["shift_cells"]
+    tile = json.loads(report.read_text())["sizes"]["tile_latent"]
+    # an axis with one tile never shifts (0); the others step by a divisor of the tile whose sweep fits
+    moving = [(t, a, b) for t, a, b in zip(tile, cells[16], cells[2]) if b]
+    assert moving and all(t % b == 0 and t // b <= 2 and a < b for t, a, b in moving), (tile, cells)
 
 
 def test_noise_reshifting_from_the_command_line(tmp_path):

@@ -328,6 +328,26 @@ def test_quality_summary_and_verdicts():
     assert quality.verdicts(quality.summarise(rows, [2]), [2])["all"] is False
 
 
+def test_shift_period_moves_d_and_the_lines_its_seam_is_scored_on():
+    """``Comparison(shift_period=)`` is (d)'s grid drift, and the quality bench scores (d)'s seams on the
+    tile edges of that grid's last step (a faster drift puts them elsewhere)."""
+    from supergen.tiny import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    slow, fast = (compare.Comparison(pipe, prompt=PROMPT, num_frames=5, num_inference_steps=3, refine_steps=2,
+                                     guidance_scale=5.0, shift_period=p) for p in (16, 2))  # fmt: skip
+    assert slow.shifted.tiling.shift_period == 16 and fast.shifted.tiling.shift_period == 2
+    assert slow.fixed.tiling == fast.fixed.tiling  # the naive and no-shift variants do not shift at all
+    quality = _quality()
+    edges = [quality.last_step_edges(c, "supergen", 96, 64) for c in (slow, fast)]
+    assert edges[0][0] and edges[0] != edges[1], edges
+
+
+def test_quality_rejects_a_bad_shift_period(capsys):
+    assert _quality().main(["--shift-period", "0", "--cases", "1"]) == 2
+    assert "--shift-period must be >= 1 but is 0" in capsys.readouterr().err
+
+
 def test_quality_refuses_without_the_trained_model(monkeypatch, capsys):
     import supergen.tiny as tiny
 
