@@ -6,15 +6,27 @@ Counted, not timed: the numbers come from the same geometry code the runtime mov
 (``Layout``, ``computers``, ``exchange_bytes``; tests/test_parallel.py checks that the ranks send
 exactly what ``exchange_bytes`` predicts), so no GPU or process group is needed.
 
-Geometry: Wan 2.1 at 480p (native latent tile 60x104, patch 2), 81 frames = 21 latent frames, 16
-latent channels, batch 1; 2K = 1440x2560 px (latent 180x320) and 4K = 2160x3840 px (latent 270x480);
-default tiling (torus windows shifted every step); 50 steps, the last 35 refined (Wan's 70 %).
-Scheduler: UniPC (Wan's), whose multistep history is 3 region-shaped tensors (2 model outputs + the
-last sample) beside the latents; the ``*_euler`` columns count a history-free scheduler (FlowMatchEuler).
+Geometries (``--geometry``; canvases 2K = 1440x2560 px = latent 180x320 and 4K = 2160x3840 px = latent
+270x480; 16 latent channels, patch 2, batch 1, 50 steps):
 
-Both region policies (``ParallelConfig.regions``), each row holding one dict per policy: ``fixed`` (the
-default: regions stay, shifted tiles straddle boundaries and exchange halos and predictions) and
-``follow`` (regions move with the grid, carrying every state tensor across each boundary every step).
+* ``720p``: the published runs' geometry: 720p tiles (90x160 latent; Wan 2.1 14B 720P, HunyuanVideo,
+  CogVideoX 1.5), so 2K is 2x2 tiles and 4K 3x3, 41 frames = 11 latent frames, the last 45 steps refined;
+* ``480p``: Wan 2.1 1.3B's native 60x104 tiles, which do not divide either canvas (overlapping torus
+  windows: 12 tiles on 2K, 25 on 4K), 81 frames = 21 latent frames, the last 35 steps refined (Wan's 70 %).
+
+Tilings (``--tiling``): ``default`` (``TilingConfig()``: torus windows shifted every step, each axis
+sweeping its tile in at most 16 steps, 3-5 patches per step on these tiles) and ``sweep``
+(``TilingConfig(shift_period=refine_steps)``: the same windows drifting one sweep of each tile over the
+refinement, the slowest drift that still crosses every band of an axis: 1-2 patches per step). Following
+regions carry a strip as wide as the drift across every boundary each step, so the drift sets their bytes.
+Scheduler: UniPC (Wan's), whose multistep history is 3 region-shaped tensors (2 model outputs + the
+last sample) beside the latents; the ``*_euler`` columns count a history-free scheduler (FlowMatchEuler,
+HunyuanVideo's and LTX-Video's; CogVideoX's DDIM likewise carries none).
+
+Both region policies (``ParallelConfig.regions``), each row holding one dict per policy: ``fixed``
+(regions stay, shifted tiles straddle boundaries and exchange halos and predictions) and ``follow``
+(regions move with the grid, carrying every state tensor across each boundary every step); ``auto`` (the
+default) is the one ``parallel.choose_regions`` picks, counted before the loop with every tile computed.
 
 Two dtype settings: ``ratio`` is everything in fp32 (an fp32 model); ``ratio_bf16`` is a bf16 model as
 diffusers runs Wan: latents and scheduler/cache state in fp32, predictions in bf16, input halos in bf16
@@ -50,7 +62,10 @@ assignment of those whole tiles can do, ``ceil(C/R) / (C/R)`` (granularity, not 
 rank (asserted), so the step takes as long either way and ``computed_share_cache`` vs
 ``computed_share_cache_no_fill`` is what filling buys: fewer reused tiles.
 
-Usage: ``python bench/parallel.py [--out bench/results/parallel_cpu.json]``
+The ``summary`` holds, per geometry and tiling, each setting's worst share over canvases and ranks under
+``auto`` and whether all meet the targets (<= 10 % of the all-gather; imbalance <= 1.15).
+
+Usage: ``python bench/parallel.py [--geometry 720p 480p] [--tiling default sweep] [--out PATH]``
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ import argparse
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,10 +89,34 @@ from supergen.config import ParallelConfig, TilingConfig  # noqa: E402
 from supergen.tiling import TileGrid  # noqa: E402
 
 CANVASES = {"2K": (180, 320), "4K": (270, 480)}  # latent cells (pixels / 8)
-TILE = (60, 104)  # Wan 2.1 480p native latent
 PATCH = (2, 2)
-FRAMES, CHANNELS, BATCH, ELEMENT = 21, 16, 1, 4
-STEPS, REFINE_STEPS = 50, 35
+CHANNELS, BATCH, ELEMENT = 16, 1, 4
+STEPS = 50
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One model geometry: native latent tile, latent frames and refined steps (of ``STEPS``)."""
+
+    name: str
+    model: str
+    tile: tuple[int, int]
+    frames: int
+    refine_steps: int
+
+
+GEOMETRIES = (
+    # The published runs: 720p tiles on 2K (2x2) and 4K (3x3), 41 frames, the last 45 of 50 steps refined.
+    Geometry("720p", "720p tiles as in the published runs (Wan 2.1 14B 720P, HunyuanVideo, CogVideoX 1.5): "
+             "90x160 latent, 41 frames = 11 latent frames, the last 45 of 50 steps refined", (90, 160), 11, 45),
+    # Wan 2.1 1.3B's native size: overlapping torus windows on both canvases (320/104, 270/60 do not divide).
+    Geometry("480p", "Wan 2.1 480p (1.3B): 60x104 latent, 81 frames = 21 latent frames, the last 35 of 50 "
+             "steps refined (Wan's 70 %)", (60, 104), 21, 35),
+)  # fmt: skip
+# The tile grid: the default, and one sweep of each tile over the refinement (the grid's slowest drift that
+# still crosses every band of an axis: shift_period = the refined steps, so the state crossing a boundary
+# per step is a patch or two wide instead of three to five).
+TILINGS = {"default": lambda g: TilingConfig(), "sweep": lambda g: TilingConfig(shift_period=g.refine_steps)}
 RANKS = (2, 4, 8)
 UNIPC_STATE = 4  # latents + 2 model outputs + last sample
 BUDGET, WARMUP, SEED = 0.5, 3, 0
@@ -101,11 +141,11 @@ def change_field(canvas_hw, step: int) -> torch.Tensor:
     return field - field.min() + 0.1
 
 
-def simulated_compute(layout, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def simulated_compute(layout, step: int, refine_steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N,) bool: the budget policy's computed tiles on the simulated change field, and the change
     (the priority idle ranks fill by; ``None`` on steps that compute every tile)."""
     N = layout.num_tiles
-    if step < WARMUP or step == REFINE_STEPS - 1:
+    if step < WARMUP or step == refine_steps - 1:
         return torch.ones(N, dtype=torch.bool), None
     field = change_field(layout.canvas_hw, step).flatten()
     change = torch.stack([field[layout.windows[n]].mean() for n in range(N)])
@@ -114,18 +154,18 @@ def simulated_compute(layout, step: int) -> tuple[torch.Tensor, torch.Tensor | N
     return compute, change
 
 
-def layouts_for(grid, world: int, regions: str) -> list:
+def layouts_for(grid, world: int, regions: str, refine_steps: int) -> list:
     """The runtime's layout of every refinement step under ``regions`` (``ParallelConfig.regions``)."""
-    layouts = [par.Layout.first(grid, world, REFINE_STEPS, regions)]
-    for i in range(1, REFINE_STEPS):
+    layouts = [par.Layout.first(grid, world, refine_steps, regions)]
+    for i in range(1, refine_steps):
         layouts.append(par.Layout.at_step(grid, i, world, previous=layouts[-1], regions=regions))
     return layouts
 
 
-def count(layouts, world: int, cache, cache_cell: int) -> dict:
+def count(layouts, world: int, cache, cache_cell: int, frames: int) -> dict:
     """Bytes per step (max over ranks, mean over steps) of one region policy, by dtype setting and
     scheduler, with and without the simulated cache; imbalance and computed share with the cache."""
-    cell = BATCH * CHANNELS * FRAMES * ELEMENT  # one fp32 latent-shaped cell
+    cell = BATCH * CHANNELS * frames * ELEMENT  # one fp32 latent-shaped cell
     half = cell // 2  # the same in bf16
     # fp32: everything fp32. bf16: a bf16 model with fp32 latents and scheduler/cache state (as diffusers'
     # Wan pipeline keeps them): predictions travel in bf16, input halos too (the Wan adapter casts first).
@@ -147,8 +187,8 @@ def count(layouts, world: int, cache, cache_cell: int) -> dict:
         euler_bf16 = par.exchange_bytes(layout, every, cell, nxt, **dtypes["bf16"])
         sums["euler_bf16"].append(int(sum(euler_bf16.values()).max()))
 
-        reductions = 1 + cache.decides(i, REFINE_STEPS)  # the gain every step, the decision where it decides
-        compute, change = simulated_compute(layout, i)
+        reductions = 1 + cache.decides(i, len(layouts))  # the gain every step, the decision where it decides
+        compute, change = simulated_compute(layout, i, len(layouts))
         filled = par.fill_idle_slots(compute, change, layout.home_rank, world)  # ParallelConfig.fill_idle
         for key, decided in (("fill", filled), ("no_fill", compute)):
             computed_share[key].append(float(decided.float().mean()))
@@ -186,19 +226,26 @@ def count(layouts, world: int, cache, cache_cell: int) -> dict:
     }
 
 
-def run(name: str, canvas_hw, world: int) -> dict:
-    grid = TileGrid((FRAMES, *canvas_hw), TilingConfig(), multiple=PATCH, native_tile=TILE)
-    tile_bytes = TILE[0] * TILE[1] * BATCH * CHANNELS * FRAMES * ELEMENT
+def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) -> dict:
+    tiling = TILINGS[tiling_name](geometry)
+    frames, steps = geometry.frames, geometry.refine_steps
+    grid = TileGrid((frames, *canvas_hw), tiling, multiple=PATCH, native_tile=geometry.tile)
+    cell = BATCH * CHANNELS * frames * ELEMENT  # one fp32 latent-shaped cell
+    tile_bytes = geometry.tile[0] * geometry.tile[1] * cell
     cache = TileCache(CacheConfig(mode="budget", budget=BUDGET, warmup=WARMUP))
-    cache_cell = par.tile_cache_cell_bytes(cache, torch.zeros(BATCH, CHANNELS, FRAMES, 1))
-    per_policy = {regions: layouts_for(grid, world, regions) for regions in REGIONS}
+    cache_cell = par.tile_cache_cell_bytes(cache, torch.zeros(BATCH, CHANNELS, frames, 1))
+    per_policy = {regions: layouts_for(grid, world, regions, steps) for regions in REGIONS}
     tiles = [layout.num_tiles for layout in per_policy["follow"]]
     allgather = statistics.mean(N * tile_bytes * (world - 1) / world for N in tiles)
     # the published code: padded prediction all-gather + the latent all-gather before the shift (every step)
     published = statistics.mean(2 * (world - 1) * math.ceil(N / world) * tile_bytes for N in tiles)
     row = {
+        "geometry": geometry.name,
+        "tiling": tiling_name,
+        "shift_period": tiling.shift_period,
+        "shift_cells": [grid.rows.step, grid.cols.step],
         "canvas": name,
-        "canvas_latent": [FRAMES, *canvas_hw],
+        "canvas_latent": [frames, *canvas_hw],
         "ranks": world,
         "tiles_per_step": tiles[0],
         "allgather_bytes_per_rank_step": round(allgather),
@@ -206,7 +253,7 @@ def run(name: str, canvas_hw, world: int) -> dict:
         "cache_state_bytes_per_cell": cache_cell,
     }
     for regions, layouts in per_policy.items():
-        c = count(layouts, world, cache, cache_cell)
+        c = count(layouts, world, cache, cache_cell, frames)
         b = c.pop("bytes")
         row[regions] = {
             "ours_max_rank_bytes_per_step": round(b["fp32"]),
@@ -224,7 +271,6 @@ def run(name: str, canvas_hw, world: int) -> dict:
         }
     # What the runtime's default (regions="auto") picks in each setting: par.choose_regions with that
     # setting's per-cell sizes (state beyond the latents: UniPC's 3 history tensors, the cache's state).
-    cell = BATCH * CHANNELS * FRAMES * ELEMENT
     history = (UNIPC_STATE - 1) * cell
     settings = {
         "ratio": (cell, history, cell, cell),
@@ -237,46 +283,92 @@ def run(name: str, canvas_hw, world: int) -> dict:
     config = ParallelConfig()
     row["auto"] = {}
     for key, sizes in settings.items():
-        regions, _ = par.choose_regions(config, grid, world, REFINE_STEPS, *sizes)
+        regions, _ = par.choose_regions(config, grid, world, steps, *sizes)
         row["auto"][key] = {"regions": regions, "ratio": row[regions][key]}
     row["meets_bytes_target"] = {k: v["ratio"] <= TARGET_RATIO for k, v in row["auto"].items()}
     row["meets_imbalance_target"] = row["fixed"]["imbalance_cache"] <= TARGET_IMBALANCE
     return row
 
 
+SETTINGS = ("ratio", "ratio_bf16", "ratio_euler", "ratio_euler_bf16", "ratio_cache", "ratio_cache_bf16")
+
+
+def summarise(rows: list) -> list:
+    """Per geometry and tiling, each setting's worst (largest) share over canvases and ranks under the
+    default region policy, and whether every canvas and rank count meets the targets."""
+    out = []
+    for key in dict.fromkeys((r["geometry"], r["tiling"]) for r in rows):
+        group = [r for r in rows if (r["geometry"], r["tiling"]) == key]
+        entry = {"geometry": key[0], "tiling": key[1]}
+        for setting in SETTINGS:
+            entry[f"worst_{setting}"] = round(max(r["auto"][setting]["ratio"] for r in group), 4)
+            entry[f"meets_{setting}"] = all(r["meets_bytes_target"][setting] for r in group)
+        entry["worst_imbalance_cache"] = round(max(r["fixed"]["imbalance_cache"] for r in group), 4)
+        entry["meets_imbalance"] = all(r["meets_imbalance_target"] for r in group)
+        out.append(entry)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "parallel_cpu.json"))
+    parser.add_argument(
+        "--geometry",
+        nargs="+",
+        choices=[g.name for g in GEOMETRIES],
+        default=[g.name for g in GEOMETRIES],
+        help="model geometries to count (default: all)",
+    )
+    parser.add_argument("--tiling", nargs="+", choices=list(TILINGS), default=list(TILINGS),
+                        help="tile grids to count (default: both)")  # fmt: skip
     args = parser.parse_args()
-    rows = [run(name, hw, world) for name, hw in CANVASES.items() for world in RANKS]
-    flat = [{"canvas": r["canvas"], "ranks": r["ranks"], "tiles": r["tiles_per_step"], "regions": regions,
-             **{k: r[regions][k] for k in COLUMNS}} for r in rows for regions in REGIONS]  # fmt: skip
-    print_table(flat, ["canvas", "ranks", "tiles", "regions", *COLUMNS])
+    rows = [run(g, tiling, name, hw, world) for g in GEOMETRIES if g.name in args.geometry for tiling in args.tiling
+            for name, hw in CANVASES.items() for world in RANKS]  # fmt: skip
+    flat = [{"geometry": r["geometry"], "tiling": r["tiling"], "canvas": r["canvas"], "ranks": r["ranks"],
+             "tiles": r["tiles_per_step"], "regions": regions, **{k: r[regions][k] for k in COLUMNS}}
+            for r in rows for regions in REGIONS]  # fmt: skip
+    print_table(flat, ["geometry", "tiling", "canvas", "ranks", "tiles", "regions", *COLUMNS])
+    summary = summarise(rows)
+    print_table(summary, list(summary[0]))
     payload = {
         "environment": environment("cpu"),
         "what": "bytes sent per rank per refinement step: supergen's halo exchange (+ region migration with "
         "regions that follow the grid) vs a ring all-gather of every tile prediction; load imbalance (max/mean "
         "computed tiles per rank) with the cache on",
-        "regions": "each row has one dict per ParallelConfig.regions policy: fixed (the default: regions stay, "
-        "shifted tiles exchange halos and predictions across boundaries, no state moves) and follow (regions "
-        "move with the grid; the state of the cells changing owner moves every step)",
+        "regions": "each row has one dict per ParallelConfig.regions policy: fixed (regions stay, shifted tiles "
+        "exchange halos and predictions across boundaries, no state moves) and follow (regions move with the grid; "
+        "the state of the cells changing owner moves every step); auto (the default) is what the runtime picks",
         "dtypes": "ratio*: everything fp32 (an fp32 model); *_bf16: a bf16 model with fp32 latents and "
         "scheduler/cache state, predictions and input halos in bf16 (the Wan adapter casts tiles first), "
         "against an all-gather of bf16 predictions",
         "counted_not_timed": "from supergen.parallel's geometry (Layout, computers, exchange_bytes), which the "
         "runtime uses to move its tensors; no process group or GPU involved",
-        "geometry": {
-            "model": "Wan 2.1 480p",
-            "tile_latent": list(TILE),
+        "geometries": {
+            g.name: {
+                "model": g.model,
+                "tile_latent": list(g.tile),
+                "frames_latent": g.frames,
+                "refine_steps": g.refine_steps,
+            }
+            for g in GEOMETRIES
+            if g.name in args.geometry
+        },
+        "common": {
             "patch": list(PATCH),
-            "frames_latent": FRAMES,
             "channels": CHANNELS,
             "batch": BATCH,
             "state_element_bytes": ELEMENT,
-            "tiling": "TilingConfig() (torus, shifted every step)",
             "steps": STEPS,
-            "refine_steps": REFINE_STEPS,
-        },  # fmt: skip
+            "canvases_latent_hw": CANVASES,
+            "ranks": list(RANKS),
+        },
+        "tilings": {
+            "default": "TilingConfig(): torus windows shifted every step, shift_period 16 (each axis "
+            "sweeps its tile in at most 16 steps: 3-5 patches per step on these tiles)",
+            "sweep": "TilingConfig(shift_period=refine_steps): the same grid drifting one sweep of "
+            "each tile over the refinement (1-2 patches per step); row key shift_cells",
+        },
+        "summary": summary,
         "scheduler_state": f"ratio: UniPC, {UNIPC_STATE} region-shaped tensors (latents, 2 model outputs, last "
         "sample; they migrate only with follow regions); ratio_euler: FlowMatchEuler (latents only)",
         "baselines": "primary (the issue's target): ratio = ours / ring all-gather of all N tile predictions; "
