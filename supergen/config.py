@@ -40,6 +40,10 @@ class TilingConfig:
         shift_every: move the grid every this many refinement steps.
         shift_period: the longest cycle (in shift events) an axis may take to sweep its tile once;
             each axis picks its own step, a divisor of its tile size, so that every band is crossed.
+            The default 16 is the published cadence (3-5 patches per step on 720p tiles); the number
+            of refined steps gives the slowest drift that still sweeps every tile once over the run
+            (1-2 patches per step), which under tile parallelism lets regions follow the grid for a
+            third to a half of the bytes (``bench/parallel.py``).
         ramp: blend ramp for overlapping tiles, ``linear`` or ``cosine``.
     """
 
@@ -92,10 +96,13 @@ class ParallelConfig:
             (the final latent then equals the one-process run's).
         regions: ``auto`` (default): whichever of the two below makes the busiest rank send fewer bytes
             over this run, counted before the loop with the run's dtypes and state (the scheduler's
-            multistep history measured on a one-cell copy, the tile cache's per-cell state); in
-            practice ``fixed`` for a multistep scheduler or the tile cache, ``follow`` for a
-            history-free one. ``fixed``: each rank keeps one region for the whole run (of a few
-            balanced partitions, the one whose halos are fewest over the run), and tiles that the
+            multistep history measured on a one-cell copy, the tile cache's per-cell state; every tile
+            counted as computed, so with the tile cache it can misjudge). On the default grid that is
+            in practice ``fixed`` for a multistep scheduler or the tile cache and ``follow`` for a
+            history-free one; on a grid drifting one sweep over the refinement
+            (``TilingConfig(shift_period=refine_steps)``), ``follow`` for UniPC too. ``fixed``: each
+            rank keeps one region for the whole run (of a few balanced partitions, the one whose halos
+            are fewest over the run), and tiles that the
             shifted grid moves across a region boundary take their input halo from, and send their
             predictions back to, the neighbour; no scheduler or cache state ever moves.
             ``follow``: regions move with the grid so that no shifted tile straddles a boundary, and
@@ -103,7 +110,7 @@ class ParallelConfig:
             history and the cache's state along. ``fixed`` moves fewer bytes wherever that state is
             larger than the halos: a half-precision model (predictions and halos travel in its dtype,
             the state in fp32), a multistep scheduler or the tile cache (``bench/parallel.py`` counts
-            both); ``follow`` wins for a history-free scheduler.
+            both); ``follow`` wins for a history-free scheduler or a slowly drifting grid.
     """
 
     backend: str = "auto"
