@@ -1,8 +1,10 @@
 """Tile parallelism across processes: region ownership, point-to-point halo exchange, rebalancing.
 
-Launched with ``torchrun`` (``WORLD_SIZE`` > 1): every rank runs the sketch, the upscale and the
-re-noise itself (same seed, same result), then the ranks share stage 2. With one process nothing
-here runs and no process group is created.
+Launched with ``torchrun`` (``WORLD_SIZE`` > 1): rank 0 runs the sketch and broadcasts it with the state
+of the random generator it drew from (:func:`share_sketch`); every rank then upscales and re-noises it
+itself (same input, same seed; a checksum confirms the canvases agree, else rank 0's is broadcast:
+:func:`agree_on_canvas`), and the ranks share stage 2. With one process nothing here runs and no
+process group is created.
 
 Design (why it is shaped this way)
 ----------------------------------
@@ -99,6 +101,8 @@ class ExchangeStats:
 
     per_step: list[dict] = field(default_factory=list)
     final_gather: int = 0
+    sketch_broadcast: int = 0  # rank 0: the sketch latent it broadcast (:func:`share_sketch`)
+    canvas_broadcast: int = 0  # rank 0: the canvas it broadcast when the ranks' differed (:func:`agree_on_canvas`)
 
     def add(self, kind: str, nbytes: int) -> None:
         step = self.per_step[-1]
@@ -113,6 +117,8 @@ class ExchangeStats:
                 for k in ("inputs", "predictions", "migration", "cache_stats")
             },
             "final_gather_bytes": self.final_gather,
+            "sketch_broadcast_bytes": self.sketch_broadcast,
+            "canvas_broadcast_bytes": self.canvas_broadcast,
         }
 
 
@@ -189,6 +195,76 @@ def _comm_device(ctx: ParallelContext) -> torch.device:
     import torch.distributed as dist
 
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator ``torch.randn(..., generator=None, device=device)`` draws from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def share_sketch(ctx: ParallelContext, low: torch.Tensor | None, generator: torch.Generator | None,
+                 device: torch.device | str) -> torch.Tensor:  # fmt: skip
+    """Stage 1 runs once, on rank 0: its sketch latent ``low`` (``None`` on the other ranks) and the state
+    of the random generator it drew from (``generator``, or ``device``'s default one) are broadcast, so
+    every rank continues from the same sketch and draws the same re-noising noise. The other ranks wait
+    instead of computing the same thing, and no rank can hold a different sketch (kernels that are not
+    bitwise reproducible across GPUs or nodes would otherwise let them drift apart). Returns the sketch
+    on ``device``; rank 0 counts the payload in ``ctx.stats.sketch_broadcast``."""
+    import torch.distributed as dist
+
+    comm = _comm_device(ctx)
+    device = torch.device(device)
+    meta = torch.zeros(8, dtype=torch.int64, device=comm)
+    if ctx.rank == 0:
+        if low.dim() > 6 or low.dtype not in _DTYPES:
+            raise ValueError(f"cannot share a sketch of shape {tuple(low.shape)} and dtype {low.dtype}.")
+        meta[0], meta[1] = low.dim(), _DTYPES.index(low.dtype)
+        meta[2 : 2 + low.dim()] = torch.tensor(low.shape, dtype=torch.int64)
+    dist.broadcast(meta, src=0)
+    ndim, code = int(meta[0]), int(meta[1])
+    shape = tuple(int(s) for s in meta[2 : 2 + ndim])
+    data = low.to(comm).contiguous() if ctx.rank == 0 else torch.empty(shape, dtype=_DTYPES[code], device=comm)
+    dist.broadcast(data, src=0)
+    rng = generator if generator is not None else _default_generator(device)
+    state = rng.get_state()
+    size = torch.tensor([state.numel()], dtype=torch.int64, device=comm)
+    dist.broadcast(size, src=0)
+    payload = state.to(comm) if ctx.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=comm)
+    dist.broadcast(payload, src=0)
+    if ctx.rank != 0:
+        rng.set_state(payload.cpu())
+    else:
+        ctx.stats.sketch_broadcast = data.numel() * data.element_size()
+    return low if ctx.rank == 0 else data.to(device)
+
+
+def agree_on_canvas(ctx: ParallelContext, latents: torch.Tensor) -> torch.Tensor:
+    """The re-noised canvas each rank built from the shared sketch, made the same on every rank.
+
+    The upscale (VAE decode and tiled encode) runs on every rank, which gives every rank the same canvas
+    only where its kernels are bitwise reproducible. The ranks compare a checksum (sum and sum of
+    squares in float64, two numbers each); if any rank's differs from rank 0's, rank 0 broadcasts its
+    canvas to all (once, counted in ``ctx.stats.canvas_broadcast``) and the run goes on from it."""
+    import torch.distributed as dist
+
+    comm = _comm_device(ctx)
+    x = latents.detach().double()
+    mine = torch.stack([x.sum(), (x * x).sum()]).to(comm)
+    sums = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(sums, mine)
+    if all(torch.equal(s, sums[0]) for s in sums[1:]):
+        return latents
+    data = latents.to(comm).contiguous()
+    dist.broadcast(data, src=0)
+    if ctx.rank == 0:
+        ctx.stats.canvas_broadcast = data.numel() * data.element_size()
+        return latents
+    return data.to(latents.device)
 
 
 def check_same_config(ctx: ParallelContext, settings: dict) -> None:

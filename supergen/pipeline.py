@@ -84,7 +84,8 @@ class SuperGen:
             ``native_steps`` at the native size, the rest at ``scale`` of it per side); ``None`` = off.
         parallel: a :class:`supergen.config.ParallelConfig` to share stage 2 across the processes of a
             ``torchrun`` launch (:mod:`supergen.parallel`); with one process (``WORLD_SIZE`` unset or 1)
-            it changes nothing. Every rank runs the sketch itself; rank 0 gets the video, the other
+            it changes nothing. Rank 0 runs the sketch and broadcasts it (with the random state it
+            left), every rank upscales and re-noises it itself; rank 0 gets the video, the other
             ranks an output whose ``frames`` and ``latents`` are ``None``.
     """
 
@@ -357,12 +358,20 @@ class SuperGen:
         pipe, adapter = self.pipe, self.adapter
 
         # 2. Stage 1: sketch at the native size with the stock pipeline.
+        #    Under tile parallelism rank 0 alone runs it and broadcasts it with its random state.
         with stage("sketch"):
-            if self.reshift is not None:
-                low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator, **text,
-                                       **pipeline_kwargs)  # fmt: skip
-            else:
-                low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+            shared = parallel is not None and parallel.distributed and sketch_latents is None
+            low = None
+            if not shared or parallel.rank == 0:
+                if self.reshift is not None:
+                    low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator, **text,
+                                           **pipeline_kwargs)  # fmt: skip
+                else:
+                    low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+            if shared:
+                from .parallel import share_sketch
+
+                low = share_sketch(parallel, low, generator, pipe._execution_device)
 
         # 3. Upscale the sketch to the canvas (pixel space by default).
         with stage("upscale"):
@@ -380,6 +389,10 @@ class SuperGen:
                     f"for {plan.num_inference_steps} steps; only one-evaluation-per-step schedulers are supported."
                 )
             latents = renoise(pipe.scheduler, clean, plan.begin_index, generator)
+            if parallel is not None and parallel.distributed:
+                from .parallel import agree_on_canvas
+
+                latents = agree_on_canvas(parallel, latents)
 
             # 5. Conditioning at canvas size (text embeddings; image latents cropped per tile later).
             #    Stage 2's own guidance scale (``refine_guidance_scale``), the sketch's everywhere else.

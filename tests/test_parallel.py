@@ -5,6 +5,7 @@ equal the single-process latent, plus the failure and configuration-mismatch beh
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -69,6 +70,7 @@ TINY = {"name": "tiny_wan", "model": "tiny", "height": 128, "width": 192, "steps
 TINY_CACHE = dict(TINY, name="tiny_wan_budget", steps=5, refine_steps=4, cache={"mode": "budget", "warmup": 1})
 TINY_FOLLOW = dict(TINY_CACHE, name="tiny_wan_budget_follow", regions="follow")
 TINY_BF16 = dict(TINY, name="tiny_wan_bf16", dtype="bfloat16")  # bf16 model, fp32 latents
+TINY_DRIFT = dict(TINY, name="tiny_wan_drift", drift_rank=1)  # rank 1's VAE encode is off by 1e-3
 
 
 def _free_port() -> int:
@@ -120,7 +122,7 @@ def single_process():
 def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_path):
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
-    tiny = [mismatch, TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16] if world == 2 else []
+    tiny = [mismatch, TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT] if world == 2 else []
     cases = CASES + FIXED_CASES + FILL_CASES + tiny
     results = _wait(_launch(world, cases, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
@@ -190,8 +192,8 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         assert added > 0  # filling really computed tiles the single process skipped
     if world == 2:
         # through SuperGen: without and with the tile cache, both region policies, and a bf16 model
-        for case in (TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16):
-            single, report = _tiny_single_process(case)
+        for case in (TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT):
+            single, report = _tiny_single_process(dict(case, drift_rank=None))
             got = torch.load(tmp_path / f"{case['name']}.pt")
             assert (got - single).abs().max().item() <= 1e-5, case["name"]
             for rank in range(2):
@@ -200,6 +202,14 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
                 assert ranks_report["regions_configured"] == case.get("regions", "auto"), case["name"]
                 assert ranks_report["regions"] == case.get("regions", ranks_report["regions"]), case["name"]
                 assert ranks_report["regions"] in ("fixed", "follow"), case["name"]  # auto resolved
+                # stage 1 ran once, on rank 0, which broadcast the sketch latent (fp32) to the others
+                assert ranks_report["sketch_runs"] == (1 if rank == 0 else 0), (case["name"], rank)
+                sketch_bytes = got.shape[0] * got.shape[1] * math.prod(report["sizes"]["sketch_latent"]) * 4
+                assert ranks_report["sketch_broadcast_bytes"] == (sketch_bytes if rank == 0 else 0), case["name"]
+                # the ranks' re-noised canvases agree (checksums), unless one rank's upscale drifted: then
+                # rank 0 broadcast its canvas once and the result is still the single-process one
+                canvas_bytes = got.numel() * 4 if case is TINY_DRIFT and rank == 0 else 0
+                assert ranks_report["canvas_broadcast_bytes"] == canvas_bytes, (case["name"], rank)
             if case is TINY_CACHE:
                 assert report["cache"]["skipped_tile_steps"] > 0
         # a bf16 model's input halos travel in bf16: the same cells as the fp32 run, half the bytes
