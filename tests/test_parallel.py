@@ -222,6 +222,34 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
             assert "different settings" in message and "prompt: rank 0='a red fox', rank 1='a blue fox'" in message
 
 
+def test_supergen_generate_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m supergen.cli generate` (the README's launch) writes the same latent
+    as one process, only rank 0 writes the outputs, and its report names the run's two ranks."""
+    from safetensors.torch import load_file
+
+    argv = ["-m", "supergen.cli", "generate", "--model", "tiny-random", "--height", "96", "--width", "64",
+            "--frames", "5", "--steps", "3", "--refine-steps", "2", "--quiet", "--parallel-timeout", "60"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    one = tmp_path / "one"
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    runs = {"one": [sys.executable], "two": [sys.executable, *torchrun]}
+    for name, prefix in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        files = ["--out", str(out / "v.mp4"), "--report", str(out / "r.json"),
+                 "--save-latents", str(out / "l.safetensors")]  # fmt: skip
+        done = subprocess.run([*prefix, *argv, *files], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == ["l.safetensors", "r.json", "v.mp4"], name  # nothing stray
+    got, want = (load_file(tmp_path / n / "l.safetensors")["latents"] for n in ("two", "one"))
+    assert (got - want).abs().max().item() <= 1e-5
+    report = json.loads((tmp_path / "two" / "r.json").read_text())["parallel"]
+    assert report["world_size"] == 2 and report["rank"] == 0 and report["sketch_broadcast_bytes"] > 0
+    assert json.loads((one / "r.json").read_text())["parallel"] is None
+
+
 def _predicted_bytes(case: dict, world: int, rank: int, cache=None) -> list[int]:
     """Bytes per step the geometry code predicts; with ``cache`` (the single-process TileCache of the
     case) its decisions, its state migrating with the regions and its window-sum all-reduces."""
