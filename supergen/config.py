@@ -42,8 +42,9 @@ class TilingConfig:
             each axis picks its own step, a divisor of its tile size, so that every band is crossed.
             The default 16 is the published cadence (3-5 patches per step on 720p tiles); the number
             of refined steps gives the slowest drift that still sweeps every tile once over the run
-            (1-2 patches per step), which under tile parallelism lets regions follow the grid for a
-            third to a half of the bytes (``bench/parallel.py``).
+            (1-2 patches per step), which under tile parallelism lets regions follow the grid for
+            fewer bytes (on 720p tiles with UniPC in fp32, a third to two fifths of the default
+            grid's: ``bench/parallel.py``).
         ramp: blend ramp for overlapping tiles, ``linear`` or ``cosine``.
     """
 
