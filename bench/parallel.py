@@ -162,10 +162,10 @@ def layouts_for(grid, world: int, regions: str, refine_steps: int) -> list:
     return layouts
 
 
-def count(layouts, world: int, cache, cache_cell: int, frames: int) -> dict:
+def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
     """Bytes per step (max over ranks, mean over steps) of one region policy, by dtype setting and
-    scheduler, with and without the simulated cache; imbalance and computed share with the cache."""
-    cell = BATCH * CHANNELS * frames * ELEMENT  # one fp32 latent-shaped cell
+    scheduler, with and without the simulated cache; imbalance and computed share with the cache.
+    ``cell``: one fp32 latent-shaped cell, ``B * C * T * 4`` bytes."""
     half = cell // 2  # the same in bf16
     # fp32: everything fp32. bf16: a bf16 model with fp32 latents and scheduler/cache state (as diffusers'
     # Wan pipeline keeps them): predictions travel in bf16, input halos too (the Wan adapter casts first).
@@ -252,15 +252,15 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         "published_bytes_per_rank_step": round(published),
         "cache_state_bytes_per_cell": cache_cell,
     }
-    # Once per run, outside the loop: rank 0 broadcasts the sketch (one native-size latent, the tile's
-    # area in fp32); after the loop every other rank sends its region of the canvas to rank 0.
-    sketch = geometry.tile[0] * geometry.tile[1] * cell
+    # Once per run, outside the loop: rank 0 broadcasts the sketch (one native-size latent: a tile in
+    # fp32); after the loop every other rank sends its region of the canvas to rank 0.
+    sketch = tile_bytes
     row["one_off_bytes"] = {"sketch_broadcast_rank0": sketch}
     for regions, layouts in per_policy.items():
         last = layouts[-1]
         gather = max((int((last.owner == r).sum()) * cell for r in range(1, world)), default=0)
         row["one_off_bytes"][f"final_gather_max_rank_{regions}"] = gather
-        c = count(layouts, world, cache, cache_cell, frames)
+        c = count(layouts, world, cache, cache_cell, cell)
         b = c.pop("bytes")
         row[regions] = {
             "ours_max_rank_bytes_per_step": round(b["fp32"]),

@@ -16,7 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
-from .config import default_refine_steps
+from .config import TilingConfig, default_refine_steps
 
 OPS = ("halo_gather", "blend_scatter", "masked_attention")
 
@@ -106,8 +106,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument(
         "--shift-period",
         type=int,
-        default=16,
-        help="each axis's grid sweeps its tile in at most this many steps (default 16); set it to the refined "
+        default=TilingConfig.shift_period,
+        help="each axis's grid sweeps its tile in at most this many steps (default %(default)s); set it to the refined "
         "steps for the slowest drift that still crosses every band (fewer bytes between ranks, see README)",
     )
     g.add_argument("--boundary", choices=("torus", "clamp"), default="torus", help="windows wrap or stay inside")

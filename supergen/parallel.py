@@ -231,10 +231,7 @@ def share_sketch(ctx: ParallelContext, low: torch.Tensor | None, generator: torc
     data = low.to(comm).contiguous() if ctx.rank == 0 else torch.empty(shape, dtype=_DTYPES[code], device=comm)
     dist.broadcast(data, src=0)
     rng = generator if generator is not None else _default_generator(device)
-    state = rng.get_state()
-    size = torch.tensor([state.numel()], dtype=torch.int64, device=comm)
-    dist.broadcast(size, src=0)
-    payload = state.to(comm) if ctx.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=comm)
+    payload = rng.get_state().to(comm)  # the same size on every rank: the same kind of generator
     dist.broadcast(payload, src=0)
     if ctx.rank != 0:
         rng.set_state(payload.cpu())
