@@ -20,8 +20,10 @@ sweeping its tile in at most 16 steps, 3-5 patches per step on these tiles) and 
 refinement, the slowest drift that still crosses every band of an axis: 1-2 patches per step). Following
 regions carry a strip as wide as the drift across every boundary each step, so the drift sets their bytes.
 Scheduler: UniPC (Wan's), whose multistep history is 3 region-shaped tensors (2 model outputs + the
-last sample) beside the latents; the ``*_euler`` columns count a history-free scheduler (FlowMatchEuler,
-HunyuanVideo's and LTX-Video's; CogVideoX's DDIM likewise carries none).
+last sample); its latents are its predictor applied to them, so they do not migrate (the receiver
+rebuilds them: ``parallel.history_derives_latents``) and 3 tensors move per cell; the ``*_euler`` columns
+count a history-free scheduler (FlowMatchEuler, HunyuanVideo's and LTX-Video's; CogVideoX's DDIM likewise
+carries none), whose latents migrate.
 
 Both region policies (``ParallelConfig.regions``), each row holding one dict per policy: ``fixed``
 (regions stay, shifted tiles straddle boundaries and exchange halos and predictions) and ``follow``
@@ -118,7 +120,7 @@ GEOMETRIES = (
 # per step is a patch or two wide instead of three to five).
 TILINGS = {"default": lambda g: TilingConfig(), "sweep": lambda g: TilingConfig(shift_period=g.refine_steps)}
 RANKS = (2, 4, 8)
-UNIPC_STATE = 4  # latents + 2 model outputs + last sample
+UNIPC_STATE = 3  # 2 model outputs + last sample; the latents are rebuilt from them on receipt
 BUDGET, WARMUP, SEED = 0.5, 3, 0
 TARGET_RATIO, TARGET_IMBALANCE = 0.10, 1.15
 REGIONS = ("fixed", "follow")  # ParallelConfig.regions, counted both; "auto" (the default) picks per setting
@@ -280,8 +282,9 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
             **c,
         }
     # What the runtime's default (regions="auto") picks in each setting: par.choose_regions with that
-    # setting's per-cell sizes (state beyond the latents: UniPC's 3 history tensors, the cache's state).
-    history = (UNIPC_STATE - 1) * cell
+    # setting's per-cell sizes (state beyond the latents: UniPC's 3 history tensors, from which the latents
+    # are rebuilt, so they do not migrate; the cache's state).
+    history = UNIPC_STATE * cell
     settings = {
         "ratio": (cell, history, cell, cell),
         "ratio_bf16": (cell, history, cell // 2, cell // 2),
@@ -293,7 +296,8 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
     config = ParallelConfig()
     row["auto"] = {}
     for key, sizes in settings.items():
-        regions, _ = par.choose_regions(config, grid, world, steps, *sizes)
+        unipc = "euler" not in key
+        regions, _ = par.choose_regions(config, grid, world, steps, *sizes, latents_migrate=not unipc)
         row["auto"][key] = {"regions": regions, "ratio": row[regions][key]}
     row["meets_bytes_target"] = {k: v["ratio"] <= TARGET_RATIO for k, v in row["auto"].items()}
     row["meets_imbalance_target"] = row["fixed"]["imbalance_cache"] <= TARGET_IMBALANCE
@@ -385,8 +389,9 @@ def main() -> None:
         "every other rank sends its region to rank 0 after the loop (the final gather); ratio_with_one_off adds "
         "the larger of the two, spread over the refined steps, to the fp32 ratio. The published design needs no "
         "final gather (every rank holds the canvas) but all-gathers the latent before every shift step",
-        "scheduler_state": f"ratio: UniPC, {UNIPC_STATE} region-shaped tensors (latents, 2 model outputs, last "
-        "sample; they migrate only with follow regions); ratio_euler: FlowMatchEuler (latents only)",
+        "scheduler_state": f"ratio: UniPC, {UNIPC_STATE} region-shaped history tensors (2 model outputs, last "
+        "sample; they migrate only with follow regions, and the receiver rebuilds the latents from them); "
+        "ratio_euler: FlowMatchEuler (the latents migrate, nothing else)",
         "baselines": "primary (the issue's target): ratio = ours / ring all-gather of all N tile predictions; "
         "secondary: ratio_published = ours / what the published code sends (padded all-gather of ceil(N/R) tiles "
         "per rank + a latent all-gather of the same buffer before every shift step)",

@@ -30,10 +30,13 @@ Design (why it is shaped this way)
   the alternative: home tiles move with the grid, so each step the region moves by the shift and a
   rank hands its neighbour one shift-wide strip per boundary, carrying the latents and every
   region-shaped scheduler/cache tensor (found generically); on the torus the run of home tiles is
-  rotated to move the fewest cells. Which moves fewer bytes is arithmetic (``bench/parallel.py``
+  rotated to move the fewest cells. Where the latents a step returns are a function of the history
+  the scheduler keeps (UniPC: its predictor applied to ``last_sample`` and ``model_outputs``; checked
+  on a one-cell probe, :func:`history_derives_latents`), they do not travel: the receiver rebuilds
+  them with the scheduler's own arithmetic. Which moves fewer bytes is arithmetic (``bench/parallel.py``
   counts both): a fixed boundary is straddled by a quarter tile on average, for which the halo and
   the predictions cross it, in the model's dtype; a following boundary moves by the shift, for which
-  every state tensor crosses it in fp32 (4 with UniPC, 6 with the tile cache, 1 with Euler). Counted
+  every state tensor crosses it in fp32 (3 with UniPC, 1 with Euler, plus the tile cache's). Counted
   for Wan 2.1 at 2K and 4K on 2-8 ranks with a bf16 model, ``fixed`` moves less with UniPC or the
   tile cache, ``follow`` with a history-free scheduler (Euler).
 * **Halos travel in the model's dtype** where the adapter's ``predict`` casts its tiles to the model's
@@ -83,6 +86,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -564,26 +568,96 @@ def scheduler_cell_bytes(adapter, scheduler, like: torch.Tensor, begin: int, ste
     return most
 
 
+def _probe_cell(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A one-cell tensor shaped like ``like[..., :1]`` of seeded normal values (the global RNG untouched)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(like[..., :1].shape, generator=g, dtype=torch.float64).to(like.device, like.dtype)
+
+
+def _rebuild_latents(scheduler):
+    """For a scheduler whose latents after a step are a function of the history it keeps, the function
+    ``rebuild(refs, values) -> latents``: the latents of the cells whose history tensors (the scheduler's
+    own ``refs``, :func:`_region_refs`) are ``values``, by the scheduler's own arithmetic; else ``None``.
+
+    UniPC (``UniPCMultistepScheduler`` without a ``solver_p``) returns from ``step`` its predictor applied
+    to what it keeps: ``last_sample`` and ``model_outputs``. Re-running that predictor (with the step index
+    it had) on a subset of cells gives exactly those cells' latents, elementwise, so following regions
+    need not send them: 3 tensors travel instead of 4."""
+    try:
+        from diffusers import UniPCMultistepScheduler
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return None
+    if not isinstance(scheduler, UniPCMultistepScheduler) or getattr(scheduler, "solver_p", None) is not None:
+        return None
+
+    def rebuild(refs: list, values: list) -> torch.Tensor:
+        saved, index = [c[k] for c, k in refs], scheduler._step_index
+        try:
+            for (c, k), v in zip(refs, values):
+                c[k] = v
+            scheduler._step_index = index - 1
+            return scheduler.multistep_uni_p_bh_update(None, sample=scheduler.last_sample, order=scheduler.this_order)
+        finally:
+            for (c, k), v in zip(refs, saved):
+                c[k] = v
+            scheduler._step_index = index
+
+    return rebuild
+
+
+def _derive_latents(rebuild, history: list, received: list) -> torch.Tensor:
+    """``rebuild`` (:func:`_rebuild_latents`) on the received cells of the ``history`` tensors, which
+    :func:`migrate` receives first."""
+    return rebuild(history, received[: len(history)])
+
+
+def history_derives_latents(adapter, scheduler, like: torch.Tensor, begin: int, steps: int = 3) -> bool:
+    """Whether the latents a step returns (``adapter.scheduler_step``) are rebuilt exactly from the
+    scheduler's region-shaped history (:func:`_rebuild_latents`), so following regions migrate only the
+    history. Checked, not assumed: a copy of the scheduler steps one cell of seeded values ``steps``
+    times from ``begin`` (the warm-up's lower orders included) and every step's latents must equal the
+    rebuilt ones bit for bit. Every rank probes the same values, so they agree without a message."""
+    import copy
+
+    probe = copy.deepcopy(scheduler)
+    rebuild = _rebuild_latents(probe)
+    if rebuild is None:
+        return False
+    if hasattr(probe, "set_begin_index"):
+        probe.set_begin_index(begin)
+    x = _probe_cell(like, 0)
+    noise = torch.Generator(device=x.device).manual_seed(0)
+    for i, t in enumerate(probe.timesteps[begin : begin + steps]):
+        pred = _probe_cell(like, i + 1)
+        x = adapter.scheduler_step(probe, pred, t, x, step_index=begin + i, state={}, generator=noise)
+        refs = _region_refs([probe], x)
+        if not refs or not torch.equal(rebuild(refs, [c[k] for c, k in refs]), x):
+            return False
+    return True
+
+
 def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: int, state_cell_bytes: int,
                   halo_cell_bytes: int, prediction_cell_bytes: int, rebalance: bool = True,
-                  owner: torch.Tensor | None = None) -> int:  # fmt: skip
+                  owner: torch.Tensor | None = None, latents_migrate: bool = True) -> int:  # fmt: skip
     """Bytes the busiest rank sends over a run of ``steps`` with every tile computed, under ``regions``
-    (``state_cell_bytes``: what migrates with a cell besides its latent, for ``follow``; ``owner``:
-    fixed regions already chosen)."""
+    (``state_cell_bytes``: what migrates with a cell besides its latent, for ``follow``, and the latent
+    too unless ``latents_migrate`` is false, :func:`history_derives_latents`; ``owner``: fixed regions
+    already chosen)."""
     layout = Layout.first(grid, world_size, steps, regions, rebalance, owner)
     total = 0
     for i in range(steps):
         nxt = Layout.at_step(grid, i + 1, world_size, previous=layout, regions=regions) if i + 1 < steps else None
         sent = exchange_bytes(layout, computers(layout, None, rebalance), cell_bytes, nxt,
-                              cache_cell_bytes=state_cell_bytes, halo_cell_bytes=halo_cell_bytes,
-                              prediction_cell_bytes=prediction_cell_bytes)  # fmt: skip
+                              state_tensors=int(latents_migrate), cache_cell_bytes=state_cell_bytes,
+                              halo_cell_bytes=halo_cell_bytes, prediction_cell_bytes=prediction_cell_bytes)  # fmt: skip
         total += int(sum(sent.values()).max())
         layout = nxt
     return total
 
 
 def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, cell_bytes: int, state_cell_bytes: int,
-                   halo_cell_bytes: int, prediction_cell_bytes: int) -> tuple[str, torch.Tensor | None]:  # fmt: skip
+                   halo_cell_bytes: int, prediction_cell_bytes: int,
+                   latents_migrate: bool = True) -> tuple[str, torch.Tensor | None]:  # fmt: skip
     """``(regions, owner)``: ``config.regions``, or for ``auto`` the policy under which the busiest rank
     sends fewer bytes over the run (:func:`count_regions`, every tile computed; ties to ``fixed``);
     ``owner`` is the fixed regions :func:`fixed_owner` chose on the way (``None`` when not chosen here),
@@ -593,7 +667,7 @@ def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, ce
     sizes = (cell_bytes, state_cell_bytes, halo_cell_bytes, prediction_cell_bytes, config.rebalance)
     owner = fixed_owner(grid, world_size, steps, config.rebalance)
     fixed = count_regions(grid, world_size, steps, "fixed", *sizes, owner=owner)
-    follow = count_regions(grid, world_size, steps, "follow", *sizes)
+    follow = count_regions(grid, world_size, steps, "follow", *sizes, latents_migrate=latents_migrate)
     return ("fixed", owner) if fixed <= follow else ("follow", None)
 
 
@@ -752,9 +826,12 @@ def _region_refs(holders, like: torch.Tensor) -> list:
     return refs
 
 
-def migrate(ctx: ParallelContext, old: Layout, new: Layout, tensors: list) -> list:
-    """Region tensors of ``old`` → region tensors of ``new``: kept cells copied, the rest exchanged."""
+def migrate(ctx: ParallelContext, old: Layout, new: Layout, tensors: list, derive=None) -> list:
+    """Region tensors of ``old`` → region tensors of ``new``: kept cells copied, the rest exchanged.
+    ``derive``: the first tensor does not travel; its received cells are ``derive(others)``, computed
+    from the other tensors' received cells (:func:`history_derives_latents`)."""
     me, R = ctx.rank, ctx.world_size
+    travel = slice(1, None) if derive is not None else slice(None)
     old_local = old.local_index(me)
     new_local = new.local_index(me)
     was, now = old.owner == me, new.owner == me
@@ -770,15 +847,17 @@ def migrate(ctx: ParallelContext, old: Layout, new: Layout, tensors: list) -> li
         give = (was & (new.owner == q)).nonzero().flatten()
         take = (now & (old.owner == q)).nonzero().flatten()
         if give.numel():
-            sends[q] = [t[..., old_local[give]].contiguous() for t in tensors]
+            sends[q] = [t[..., old_local[give]].contiguous() for t in tensors[travel]]
         if take.numel():
-            bufs = [o.new_empty((*o.shape[:-1], take.numel())) for o in out]
+            bufs = [o.new_empty((*o.shape[:-1], take.numel())) for o in out[travel]]
             recvs[q] = bufs
             placements.append((new_local[take], bufs))
     _transfer(ctx, sends, recvs, "migration")
     for idx, bufs in placements:
-        for o, b in zip(out, bufs):
+        for o, b in zip(out[travel], bufs):
             o[..., idx] = b
+        if derive is not None:
+            out[0][..., idx] = derive(bufs)
     return out
 
 
@@ -832,6 +911,8 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     # The region policy: as configured, or (auto) the one that sends fewer bytes with this run's dtypes
     # and state (the scheduler's history measured on a one-cell copy, the caches' per-cell state).
     regions, owner = ctx.config.regions, None
+    # UniPC's latents are its predictor applied to its history: following regions rebuild them
+    derives = regions != "fixed" and history_derives_latents(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
     if regions == "auto":
         cell = B * C * T
         state_bytes = scheduler_cell_bytes(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
@@ -840,7 +921,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         if step_cache is not None:
             state_bytes += cell * 4  # its fp32 residual
         sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
-        regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes)
+        regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes, latents_migrate=not derives)
     ctx.regions = regions
     layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
@@ -884,10 +965,14 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         if i + 1 < len(timesteps):
             new = Layout.at_step(grid, i + 1, R, previous=layout, regions=regions)
             if new.owner is not layout.owner:  # regions that follow the grid carry their state along
-                refs = _region_refs([scheduler, state] + ([step_cache] if step_cache is not None else []), x)
+                history = _region_refs([scheduler], x)
+                refs = history + _region_refs([state] + ([step_cache] if step_cache is not None else []), x)
                 if tile_cache is not None:  # named explicitly: its maps are (K,), not latent-shaped
                     refs += [(tile_cache.__dict__, k) for k in tile_cache.cell_state()]
-                moved = migrate(ctx, layout, new, [x] + [c[k] for c, k in refs])
+                derive = None
+                if derives:  # the latents of received cells from their received history (refs' first tensors)
+                    derive = partial(_derive_latents, _rebuild_latents(scheduler), history)
+                moved = migrate(ctx, layout, new, [x] + [c[k] for c, k in refs], derive)
                 x = moved[0]
                 for (c, k), v in zip(refs, moved[1:]):
                     c[k] = v

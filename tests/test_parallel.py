@@ -143,6 +143,13 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     for name in ("torus_uneven", "overlap"):
         case = next(c for c in CASES if c["name"] == name)
         assert stats[name]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(case, world, rank=1), name
+    # UniPC: only its history migrates (the last sample and the model outputs it holds: one after the
+    # first step, two after later ones); the receivers rebuild the latents from it
+    for name in ("torus_odd", "few_tiles"):
+        case = next(c for c in CASES if c["name"] == name)
+        history = [1 + min(i + 1, 2) for i in range(case["refine_steps"])]
+        predicted = _predicted_bytes(case, world, rank=1, state_tensors=history)
+        assert stats[name]["exchange"]["bytes_sent_per_step"] == predicted, name
     # fixed regions: nothing ever migrates, shifted tiles straddle boundaries (halos both ways), and the
     # geometry code predicts every byte (the scheduler's history never moves, so UniPC cases count too)
     for case in FIXED_CASES:
@@ -250,9 +257,10 @@ def test_supergen_generate_under_torchrun_matches_one_process(tmp_path):
     assert json.loads((one / "r.json").read_text())["parallel"] is None
 
 
-def _predicted_bytes(case: dict, world: int, rank: int, cache=None) -> list[int]:
+def _predicted_bytes(case: dict, world: int, rank: int, cache=None, state_tensors=None) -> list[int]:
     """Bytes per step the geometry code predicts; with ``cache`` (the single-process TileCache of the
-    case) its decisions, its state migrating with the regions and its window-sum all-reduces."""
+    case) its decisions, its state migrating with the regions and its window-sum all-reduces;
+    ``state_tensors[i]``: the latent-shaped tensors migrating after step ``i`` (default: the latents)."""
     grid = TileGrid(tuple(case["canvas"]), TilingConfig(**case["tiling"]), native_tile=tuple(case["tile"]))
     T, steps = case["canvas"][0], case["refine_steps"]
     cell_bytes = 1 * 4 * T * 4  # B * C * T * fp32
@@ -267,6 +275,8 @@ def _predicted_bytes(case: dict, world: int, rank: int, cache=None) -> list[int]
         if cache is not None:
             compute = torch.tensor(cache.stats.per_step[i])
             extra["cache_reductions"] = 1 + cache.decides(i, steps)  # the decision, the gain
+        if state_tensors is not None:
+            extra["state_tensors"] = state_tensors[i]
         sent = par.exchange_bytes(layout, par.computers(layout, compute, True), cell_bytes, nxt, **extra)
         out.append(int(sum(v[rank] for v in sent.values())))
         layout = nxt
@@ -395,6 +405,43 @@ class _Stepper:
 
     def scheduler_step(self, scheduler, noise_pred, t, latents, *, step_index, state, generator=None):
         return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+
+def test_unipc_latents_are_rebuilt_from_its_history_and_only_where_they_are():
+    """UniPC's step returns its predictor applied to the history it keeps, so a rank receiving cells
+    rebuilds their latents from their history (bit for bit, on any subset of cells); the one-cell probe
+    says so for UniPC (data or epsilon prediction) and not where a step does anything else."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    like = torch.zeros(1, 4, 3, 1, 7)
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    unipc, eps = UniPCMultistepScheduler(**flow), UniPCMultistepScheduler()
+    euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    for scheduler in (unipc, eps, euler):
+        scheduler.set_timesteps(10)
+    assert par.history_derives_latents(_Stepper(), unipc, like, 4)
+    assert par.history_derives_latents(_Stepper(), eps, like, 0)
+    assert not par.history_derives_latents(_Stepper(), euler, like, 4)  # no history to rebuild from
+
+    class Clipping(_Stepper):  # a family whose step does more than the scheduler's update
+        def scheduler_step(self, scheduler, noise_pred, t, latents, **kwargs):
+            return super().scheduler_step(scheduler, noise_pred, t, latents, **kwargs).clamp(-1, 1)
+
+    assert not par.history_derives_latents(Clipping(), unipc, like, 4)
+    assert unipc.model_outputs[-1] is None  # the probes leave the real scheduler untouched
+
+    # a region of 7 cells stepped three times; cells 1, 4, 5 rebuilt from their history alone
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(like.shape, generator=g)
+    unipc.set_begin_index(4)
+    for t in unipc.timesteps[4:7]:
+        x = unipc.step(torch.randn(like.shape, generator=g), t, x, return_dict=False)[0]
+    refs = par._region_refs([unipc], x)
+    assert len(refs) == 3  # last sample + 2 model outputs
+    cells = torch.tensor([1, 4, 5])
+    rebuilt = par._rebuild_latents(unipc)(refs, [c[k][..., cells] for c, k in refs])
+    assert torch.equal(rebuilt, x[..., cells])
+    assert unipc.last_sample.shape[-1] == 7  # the scheduler holds its own region again
 
 
 def test_auto_regions_follow_without_history_and_stay_fixed_with_it():
