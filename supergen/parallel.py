@@ -414,18 +414,26 @@ class Layout:
         if regions == "fixed" and previous is not None:
             return cls.with_owner(origins, tile_hw, canvas_hw, wrap, world_size, previous.owner, previous.rotation)
         home = home_tiles(origins, tile_hw, canvas_hw, wrap).flatten()
+        windows = window_cells(origins, tile_hw, canvas_hw, wrap)
         N = origins.shape[0]
-        # Regions may wrap only on the torus; there, rotate the runs of home tiles to move fewest cells.
-        rotations = range(N) if (wrap and previous is not None and world_size > 1) else (0,)
+        # Regions may wrap only on the torus; there, the runs of home tiles are rotated, or each tile
+        # inherits the rank owning most of its window before (where that is as balanced: when an axis's
+        # shift wraps round, the row-major order of the same windows changes, which no rotation undoes),
+        # whichever moves fewest cells.
+        candidates = [(home_ranks(N, world_size, 0), 0)]
+        if wrap and previous is not None and world_size > 1:
+            candidates += [(home_ranks(N, world_size, rotation), rotation) for rotation in range(1, N)]
+            inherited = _owned_counts(previous.owner, windows, world_size).argmax(dim=1)
+            balanced = torch.bincount(candidates[0][0], minlength=world_size).sort().values
+            if torch.equal(torch.bincount(inherited, minlength=world_size).sort().values, balanced):
+                candidates.append((inherited, previous.rotation))
         best = None
-        for rotation in rotations:
-            ranks = home_ranks(N, world_size, rotation)
+        for ranks, rotation in candidates:
             owner = ranks[home]
             moved = 0 if previous is None else int((owner != previous.owner).sum())
             if best is None or moved < best[0]:
                 best = (moved, rotation, ranks, owner)
         _, rotation, ranks, owner = best
-        windows = window_cells(origins, tile_hw, canvas_hw, wrap)
         return cls(origins, tile_hw, canvas_hw, world_size, ranks, owner, windows, rotation)
 
     @classmethod

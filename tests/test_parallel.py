@@ -474,6 +474,23 @@ def test_auto_regions_follow_without_history_and_stay_fixed_with_it():
     )
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_following_regions_move_only_the_drift_when_an_axis_shift_wraps_round(world):
+    """2x2 torus tiles drifting 2 rows and 4 columns a step: the column shift wraps round every 4 steps,
+    which reorders the same windows row-major; the regions must still move by the drift only (every
+    step the same strips), not hand whole tiles over because the tile order changed."""
+    grid = TileGrid((1, 16, 32), TilingConfig(shift_period=4), native_tile=(8, 16))
+    assert (grid.rows.step, grid.cols.step, grid.cols.period) == (2, 4, 4)
+    layout, moved = par.Layout.first(grid, world, 10, "follow"), []
+    for i in range(1, 10):
+        nxt = par.Layout.at_step(grid, i, world, previous=layout, regions="follow")
+        moved.append(torch.bincount(layout.owner[layout.owner != nxt.owner], minlength=world).tolist())
+        assert torch.bincount(nxt.home_rank, minlength=world).tolist() == [4 // world] * world  # balanced
+        layout = nxt
+    strips = {2: 2 * 32, 4: 2 * 16 + 4 * 8 - 2 * 4}[world]  # rows (x width), + columns (x height) - corner
+    assert moved == [[strips] * world] * 9
+
+
 def test_a_grid_drifting_one_sweep_lets_regions_follow_with_multistep_history():
     """720p tiles on 2K (2x2), 45 refined steps, a bf16 model with UniPC (3 fp32 history tensors beside
     the fp32 latents): on the default grid (6 and 10 cells per step) following regions would move more
