@@ -28,7 +28,9 @@ carries none), whose latents migrate.
 Both region policies (``ParallelConfig.regions``), each row holding one dict per policy: ``fixed``
 (regions stay, shifted tiles straddle boundaries and exchange halos and predictions) and ``follow``
 (regions move with the grid, carrying every state tensor across each boundary every step); ``auto`` (the
-default) is the one ``parallel.choose_regions`` picks, counted before the loop with every tile computed.
+default) is the one ``parallel.choose_regions`` picks, counted before the loop with every tile computed
+or, with the cache, on seeded random skip patterns at its budget (``parallel.random_skips``: the run
+cannot know the real ones; the rows' cache columns use the smooth field below, so ``auto`` can miss).
 
 Two dtype settings: ``ratio`` is everything in fp32 (an fp32 model); ``ratio_bf16`` is a bf16 model as
 diffusers runs Wan: latents and scheduler/cache state in fp32, predictions in bf16, input halos in bf16
@@ -297,7 +299,8 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
     row["auto"] = {}
     for key, sizes in settings.items():
         unipc = "euler" not in key
-        regions, _ = par.choose_regions(config, grid, world, steps, *sizes, latents_migrate=not unipc)
+        with_cache = cache if "cache" in key else None  # auto counts the cache's random skip patterns
+        regions, _ = par.choose_regions(config, grid, world, steps, *sizes, latents_migrate=not unipc, cache=with_cache)
         row["auto"][key] = {"regions": regions, "ratio": row[regions][key]}
     row["meets_bytes_target"] = {k: v["ratio"] <= TARGET_RATIO for k, v in row["auto"].items()}
     row["meets_imbalance_target"] = row["fixed"]["imbalance_cache"] <= TARGET_IMBALANCE

@@ -21,6 +21,9 @@ Design (why it is shaped this way)
   counts both below over the run before the loop (:func:`choose_regions`), with the run's dtypes and
   the state that would migrate (the scheduler's history measured on a one-cell copy,
   :func:`scheduler_cell_bytes`; the caches' state), and takes the one whose busiest rank sends less.
+  With the tile cache it counts seeded random skip patterns at the cache's budget
+  (:func:`random_skips`): the real skips are learnt only as the run goes, and the computed tiles
+  that rebalancing moves between ranks weigh as much as the halos or the migration.
 * **Fixed regions (``regions="fixed"``) stay where they are.** Each rank keeps one region for the whole
   run, chosen before the loop among a few balanced partitions (runs of home tiles, bands, blocks:
   :func:`fixed_owner`) as the one whose counted halos are fewest over the run's grid placements; a
@@ -644,38 +647,69 @@ def history_derives_latents(adapter, scheduler, like: torch.Tensor, begin: int, 
     return True
 
 
+# The share of tiles the gate is assumed to compute when choosing regions (it learns its skips only as
+# the run goes; the budget policy's share is its budget).
+GATE_SHARE = 0.5
+SKIP_DRAWS = 2  # simulated skip patterns per step when choosing regions with the tile cache
+
+
+def random_skips(layout: Layout, step: int, steps: int, cache, draw: int, fill_idle: bool = True,
+                      rebalance: bool = True) -> torch.Tensor | None:  # fmt: skip
+    """``(N,)`` bool: a seeded random skip pattern of the tile cache ``cache`` at ``step`` (``None`` where it
+    computes every tile): its budget's share of the tiles (:data:`GATE_SHARE` for the gate), anywhere,
+    then the idle slots filled as the run fills them (:func:`fill_idle_slots`). Used to count the region
+    policies before the loop, when the real skips are not known; the same on every rank."""
+    if cache is None or not cache.decides(step, steps):
+        return None
+    N = layout.num_tiles
+    share = cache.config.budget if cache.config.mode == "budget" else GATE_SHARE
+    g = torch.Generator().manual_seed(draw * 1_000_003 + step)
+    compute = torch.zeros(N, dtype=torch.bool)
+    compute[torch.randperm(N, generator=g)[: math.ceil(share * N)]] = True
+    if fill_idle:
+        compute = fill_idle_slots(compute, torch.rand(N, generator=g), layout.home_rank, layout.world_size, rebalance)
+    return compute
+
+
 def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: int, state_cell_bytes: int,
                   halo_cell_bytes: int, prediction_cell_bytes: int, rebalance: bool = True,
-                  owner: torch.Tensor | None = None, latents_migrate: bool = True) -> int:  # fmt: skip
-    """Bytes the busiest rank sends over a run of ``steps`` with every tile computed, under ``regions``
-    (``state_cell_bytes``: what migrates with a cell besides its latent, for ``follow``, and the latent
-    too unless ``latents_migrate`` is false, :func:`history_derives_latents`; ``owner``: fixed regions
-    already chosen)."""
-    layout = Layout.first(grid, world_size, steps, regions, rebalance, owner)
+                  owner: torch.Tensor | None = None, latents_migrate: bool = True, cache=None,
+                  fill_idle: bool = True) -> int:  # fmt: skip
+    """Bytes the busiest rank sends over a run of ``steps`` under ``regions`` (``state_cell_bytes``: what
+    migrates with a cell besides its latent, for ``follow``, and the latent too unless
+    ``latents_migrate`` is false, :func:`history_derives_latents`; ``owner``: fixed regions already
+    chosen). Every tile computed; with a tile ``cache``, the sum over :data:`SKIP_DRAWS` of its
+    :func:`random_skips` patterns (rebalancing moves computed tiles, which costs bytes)."""
     total = 0
-    for i in range(steps):
-        nxt = Layout.at_step(grid, i + 1, world_size, previous=layout, regions=regions) if i + 1 < steps else None
-        sent = exchange_bytes(layout, computers(layout, None, rebalance), cell_bytes, nxt,
-                              state_tensors=int(latents_migrate), cache_cell_bytes=state_cell_bytes,
-                              halo_cell_bytes=halo_cell_bytes, prediction_cell_bytes=prediction_cell_bytes)  # fmt: skip
-        total += int(sum(sent.values()).max())
-        layout = nxt
+    for draw in range(SKIP_DRAWS if cache is not None else 1):
+        layout = Layout.first(grid, world_size, steps, regions, rebalance, owner)
+        for i in range(steps):
+            nxt = Layout.at_step(grid, i + 1, world_size, previous=layout, regions=regions) if i + 1 < steps else None
+            compute = random_skips(layout, i, steps, cache, draw, fill_idle, rebalance)
+            sent = exchange_bytes(layout, computers(layout, compute, rebalance), cell_bytes, nxt,
+                                  state_tensors=int(latents_migrate), cache_cell_bytes=state_cell_bytes,
+                                  halo_cell_bytes=halo_cell_bytes,
+                                  prediction_cell_bytes=prediction_cell_bytes)  # fmt: skip
+            total += int(sum(sent.values()).max())
+            layout = nxt
     return total
 
 
 def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, cell_bytes: int, state_cell_bytes: int,
-                   halo_cell_bytes: int, prediction_cell_bytes: int,
-                   latents_migrate: bool = True) -> tuple[str, torch.Tensor | None]:  # fmt: skip
+                   halo_cell_bytes: int, prediction_cell_bytes: int, latents_migrate: bool = True,
+                   cache=None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
     """``(regions, owner)``: ``config.regions``, or for ``auto`` the policy under which the busiest rank
-    sends fewer bytes over the run (:func:`count_regions`, every tile computed; ties to ``fixed``);
-    ``owner`` is the fixed regions :func:`fixed_owner` chose on the way (``None`` when not chosen here),
-    for the run to start from instead of choosing them again. Deterministic."""
+    sends fewer bytes over the run (:func:`count_regions`: every tile computed, or with the tile
+    ``cache`` its simulated skips; ties to ``fixed``); ``owner`` is the fixed regions :func:`fixed_owner`
+    chose on the way (``None`` when not chosen here), for the run to start from instead of choosing
+    them again. Deterministic."""
     if config.regions != "auto":
         return config.regions, None
     sizes = (cell_bytes, state_cell_bytes, halo_cell_bytes, prediction_cell_bytes, config.rebalance)
     owner = fixed_owner(grid, world_size, steps, config.rebalance)
-    fixed = count_regions(grid, world_size, steps, "fixed", *sizes, owner=owner)
-    follow = count_regions(grid, world_size, steps, "follow", *sizes, latents_migrate=latents_migrate)
+    skips = {"cache": cache, "fill_idle": config.fill_idle}
+    fixed = count_regions(grid, world_size, steps, "fixed", *sizes, owner=owner, **skips)
+    follow = count_regions(grid, world_size, steps, "follow", *sizes, latents_migrate=latents_migrate, **skips)
     return ("fixed", owner) if fixed <= follow else ("follow", None)
 
 
@@ -929,7 +963,8 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         if step_cache is not None:
             state_bytes += cell * 4  # its fp32 residual
         sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
-        regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes, latents_migrate=not derives)
+        regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes, latents_migrate=not derives,
+                                        cache=tile_cache)  # fmt: skip
     ctx.regions = regions
     layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)

@@ -509,6 +509,31 @@ def test_a_grid_drifting_one_sweep_lets_regions_follow_with_multistep_history():
     assert sent["sweep"] < 0.5 * sent["default"], sent
 
 
+def test_auto_regions_count_the_tile_caches_skips():
+    """With the tile cache, rebalancing moves computed tiles between ranks, which following regions pay
+    in whole tiles: auto counts seeded random skip patterns at the cache's budget (the real ones are
+    learnt only as the run goes). 720p tiles on 2K at 2 ranks, UniPC in fp32 (its latents rebuilt from
+    its history): following wins with every tile computed, fixed regions with half of them skipped."""
+    from supergen.cache import CacheConfig, TileCache
+
+    cell = 16 * 11
+    cache = TileCache(CacheConfig(mode="budget", budget=0.5))
+    cache_cell = par.tile_cache_cell_bytes(cache, torch.zeros(1, 16, 11, 1))
+    grid = TileGrid((1, 180, 320), TilingConfig(), multiple=(2, 2), native_tile=(90, 160))
+    sizes = (cell * 4, 3 * cell * 4 + cache_cell, cell * 4, cell * 4)
+    config = ParallelConfig()
+    assert par.choose_regions(config, grid, 2, 45, *sizes, latents_migrate=False)[0] == "follow"
+    assert par.choose_regions(config, grid, 2, 45, *sizes, latents_migrate=False, cache=cache)[0] == "fixed"
+
+    layout = par.Layout.first(grid, 2, 45, "follow")
+    assert par.random_skips(layout, 0, 45, cache, draw=0) is None  # warm-up: every tile computed
+    assert par.random_skips(layout, 44, 45, cache, draw=0) is None  # the last step too
+    picks = [par.random_skips(layout, i, 45, cache, draw=0, fill_idle=False) for i in range(3, 44)]
+    assert all(int(p.sum()) == 2 for p in picks) and len({tuple(p.tolist()) for p in picks}) > 1
+    assert all(torch.equal(p, par.random_skips(layout, i + 3, 45, cache, draw=0, fill_idle=False))
+               for i, p in enumerate(picks))  # deterministic: every rank counts the same  # fmt: skip
+
+
 def test_halo_dtype_is_the_models_only_where_predict_casts_first():
     from supergen.adapters.base import cast_first_dtype
 
