@@ -39,9 +39,9 @@ Design (why it is shaped this way)
   them with the scheduler's own arithmetic. Which moves fewer bytes is arithmetic (``bench/parallel.py``
   counts both): a fixed boundary is straddled by a quarter tile on average, for which the halo and
   the predictions cross it, in the model's dtype; a following boundary moves by the shift, for which
-  every state tensor crosses it in fp32 (3 with UniPC, 1 with Euler, plus the tile cache's). Counted
-  for Wan 2.1 at 2K and 4K on 2-8 ranks with a bf16 model, ``fixed`` moves less with UniPC or the
-  tile cache, ``follow`` with a history-free scheduler (Euler).
+  every state tensor crosses it in fp32 (3 with UniPC, 1 with Euler, plus the tile cache's). So a
+  slow drift, aligned tiles and a history-free scheduler favour ``follow``; overlapping windows, a
+  bf16 model (its halos are half the size, the state is not) and the tile cache favour ``fixed``.
 * **Halos travel in the model's dtype** where the adapter's ``predict`` casts its tiles to the model's
   dtype before any arithmetic (``ModelAdapter.tile_input_dtype``: the Wan, HunyuanVideo and LTX-Video adapters),
   since rounding twice to a dtype is rounding once: a bf16 model reads the same input for half the
