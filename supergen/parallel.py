@@ -88,6 +88,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -139,6 +140,7 @@ class ParallelContext:
     stats: ExchangeStats = field(default_factory=ExchangeStats)
     computed_tiles: list[list[int]] = field(default_factory=list)  # per step: tiles computed by each rank
     regions: str | None = None  # the region policy the last refinement ran with (``auto`` resolved)
+    latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
 
     @property
     def distributed(self) -> bool:
@@ -966,6 +968,13 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes, latents_migrate=not derives,
                                         cache=tile_cache)  # fmt: skip
     ctx.regions = regions
+    ctx.latents_rebuilt = derives and regions == "follow"
+    if me == 0 and R > grid.num_tiles:
+        warnings.warn(
+            f"{R} ranks share {grid.num_tiles} tiles per step, so {R - grid.num_tiles} of them have no tile to "
+            f"compute; at most {grid.num_tiles} processes (--nproc-per-node) refine this canvas as fast.",
+            stacklevel=2,
+        )
     layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
     if tile_cache is not None:

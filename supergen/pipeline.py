@@ -465,6 +465,7 @@ class SuperGen:
             "world_size": ctx.world_size,
             "regions": ctx.regions or ctx.config.regions,  # auto resolved to the policy that ran
             "regions_configured": ctx.config.regions,
+            "latents_rebuilt_from_history": ctx.latents_rebuilt,  # following regions did not send the latents
             "computed_tiles_per_rank": ctx.computed_tiles,
             **ctx.stats.as_dict(),
         }

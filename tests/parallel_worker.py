@@ -148,7 +148,8 @@ def main(spec_path: str, out_dir: str) -> None:
             if case.get("fail_rank") == rank:
                 _fail_mid_run(rank, case["fail_at_step"])
             latents, cache = fake_run(case, ctx)
-            stats = {"exchange": ctx.stats.as_dict(), "computed_tiles": ctx.computed_tiles}
+            stats = {"exchange": ctx.stats.as_dict(), "computed_tiles": ctx.computed_tiles,
+                     "latents_rebuilt": ctx.latents_rebuilt}  # fmt: skip
             if cache is not None:
                 stats["cache"] = cache.stats.as_dict()
         if latents is not None:

@@ -127,6 +127,9 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     results = _wait(_launch(world, cases, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
+    # 2 tiles on 3 or 4 ranks: rank 0 says how many ranks idle and how many processes would do
+    idle = f"{world} ranks share 2 tiles per step, so {world - 2} of them have no tile to compute"
+    assert (idle in results[0][1]) == (world > 2) and all(idle not in text for _, text in results[1:])
     for case in CASES + FIXED_CASES:
         got = torch.load(tmp_path / f"{case['name']}.pt")
         want = single_process[case["name"].removesuffix("_fixed")][0]
@@ -144,7 +147,9 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         case = next(c for c in CASES if c["name"] == name)
         assert stats[name]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(case, world, rank=1), name
     # UniPC: only its history migrates (the last sample and the model outputs it holds: one after the
-    # first step, two after later ones); the receivers rebuild the latents from it
+    # first step, two after later ones); the receivers rebuild the latents from it (Euler's move)
+    assert stats["torus_odd"]["latents_rebuilt"] and not stats["torus_uneven"]["latents_rebuilt"]
+    assert not stats["torus_odd_fixed"]["latents_rebuilt"]  # fixed regions move nothing
     for name in ("torus_odd", "few_tiles"):
         case = next(c for c in CASES if c["name"] == name)
         history = [1 + min(i + 1, 2) for i in range(case["refine_steps"])]
@@ -209,6 +214,9 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
                 assert ranks_report["regions_configured"] == case.get("regions", "auto"), case["name"]
                 assert ranks_report["regions"] == case.get("regions", ranks_report["regions"]), case["name"]
                 assert ranks_report["regions"] in ("fixed", "follow"), case["name"]  # auto resolved
+                # the tiny Wan steps with UniPC: following regions rebuild its latents from its history
+                rebuilt = ranks_report["latents_rebuilt_from_history"]
+                assert rebuilt == (ranks_report["regions"] == "follow"), case["name"]
                 # stage 1 ran once, on rank 0, which broadcast the sketch latent (fp32) to the others
                 assert ranks_report["sketch_runs"] == (1 if rank == 0 else 0), (case["name"], rank)
                 sketch_bytes = got.shape[0] * got.shape[1] * math.prod(report["sizes"]["sketch_latent"]) * 4
