@@ -656,7 +656,7 @@ SKIP_DRAWS = 2  # simulated skip patterns per step when choosing regions with th
 
 
 def random_skips(layout: Layout, step: int, steps: int, cache, draw: int, fill_idle: bool = True,
-                      rebalance: bool = True) -> torch.Tensor | None:  # fmt: skip
+                 rebalance: bool = True) -> torch.Tensor | None:  # fmt: skip
     """``(N,)`` bool: a seeded random skip pattern of the tile cache ``cache`` at ``step`` (``None`` where it
     computes every tile): its budget's share of the tiles (:data:`GATE_SHARE` for the gate), anywhere,
     then the idle slots filled as the run fills them (:func:`fill_idle_slots`). Used to count the region

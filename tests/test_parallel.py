@@ -415,6 +415,7 @@ class _Stepper:
         return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' set_timesteps, NumPy 2
 def test_unipc_latents_are_rebuilt_from_its_history_and_only_where_they_are():
     """UniPC's step returns its predictor applied to the history it keeps, so a rank receiving cells
     rebuilds their latents from their history (bit for bit, on any subset of cells); the one-cell probe
