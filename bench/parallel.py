@@ -21,7 +21,7 @@ refinement, the slowest drift that still crosses every band of an axis: 1-2 patc
 regions carry a strip as wide as the drift across every boundary each step, so the drift sets their bytes.
 Scheduler: UniPC (Wan's), whose multistep history is 3 region-shaped tensors (2 model outputs + the
 last sample); its latents are its predictor applied to them, so they do not migrate (the receiver
-rebuilds them: ``parallel.history_derives_latents``) and 3 tensors move per cell; the ``*_euler`` columns
+rebuilds them: ``parallel.probe_scheduler``) and 3 tensors move per cell; the ``*_euler`` columns
 count a history-free scheduler (FlowMatchEuler, HunyuanVideo's and LTX-Video's; CogVideoX's DDIM likewise
 carries none), whose latents migrate.
 

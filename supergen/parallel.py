@@ -20,7 +20,7 @@ Design (why it is shaped this way)
 * **Two region policies, and the default counts which to use.** ``ParallelConfig.regions="auto"``
   counts both below over the run before the loop (:func:`choose_regions`), with the run's dtypes and
   the state that would migrate (the scheduler's history measured on a one-cell copy,
-  :func:`scheduler_cell_bytes`; the caches' state), and takes the one whose busiest rank sends less.
+  :func:`probe_scheduler`; the caches' state), and takes the one whose busiest rank sends less.
   With the tile cache it counts seeded random skip patterns at the cache's budget
   (:func:`random_skips`): the real skips are learnt only as the run goes, and the computed tiles
   that rebalancing moves between ranks weigh as much as the halos or the migration.
@@ -35,7 +35,7 @@ Design (why it is shaped this way)
   region-shaped scheduler/cache tensor (found generically); on the torus the run of home tiles is
   rotated to move the fewest cells. Where the latents a step returns are a function of the history
   the scheduler keeps (UniPC: its predictor applied to ``last_sample`` and ``model_outputs``; checked
-  on a one-cell probe, :func:`history_derives_latents`), they do not travel: the receiver rebuilds
+  on a one-cell probe, :func:`probe_scheduler`), they do not travel: the receiver rebuilds
   them with the scheduler's own arithmetic. Which moves fewer bytes is arithmetic (``bench/parallel.py``
   counts both): a fixed boundary is straddled by a quarter tile on average, for which the halo and
   the predictions cross it, in the model's dtype; a following boundary moves by the shift, for which
@@ -91,6 +91,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -561,26 +562,6 @@ def tile_cache_cell_bytes(cache, like: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in probe.cell_state().values())
 
 
-def scheduler_cell_bytes(adapter, scheduler, like: torch.Tensor, begin: int, steps: int = 3) -> int:
-    """Bytes per cell of the region-shaped state a scheduler carries between steps (UniPC's history,
-    CogVideoX DPM's ``x0``; none for Euler), beyond the latents: measured on a one-cell copy stepped
-    ``steps`` times from ``begin`` with a zero prediction (the most it held after any step)."""
-    import copy
-
-    probe = copy.deepcopy(scheduler)
-    if hasattr(probe, "set_begin_index"):
-        probe.set_begin_index(begin)
-    x = like[..., :1].clone()
-    state: dict = {}
-    noise = torch.Generator(device=x.device).manual_seed(0)  # schedulers that draw noise leave the global RNG be
-    most = 0
-    for i, t in enumerate(probe.timesteps[begin : begin + steps]):
-        x = adapter.scheduler_step(probe, torch.zeros_like(x), t, x, step_index=begin + i, state=state, generator=noise)
-        refs = _region_refs([probe, state], x)
-        most = max(most, sum(c[k].numel() * c[k].element_size() for c, k in refs))
-    return most
-
-
 def _probe_cell(like: torch.Tensor, seed: int) -> torch.Tensor:
     """A one-cell tensor shaped like ``like[..., :1]`` of seeded normal values (the global RNG untouched)."""
     g = torch.Generator().manual_seed(seed)
@@ -595,7 +576,8 @@ def _rebuild_latents(scheduler):
     UniPC (``UniPCMultistepScheduler`` without a ``solver_p``) returns from ``step`` its predictor applied
     to what it keeps: ``last_sample`` and ``model_outputs``. Re-running that predictor (with the step index
     it had) on a subset of cells gives exactly those cells' latents, elementwise, so following regions
-    need not send them: 3 tensors travel instead of 4."""
+    need not send them: 3 tensors travel instead of 4. ``values`` may go on past the history (what
+    :func:`migrate` received after it); only the first ``len(refs)`` are read."""
     try:
         from diffusers import UniPCMultistepScheduler
     except ImportError:  # pragma: no cover - diffusers is a dependency
@@ -603,7 +585,7 @@ def _rebuild_latents(scheduler):
     if not isinstance(scheduler, UniPCMultistepScheduler) or getattr(scheduler, "solver_p", None) is not None:
         return None
 
-    def rebuild(refs: list, values: list) -> torch.Tensor:
+    def rebuild(refs: list, values: list) -> torch.Tensor:  # values[: len(refs)] are the history's
         saved, index = [c[k] for c, k in refs], scheduler._step_index
         try:
             for (c, k), v in zip(refs, values):
@@ -618,35 +600,40 @@ def _rebuild_latents(scheduler):
     return rebuild
 
 
-def _derive_latents(rebuild, history: list, received: list) -> torch.Tensor:
-    """``rebuild`` (:func:`_rebuild_latents`) on the received cells of the ``history`` tensors, which
-    :func:`migrate` receives first."""
-    return rebuild(history, received[: len(history)])
+class SchedulerProbe(NamedTuple):
+    """What :func:`probe_scheduler` measured."""
+
+    state_bytes: int  # region-shaped state per cell beyond the latents, the most held after any step
+    rebuilds_latents: bool  # the latents a step returns are rebuilt exactly from that state
 
 
-def history_derives_latents(adapter, scheduler, like: torch.Tensor, begin: int, steps: int = 3) -> bool:
-    """Whether the latents a step returns (``adapter.scheduler_step``) are rebuilt exactly from the
-    scheduler's region-shaped history (:func:`_rebuild_latents`), so following regions migrate only the
-    history. Checked, not assumed: a copy of the scheduler steps one cell of seeded values ``steps``
-    times from ``begin`` (the warm-up's lower orders included) and every step's latents must equal the
-    rebuilt ones bit for bit. Every rank probes the same values, so they agree without a message."""
+def probe_scheduler(adapter, scheduler, like: torch.Tensor, begin: int, steps: int = 3) -> SchedulerProbe:
+    """The region-shaped state a scheduler carries between steps, measured on a copy of it stepped
+    ``steps`` times from ``begin`` through ``adapter.scheduler_step`` on one cell of seeded values (the
+    warm-up's lower orders included; the global RNG untouched): its bytes per cell beyond the latents
+    (UniPC's history, CogVideoX DPM's ``x0``; none for Euler), and whether every step's latents equal,
+    bit for bit, the ones :func:`_rebuild_latents` gets from the scheduler's own history, so following
+    regions migrate only the history. Checked, not assumed: every rank probes the same values, so they
+    agree without a message."""
     import copy
 
     probe = copy.deepcopy(scheduler)
     rebuild = _rebuild_latents(probe)
-    if rebuild is None:
-        return False
     if hasattr(probe, "set_begin_index"):
         probe.set_begin_index(begin)
     x = _probe_cell(like, 0)
-    noise = torch.Generator(device=x.device).manual_seed(0)
+    state: dict = {}
+    noise = torch.Generator(device=x.device).manual_seed(0)  # schedulers that draw noise leave the global RNG be
+    most, rebuilds = 0, rebuild is not None
     for i, t in enumerate(probe.timesteps[begin : begin + steps]):
-        pred = _probe_cell(like, i + 1)
-        x = adapter.scheduler_step(probe, pred, t, x, step_index=begin + i, state={}, generator=noise)
-        refs = _region_refs([probe], x)
-        if not refs or not torch.equal(rebuild(refs, [c[k] for c, k in refs]), x):
-            return False
-    return True
+        x = adapter.scheduler_step(probe, _probe_cell(like, i + 1), t, x, step_index=begin + i, state=state,
+                                   generator=noise)  # fmt: skip
+        refs = _region_refs([probe, state], x)
+        most = max(most, sum(c[k].numel() * c[k].element_size() for c, k in refs))
+        if rebuilds:
+            history = _region_refs([probe], x)
+            rebuilds = bool(history) and torch.equal(rebuild(history, [c[k] for c, k in history]), x)
+    return SchedulerProbe(most, rebuilds)
 
 
 # The share of tiles the gate is assumed to compute when choosing regions (it learns its skips only as
@@ -679,7 +666,7 @@ def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: i
                   fill_idle: bool = True) -> int:  # fmt: skip
     """Bytes the busiest rank sends over a run of ``steps`` under ``regions`` (``state_cell_bytes``: what
     migrates with a cell besides its latent, for ``follow``, and the latent too unless
-    ``latents_migrate`` is false, :func:`history_derives_latents`; ``owner``: fixed regions already
+    ``latents_migrate`` is false, :func:`probe_scheduler`; ``owner``: fixed regions already
     chosen). Every tile computed; with a tile ``cache``, the sum over :data:`SKIP_DRAWS` of its
     :func:`random_skips` patterns (rebalancing moves computed tiles, which costs bytes)."""
     total = 0
@@ -873,7 +860,7 @@ def _region_refs(holders, like: torch.Tensor) -> list:
 def migrate(ctx: ParallelContext, old: Layout, new: Layout, tensors: list, derive=None) -> list:
     """Region tensors of ``old`` → region tensors of ``new``: kept cells copied, the rest exchanged.
     ``derive``: the first tensor does not travel; its received cells are ``derive(others)``, computed
-    from the other tensors' received cells (:func:`history_derives_latents`)."""
+    from the other tensors' received cells (:func:`probe_scheduler`)."""
     me, R = ctx.rank, ctx.world_size
     travel = slice(1, None) if derive is not None else slice(None)
     old_local = old.local_index(me)
@@ -955,20 +942,22 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     # The region policy: as configured, or (auto) the one that sends fewer bytes with this run's dtypes
     # and state (the scheduler's history measured on a one-cell copy, the caches' per-cell state).
     regions, owner = ctx.config.regions, None
-    # UniPC's latents are its predictor applied to its history: following regions rebuild them
-    derives = regions != "fixed" and history_derives_latents(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
+    # Fixed regions move no state; otherwise probe it (UniPC's latents are its predictor applied to its
+    # history, so following regions rebuild them instead of sending them)
+    probe = None if regions == "fixed" else probe_scheduler(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
+    rebuild = _rebuild_latents(scheduler) if probe is not None and probe.rebuilds_latents else None
     if regions == "auto":
         cell = B * C * T
-        state_bytes = scheduler_cell_bytes(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
+        state_bytes = probe.state_bytes
         if tile_cache is not None:
             state_bytes += tile_cache_cell_bytes(tile_cache, flat[..., :1])
         if step_cache is not None:
             state_bytes += cell * 4  # its fp32 residual
         sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
-        regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes, latents_migrate=not derives,
-                                        cache=tile_cache)  # fmt: skip
+        regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes,
+                                        latents_migrate=rebuild is None, cache=tile_cache)  # fmt: skip
     ctx.regions = regions
-    ctx.latents_rebuilt = derives and regions == "follow"
+    ctx.latents_rebuilt = rebuild is not None and regions == "follow"
     if me == 0 and R > grid.num_tiles:
         warnings.warn(
             f"{R} ranks share {grid.num_tiles} tiles per step, so {R - grid.num_tiles} of them have no tile to "
@@ -1021,9 +1010,8 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
                 refs = history + _region_refs([state] + ([step_cache] if step_cache is not None else []), x)
                 if tile_cache is not None:  # named explicitly: its maps are (K,), not latent-shaped
                     refs += [(tile_cache.__dict__, k) for k in tile_cache.cell_state()]
-                derive = None
-                if derives:  # the latents of received cells from their received history (refs' first tensors)
-                    derive = partial(_derive_latents, _rebuild_latents(scheduler), history)
+                # the latents of received cells from their received history (refs' first tensors)
+                derive = partial(rebuild, history) if rebuild is not None else None
                 moved = migrate(ctx, layout, new, [x] + [c[k] for c, k in refs], derive)
                 x = moved[0]
                 for (c, k), v in zip(refs, moved[1:]):

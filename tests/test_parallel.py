@@ -428,15 +428,15 @@ def test_unipc_latents_are_rebuilt_from_its_history_and_only_where_they_are():
     euler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     for scheduler in (unipc, eps, euler):
         scheduler.set_timesteps(10)
-    assert par.history_derives_latents(_Stepper(), unipc, like, 4)
-    assert par.history_derives_latents(_Stepper(), eps, like, 0)
-    assert not par.history_derives_latents(_Stepper(), euler, like, 4)  # no history to rebuild from
+    assert par.probe_scheduler(_Stepper(), unipc, like, 4).rebuilds_latents
+    assert par.probe_scheduler(_Stepper(), eps, like, 0).rebuilds_latents
+    assert not par.probe_scheduler(_Stepper(), euler, like, 4).rebuilds_latents  # no history to rebuild from
 
     class Clipping(_Stepper):  # a family whose step does more than the scheduler's update
         def scheduler_step(self, scheduler, noise_pred, t, latents, **kwargs):
             return super().scheduler_step(scheduler, noise_pred, t, latents, **kwargs).clamp(-1, 1)
 
-    assert not par.history_derives_latents(Clipping(), unipc, like, 4)
+    assert not par.probe_scheduler(Clipping(), unipc, like, 4).rebuilds_latents
     assert unipc.model_outputs[-1] is None  # the probes leave the real scheduler untouched
 
     # a region of 7 cells stepped three times; cells 1, 4, 5 rebuilt from their history alone
@@ -466,8 +466,8 @@ def test_auto_regions_follow_without_history_and_stay_fixed_with_it():
         scheduler.set_timesteps(10)
     cell = 16 * 21
     rng = torch.get_rng_state()
-    assert par.scheduler_cell_bytes(_Stepper(), unipc, like, 4) == 3 * cell * 4
-    assert par.scheduler_cell_bytes(_Stepper(), euler, like, 4) == 0
+    assert par.probe_scheduler(_Stepper(), unipc, like, 4).state_bytes == 3 * cell * 4
+    assert par.probe_scheduler(_Stepper(), euler, like, 4).state_bytes == 0
     assert torch.equal(torch.get_rng_state(), rng)  # the probe draws no global randomness
     assert len(unipc.timesteps) == 10 and unipc.model_outputs[-1] is None  # the real scheduler is untouched
     grid = TileGrid((1, 180, 320), TilingConfig(), multiple=(2, 2), native_tile=(60, 104))
