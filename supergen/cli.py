@@ -161,6 +161,12 @@ def add_generate_parser(sub) -> None:
         "them (fixed), regions move with the grid carrying the scheduler/cache state (follow), or whichever "
         "sends fewer bytes for this run (auto, counted before the loop)",
     )
+    g.add_argument(
+        "--parallel-whole-tiles",
+        action="store_true",
+        help="under torchrun: never split a tile's two guidance forwards across ranks (by default a busy rank "
+        "hands one to an idle rank where that shortens the step: Wan, HunyuanVideo with true CFG)",
+    )
 
 
 def _pixel_pair(flag: str, text: str | None) -> tuple[int, int] | None:
@@ -433,8 +439,9 @@ def run_generate(args) -> int:
         from .config import ParallelConfig
 
         parallel = ParallelConfig(
-            timeout=args.parallel_timeout, fill_idle=not args.parallel_exact, regions=args.parallel_regions
-        )
+            timeout=args.parallel_timeout, fill_idle=not args.parallel_exact, regions=args.parallel_regions,
+            split_guidance=not args.parallel_whole_tiles,
+        )  # fmt: skip
 
     # 2. Load the pipeline (the random tiny one is built in code; folders load offline, safetensors only).
     from .tiny import load_model

@@ -105,8 +105,9 @@ from .reference import blend_ramp
 
 @dataclass
 class ExchangeStats:
-    """Bytes this rank sent, per refinement step and by kind (inputs, predictions, migration, and the tile
-    cache's window sums: the ring all-reduce's share of a rank, ``2 (R - 1) / R`` of the vector)."""
+    """Bytes this rank sent, per refinement step and by kind (inputs, predictions, guidance branches of split
+    tiles, migration, and the tile cache's window sums: the ring all-reduce's share of a rank,
+    ``2 (R - 1) / R`` of the vector)."""
 
     per_step: list[dict] = field(default_factory=list)
     final_gather: int = 0
@@ -123,7 +124,7 @@ class ExchangeStats:
             "bytes_sent_per_step": totals,
             "bytes_sent_by_kind": {
                 k: sum(s.get(k, 0) for s in self.per_step)
-                for k in ("inputs", "predictions", "migration", "cache_stats")
+                for k in ("inputs", "predictions", "branches", "migration", "cache_stats")
             },
             "final_gather_bytes": self.final_gather,
             "sketch_broadcast_bytes": self.sketch_broadcast,
@@ -140,6 +141,8 @@ class ParallelContext:
     config: ParallelConfig = field(default_factory=ParallelConfig)
     stats: ExchangeStats = field(default_factory=ExchangeStats)
     computed_tiles: list[list[int]] = field(default_factory=list)  # per step: tiles computed by each rank
+    # per step: the forwards each rank ran (a tile's guidance branches count one each, :func:`assign_branches`)
+    forwards: list[list[int]] = field(default_factory=list)
     regions: str | None = None  # the region policy the last refinement ran with (``auto`` resolved)
     latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
 
@@ -489,12 +492,14 @@ class Layout:
         foreign = torch.stack([(owners != r).sum() for r in range(self.world_size)])
         return 2 * foreign
 
-    def needs(self, computer: torch.Tensor) -> torch.Tensor:
-        """``(world, H * W)`` bool: the window cells each rank's computed tiles read."""
+    def needs(self, computer: torch.Tensor, helper: torch.Tensor | None = None) -> torch.Tensor:
+        """``(world, H * W)`` bool: the window cells each rank's computed tiles read (the tiles whose
+        second guidance branch it runs, ``helper``, too)."""
         need = torch.zeros((self.world_size, self.owner.numel()), dtype=torch.bool)
-        for n, r in enumerate(computer.tolist()):
-            if r >= 0:
-                need[r, self.windows[n]] = True
+        for assigned in (computer,) if helper is None else (computer, helper):
+            for n, r in enumerate(assigned.tolist()):
+                if r >= 0:
+                    need[r, self.windows[n]] = True
         return need
 
     def input_cells(self, computer: torch.Tensor, sender: int, receiver: int, need=None) -> torch.Tensor:
@@ -509,10 +514,12 @@ class Layout:
 
 def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next_layout: Layout | None = None,
                    state_tensors: int = 1, cache_cell_bytes: int = 0, cache_reductions: int = 0,
-                   halo_cell_bytes: int | None = None,
-                   prediction_cell_bytes: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                   halo_cell_bytes: int | None = None, prediction_cell_bytes: int | None = None,
+                   helper: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """``(world,)`` bytes each rank sends in one step, by kind: ``inputs`` (halo cells its tiles' other
-    computers read), ``predictions`` (its tiles' predictions for cells other ranks own), with
+    computers read), ``predictions`` (its tiles' predictions for cells other ranks own), ``branches``
+    (with ``helper``, :func:`assign_branches`: the second guidance branch of a split tile, its whole
+    window, from the helper to the computer, in the predictions' dtype), with
     ``next_layout`` ``migration`` (``state_tensors`` region-shaped tensors plus ``cache_cell_bytes`` of
     tile-cache state per cell changing owner, :func:`tile_cache_cell_bytes`) and ``cache_stats``
     (``cache_reductions`` all-reduces of the tile cache's window sums, :func:`window_sums_bytes`).
@@ -521,9 +528,10 @@ def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next
     halos and predictions travel in (:func:`_halo_dtype`, the model's dtype). The runtime moves exactly
     these (bench/parallel.py counts with this function; tests compare it with what the ranks sent)."""
     R = layout.world_size
-    need = layout.needs(computer)
+    need = layout.needs(computer, helper)
     inputs = torch.zeros(R, dtype=torch.int64)
     predictions = torch.zeros(R, dtype=torch.int64)
+    branches = torch.zeros(R, dtype=torch.int64)
     migration = torch.zeros(R, dtype=torch.int64)
     for q in range(R):
         owned = layout.owner == q
@@ -531,14 +539,18 @@ def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next
     for n, r in enumerate(computer.tolist()):
         if r >= 0:
             predictions[r] += int((layout.owner[layout.windows[n]] != r).sum())
+    if helper is not None:
+        for n, q in enumerate(helper.tolist()):
+            if q >= 0:
+                branches[q] += layout.windows[n].numel()
     if next_layout is not None:
         moved = layout.owner != next_layout.owner
         migration = torch.bincount(layout.owner[moved], minlength=R) * (state_tensors * cell_bytes + cache_cell_bytes)
     stats = torch.full((R,), cache_reductions * window_sums_bytes(layout.num_tiles, R), dtype=torch.int64)
     halo = cell_bytes if halo_cell_bytes is None else halo_cell_bytes
     prediction = cell_bytes if prediction_cell_bytes is None else prediction_cell_bytes
-    return {"inputs": inputs * halo, "predictions": predictions * prediction, "migration": migration,
-            "cache_stats": stats}  # fmt: skip
+    return {"inputs": inputs * halo, "predictions": predictions * prediction, "branches": branches * prediction,
+            "migration": migration, "cache_stats": stats}  # fmt: skip
 
 
 def _ring_share(nbytes: int, world: int) -> int:
@@ -643,7 +655,7 @@ SKIP_DRAWS = 2  # simulated skip patterns per step when choosing regions with th
 
 
 def random_skips(layout: Layout, step: int, steps: int, cache, draw: int, fill_idle: bool = True,
-                 rebalance: bool = True) -> torch.Tensor | None:  # fmt: skip
+                 rebalance: bool = True, branches: int = 1) -> torch.Tensor | None:  # fmt: skip
     """``(N,)`` bool: a seeded random skip pattern of the tile cache ``cache`` at ``step`` (``None`` where it
     computes every tile): its budget's share of the tiles (:data:`GATE_SHARE` for the gate), anywhere,
     then the idle slots filled as the run fills them (:func:`fill_idle_slots`). Used to count the region
@@ -656,29 +668,33 @@ def random_skips(layout: Layout, step: int, steps: int, cache, draw: int, fill_i
     compute = torch.zeros(N, dtype=torch.bool)
     compute[torch.randperm(N, generator=g)[: math.ceil(share * N)]] = True
     if fill_idle:
-        compute = fill_idle_slots(compute, torch.rand(N, generator=g), layout.home_rank, layout.world_size, rebalance)
+        priority = torch.rand(N, generator=g)
+        compute = fill_idle_slots(compute, priority, layout.home_rank, layout.world_size, rebalance, branches)
     return compute
 
 
 def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: int, state_cell_bytes: int,
                   halo_cell_bytes: int, prediction_cell_bytes: int, rebalance: bool = True,
                   owner: torch.Tensor | None = None, latents_migrate: bool = True, cache=None,
-                  fill_idle: bool = True) -> int:  # fmt: skip
+                  fill_idle: bool = True, split: bool = False) -> int:  # fmt: skip
     """Bytes the busiest rank sends over a run of ``steps`` under ``regions`` (``state_cell_bytes``: what
     migrates with a cell besides its latent, for ``follow``, and the latent too unless
     ``latents_migrate`` is false, :func:`probe_scheduler`; ``owner``: fixed regions already
     chosen). Every tile computed; with a tile ``cache``, the sum over :data:`SKIP_DRAWS` of its
-    :func:`random_skips` patterns (rebalancing moves computed tiles, which costs bytes)."""
+    :func:`random_skips` patterns (rebalancing moves computed tiles, which costs bytes); ``split``:
+    guidance branches split across ranks where that shortens a step (:func:`assign_branches`)."""
+    split = split and rebalance
     total = 0
     for draw in range(SKIP_DRAWS if cache is not None else 1):
         layout = Layout.first(grid, world_size, steps, regions, rebalance, owner)
         for i in range(steps):
             nxt = Layout.at_step(grid, i + 1, world_size, previous=layout, regions=regions) if i + 1 < steps else None
-            compute = random_skips(layout, i, steps, cache, draw, fill_idle, rebalance)
-            sent = exchange_bytes(layout, computers(layout, compute, rebalance), cell_bytes, nxt,
-                                  state_tensors=int(latents_migrate), cache_cell_bytes=state_cell_bytes,
-                                  halo_cell_bytes=halo_cell_bytes,
-                                  prediction_cell_bytes=prediction_cell_bytes)  # fmt: skip
+            compute = random_skips(layout, i, steps, cache, draw, fill_idle, rebalance, 2 if split else 1)
+            computer = computers(layout, compute, rebalance)
+            helper = branch_helpers(layout, computer) if split else None
+            sent = exchange_bytes(layout, computer, cell_bytes, nxt, state_tensors=int(latents_migrate),
+                                  cache_cell_bytes=state_cell_bytes, halo_cell_bytes=halo_cell_bytes,
+                                  prediction_cell_bytes=prediction_cell_bytes, helper=helper)  # fmt: skip
             total += int(sum(sent.values()).max())
             layout = nxt
     return total
@@ -686,17 +702,18 @@ def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: i
 
 def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, cell_bytes: int, state_cell_bytes: int,
                    halo_cell_bytes: int, prediction_cell_bytes: int, latents_migrate: bool = True,
-                   cache=None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
+                   cache=None, split: bool = False,
+                   owner: torch.Tensor | None = None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
     """``(regions, owner)``: ``config.regions``, or for ``auto`` the policy under which the busiest rank
     sends fewer bytes over the run (:func:`count_regions`: every tile computed, or with the tile
     ``cache`` its simulated skips; ties to ``fixed``); ``owner`` is the fixed regions :func:`fixed_owner`
     chose on the way (``None`` when not chosen here), for the run to start from instead of choosing
-    them again. Deterministic."""
+    them again (or, given, the candidate fixed regions). Deterministic."""
     if config.regions != "auto":
         return config.regions, None
     sizes = (cell_bytes, state_cell_bytes, halo_cell_bytes, prediction_cell_bytes, config.rebalance)
-    owner = fixed_owner(grid, world_size, steps, config.rebalance)
-    skips = {"cache": cache, "fill_idle": config.fill_idle}
+    owner = fixed_owner(grid, world_size, steps, config.rebalance) if owner is None else owner
+    skips = {"cache": cache, "fill_idle": config.fill_idle, "split": split}
     fixed = count_regions(grid, world_size, steps, "fixed", *sizes, owner=owner, **skips)
     follow = count_regions(grid, world_size, steps, "follow", *sizes, latents_migrate=latents_migrate, **skips)
     return ("fixed", owner) if fixed <= follow else ("follow", None)
@@ -712,40 +729,47 @@ def computers(layout: Layout, compute: torch.Tensor | None, rebalance: bool) -> 
     return assign_tiles(costs, layout.home_rank, [layout.move_cells(n) for n in range(N)], layout.world_size)
 
 
+def branch_helpers(layout: Layout, computer: torch.Tensor) -> torch.Tensor:
+    """:func:`assign_branches` for this step's ``computer`` (``(N,)``; ``-1``: not split)."""
+    return assign_branches(computer, [layout.move_cells(n) for n in range(layout.num_tiles)], layout.world_size)
+
+
 # --------------------------------------------------------------------------------------------------
 # Rebalancing
 # --------------------------------------------------------------------------------------------------
 
 
 def fill_idle_slots(
-    compute: torch.Tensor, priority: torch.Tensor | None, home_rank, world_size: int, rebalance: bool = True
-) -> torch.Tensor:
+    compute: torch.Tensor, priority: torch.Tensor | None, home_rank, world_size: int, rebalance: bool = True,
+    branches: int = 1,
+) -> torch.Tensor:  # fmt: skip
     """``compute`` plus the skipped tiles that ranks would otherwise idle for: ``(N,)`` bool.
 
-    A step lasts as long as its busiest rank's forwards: ``ceil(C / R)`` for ``C`` computed tiles with
-    rebalancing (:func:`assign_tiles` reaches it for equal costs), the largest home count without.
-    Every rank can compute that many at no cost in time, so skipped tiles are added, highest
+    A step lasts as long as its busiest rank's forwards: ``ceil(C / R)`` tiles for ``C`` computed tiles
+    with rebalancing (:func:`assign_tiles` reaches it for equal costs), the largest home count without;
+    with ``branches=2`` (guidance split across ranks, :func:`assign_branches`) ``ceil(2 C / R)`` branch
+    forwards. Every rank can compute that many at no cost in time, so skipped tiles are added, highest
     ``priority`` (the cache's predicted change) first, until the ranks' slots are full (at most all
-    ``N``): first only tiles whose home rank still has a free slot (they move no bytes), then, with
-    rebalancing, any tile (the assignment sends it to a rank with room). Deterministic, like the
-    decision it extends, so every rank gets the same set. One rank: ``compute`` unchanged.
+    ``N``): first only tiles whose home rank still has room for the whole tile (they move no bytes),
+    then, with rebalancing, any tile (the assignment sends it to a rank with room). Deterministic, like
+    the decision it extends, so every rank gets the same set. One rank: ``compute`` unchanged.
     """
     compute = compute.clone()
-    N, R = compute.numel(), world_size
+    N, R, k = compute.numel(), world_size, branches if rebalance else 1
     C = int(compute.sum())
     if priority is None or R <= 1 or C == 0 or C == N:
         return compute
     home = [int(r) for r in home_rank]
     load = [0] * R
     for n in compute.nonzero().flatten().tolist():
-        load[home[n]] += 1
-    slots = math.ceil(C / R) if rebalance else max(load)
-    target = min(N, slots * R)  # every rank's slots full (without rebalancing, as far as its own tiles go)
+        load[home[n]] += k
+    slots = math.ceil(k * C / R) if rebalance else max(load)  # in forwards
+    target = min(N, slots * R // k)  # every rank's slots full (without rebalancing, as far as its own tiles go)
     order = sorted((n for n in range(N) if not compute[n]), key=lambda n: (-float(priority[n]), n))
     for n in order:  # 1. tiles whose home rank has room: no bytes move
-        if C < target and load[home[n]] < slots:
+        if C < target and load[home[n]] + k <= slots:
             compute[n], C = True, C + 1
-            load[home[n]] += 1
+            load[home[n]] += k
     if rebalance:  # 2. what is left goes where the assignment finds room
         for n in order:
             if C < target and not compute[n]:
@@ -779,6 +803,53 @@ def assign_tiles(costs, home_rank, move_cells, world_size: int) -> torch.Tensor:
             computer[n] = r
             load[r] += costs[n]
     return torch.tensor(computer, dtype=torch.int64)
+
+
+def assign_branches(computer: torch.Tensor, move_cells, world_size: int) -> torch.Tensor:
+    """``(N,)`` rank running the second guidance branch of each tile (``-1``: its computer runs both).
+
+    With classifier-free guidance a tile is two forwards (conditional, unconditional) whose outputs
+    combine elementwise, so they may run on two ranks (xDiT's "CFG parallel"). Whole tiles leave
+    ``2 ceil(C / R)`` forwards on the busiest rank (4 tiles on 8 ranks: 2, and 4 ranks idle); split
+    branches reach ``ceil(2 C / R)`` (1). Ranks above that hand the second branch of their tiles (in
+    tile order) to the least-loaded rank, among equally loaded ranks the one whose choice moves the
+    fewest cells (``move_cells[n][q]``), then the lowest; nothing is split where it would not shorten
+    the step. A split tile costs its window's input on the helper and one tile of branch output sent
+    back to the computer, which combines the two (the adapter's own arithmetic, so the result is the
+    single-process one). Deterministic: every rank computes the same answer.
+    """
+    R = world_size
+    comp = [int(r) for r in computer]
+    helper = [-1] * len(comp)
+    C = sum(r >= 0 for r in comp)
+    if R <= 1 or C == 0:
+        return torch.tensor(helper, dtype=torch.int64)
+    slots = math.ceil(2 * C / R)
+    load = [0] * R
+    for r in comp:
+        if r >= 0:
+            load[r] += 2
+    for n, r in enumerate(comp):
+        if r >= 0 and load[r] > slots:
+            q = min((q for q in range(R) if q != r), key=lambda q: (load[q], int(move_cells[n][q]), q))
+            if load[q] + 1 <= slots:
+                helper[n] = q
+                load[r] -= 1
+                load[q] += 1
+    return torch.tensor(helper, dtype=torch.int64)
+
+
+def forwards_per_rank(computer: torch.Tensor, helper: torch.Tensor | None, world_size: int,
+                      branches: int = 1) -> list[int]:  # fmt: skip
+    """Forwards each rank runs: ``branches`` per tile it computes whole, one per branch of a split tile."""
+    load = [0] * world_size
+    for n, r in enumerate(computer.tolist()):
+        if r >= 0:
+            split = helper is not None and int(helper[n]) >= 0
+            load[r] += 1 if split else branches
+            if split:
+                load[int(helper[n])] += 1
+    return load
 
 
 # --------------------------------------------------------------------------------------------------
@@ -944,6 +1015,9 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     regions, owner = ctx.config.regions, None
     # Fixed regions move no state; otherwise probe it (UniPC's latents are its predictor applied to its
     # history, so following regions rebuild them instead of sending them)
+    # Guidance split: a tile's two guidance branches may run on two ranks where that shortens a step
+    branches = _guidance_branches(adapter, cond)
+    split = ctx.config.split_guidance and ctx.config.rebalance and len(branches) == 2 and R > 1
     probe = None if regions == "fixed" else probe_scheduler(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
     rebuild = _rebuild_latents(scheduler) if probe is not None and probe.rebuilds_latents else None
     if regions == "auto":
@@ -955,13 +1029,15 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
             state_bytes += cell * 4  # its fp32 residual
         sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
         regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes,
-                                        latents_migrate=rebuild is None, cache=tile_cache)  # fmt: skip
+                                        latents_migrate=rebuild is None, cache=tile_cache, split=split)  # fmt: skip
     ctx.regions = regions
     ctx.latents_rebuilt = rebuild is not None and regions == "follow"
-    if me == 0 and R > grid.num_tiles:
+    useful = grid.num_tiles * (2 if split else 1)  # ranks with a forward to run
+    if me == 0 and R > useful:
+        what = "tiles per step" + (" (two guidance branches each)" if split else "")
         warnings.warn(
-            f"{R} ranks share {grid.num_tiles} tiles per step, so {R - grid.num_tiles} of them have no tile to "
-            f"compute; at most {grid.num_tiles} processes (--nproc-per-node) refine this canvas as fast.",
+            f"{R} ranks share {grid.num_tiles} {what}, so {R - useful} of them have no tile to "
+            f"compute; at most {useful} processes (--nproc-per-node) refine this canvas as fast.",
             stacklevel=2,
         )
     layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
@@ -975,6 +1051,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
         if step_cache is not None and not step_cache.computes(i):
             ctx.computed_tiles.append([0] * R)
+            ctx.forwards.append([0] * R)
             eps = step_cache.reuse(x)
         else:
             windows = compute = None
@@ -982,10 +1059,14 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
                 windows = _cache_windows(ctx, layout, x.device)
                 compute, priority = tile_cache.plan_cells(i, len(timesteps), windows, with_priority=True)
                 if ctx.config.fill_idle:
-                    compute = fill_idle_slots(compute, priority, layout.home_rank, R, ctx.config.rebalance)
+                    compute = fill_idle_slots(compute, priority, layout.home_rank, R, ctx.config.rebalance,
+                                              branches=2 if split else 1)  # fmt: skip
             computer = computers(layout, compute, ctx.config.rebalance)
+            helper = branch_helpers(layout, computer) if split else None
             ctx.computed_tiles.append(torch.bincount(computer[computer >= 0], minlength=R).tolist())
-            values = _tile_predictions(ctx, adapter, layout, computer, x, t, cond, pred_dtype, halo_dtype, gather_mode)
+            ctx.forwards.append(forwards_per_rank(computer, helper, R, len(branches) or 1))
+            values = _tile_predictions(ctx, adapter, layout, computer, x, t, cond, pred_dtype, halo_dtype, gather_mode,
+                                       helper, branches)  # fmt: skip
             if tile_cache is not None:
                 # a skipped tile costs no bytes: each owner rebuilds its cells' reused prediction, x + R
                 for n in (~compute).nonzero().flatten().tolist():
@@ -1050,11 +1131,19 @@ def _all_reduce_sum(ctx: ParallelContext, t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
+def _guidance_branches(adapter, cond) -> tuple[str, ...]:
+    """The adapter's separately computed guidance branches (``()``: one forward per tile)."""
+    choose = getattr(adapter, "guidance_branches", None)
+    return () if choose is None else tuple(choose(cond))
+
+
 def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_dtype, halo_dtype,
-                      gather_mode) -> dict:  # fmt: skip
+                      gather_mode, helper=None, branches=()) -> dict:  # fmt: skip
     """``{tile: prediction at this rank's cells of its window (B, C, T, cells)}`` for every computed tile
     covering this rank's cells (window row-major order of :meth:`Layout.output_positions`). Input
-    halos travel in ``halo_dtype`` and land in the latents' dtype (:func:`_halo_dtype`)."""
+    halos travel in ``halo_dtype`` and land in the latents' dtype (:func:`_halo_dtype`). ``helper``
+    (:func:`assign_branches`): a split tile's computer runs ``branches[0]``, its helper ``branches[1]``
+    and sends it back (in ``pred_dtype``), and the computer combines them (``adapter.guide``)."""
     me, R = ctx.rank, ctx.world_size
     B, C, T = x.shape[:3]
     H, W = layout.canvas_hw
@@ -1062,9 +1151,12 @@ def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_d
     device = x.device
     local = layout.local_index(me)
     mine = (computer == me).nonzero().flatten()
+    split = helper is not None and bool((helper >= 0).any())
+    helper = helper if split else None
 
-    # 1. Input halos: owners send the window cells of this step's computed tiles to their computers.
-    need = layout.needs(computer)
+    # 1. Input halos: owners send the window cells of this step's computed tiles to their computers
+    # (and to the ranks running a split tile's second branch).
+    need = layout.needs(computer, helper)
     scratch = x.new_zeros((B, C, T, H * W))
     cells = layout.cells(me).to(device)
     scratch[..., cells] = x[..., 0, :]
@@ -1085,15 +1177,33 @@ def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_d
         scratch[..., idx] = buf.to(scratch.dtype)
 
     # 2. Forwards of this rank's tiles (cut from the scratch canvas, where every cell they read is set).
+    canvas = scratch.view(B, C, T, H, W)
+    forward = partial(_forward_tiles, adapter, layout, canvas, t, cond, gather_mode)
     pred = None
-    if mine.numel():
-        from .ops import halo_gather
-
-        origins = layout.origins[mine]
-        tiles = halo_gather(scratch.view(B, C, T, H, W), origins, (h, w), 0, gather_mode)
-        pred = adapter.predict(tiles, t, cond, origins, (H, W))
-        pred = pred.reshape(mine.numel(), B, C, T, h * w).to(pred_dtype)
-    del scratch
+    if not split and mine.numel():
+        pred = forward(mine).to(pred_dtype)
+    elif split:
+        whole, halves = mine[helper[mine] < 0], mine[helper[mine] >= 0]
+        helping = (helper == me).nonzero().flatten()
+        done = {}
+        if whole.numel():
+            done.update(zip(whole.tolist(), forward(whole).unbind(0)))
+        first = forward(halves, branches[0]) if halves.numel() else None
+        second = forward(helping, branches[1]) if helping.numel() else None
+        # the second branches go back to their tiles' computers, which combine them as predict does
+        sends, recvs, received = {}, {}, []
+        for j, n in enumerate(helping.tolist()):
+            sends.setdefault(int(computer[n]), []).append(second[j].to(pred_dtype).contiguous())
+        for n in halves.tolist():
+            buf = torch.empty((B, C, T, h * w), dtype=pred_dtype, device=device)
+            recvs.setdefault(int(helper[n]), []).append(buf)
+            received.append(buf)
+        _transfer(ctx, sends, recvs, "branches")
+        for j, n in enumerate(halves.tolist()):
+            done[n] = adapter.guide({branches[0]: first[j].to(pred_dtype), branches[1]: received[j]}, cond)
+        if mine.numel():
+            pred = torch.stack([done[n].to(pred_dtype) for n in mine.tolist()])
+    del scratch, canvas, forward
 
     # 3. Predictions for other ranks' cells go to their owners, per tile in tile order.
     sends, recvs, values = {}, {}, {}
@@ -1123,6 +1233,22 @@ def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_d
         if pos.numel():
             values[n] = pred[j][..., pos.to(device)]
     return values
+
+
+def _forward_tiles(adapter, layout: Layout, canvas, t, cond, gather_mode, tiles, branch=None) -> torch.Tensor:
+    """``(n, B, C, T, h * w)``: ``adapter.predict`` (or its guidance ``branch``) of ``tiles`` cut from
+    ``canvas`` ``(B, C, T, H, W)``."""
+    from .ops import halo_gather
+
+    B, C, T, H, W = canvas.shape
+    h, w = layout.tile_hw
+    origins = layout.origins[tiles]
+    cut = halo_gather(canvas, origins, (h, w), 0, gather_mode)
+    if branch is None:
+        out = adapter.predict(cut, t, cond, origins, (H, W))
+    else:
+        out = adapter.predict_branch(cut, t, cond, origins, (H, W), branch)
+    return out.reshape(tiles.numel(), B, C, T, h * w)
 
 
 def _blend(layout: Layout, me: int, values: dict, weight, x, pred_dtype) -> torch.Tensor:

@@ -467,6 +467,7 @@ class SuperGen:
             "regions_configured": ctx.config.regions,
             "latents_rebuilt_from_history": ctx.latents_rebuilt,  # following regions did not send the latents
             "computed_tiles_per_rank": ctx.computed_tiles,
+            "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
             **ctx.stats.as_dict(),
         }
 

@@ -38,6 +38,26 @@ class FakeAdapter:
         return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
 
+class GuidedFakeAdapter(FakeAdapter):
+    """:class:`FakeAdapter` with classifier-free guidance run as two forwards per tile, as the Wan
+    adapter runs it, so tile parallelism may split them across ranks."""
+
+    scale = 3.0
+
+    def guidance_branches(self, cond):
+        return ("cond", "uncond")
+
+    def predict_branch(self, tiles, timestep, cond, origins, canvas_hw, branch):
+        return super().predict(tiles * (1.2 if branch == "cond" else 0.7), timestep, cond, origins, canvas_hw)
+
+    def guide(self, outputs, cond):
+        return outputs["uncond"] + self.scale * (outputs["cond"] - outputs["uncond"])
+
+    def predict(self, tiles, timestep, cond, origins, canvas_hw):
+        args = (tiles, timestep, cond, origins, canvas_hw)
+        return self.guide({b: self.predict_branch(*args, b) for b in self.guidance_branches(cond)}, cond)
+
+
 def make_scheduler(name: str):
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
@@ -87,7 +107,8 @@ def fake_run(case: dict, parallel=None):
     if case.get("cache"):
         config = CacheConfig(**case["cache"])
         cache = replayed_plan(config, case["hit_map"]) if "hit_map" in case else TileCache(config)
-    return refine(FakeAdapter(), scheduler, latents, None, grid, plan, cache=cache, parallel=parallel), cache
+    adapter = GuidedFakeAdapter() if case.get("guided") else FakeAdapter()
+    return refine(adapter, scheduler, latents, None, grid, plan, cache=cache, parallel=parallel), cache
 
 
 def tiny_case(case: dict, parallel_config):
@@ -133,7 +154,8 @@ def main(spec_path: str, out_dir: str) -> None:
         # exact single-process decisions unless a case asks for idle ranks to fill their slots; the
         # default region policy unless a case names one
         regions = {"regions": case["regions"]} if "regions" in case else {}
-        config = ParallelConfig(timeout=spec.get("timeout", 60.0), fill_idle=case.get("fill_idle", False), **regions)
+        config = ParallelConfig(timeout=spec.get("timeout", 60.0), fill_idle=case.get("fill_idle", False),
+                                split_guidance=case.get("split_guidance", True), **regions)  # fmt: skip
         if "prompt_by_rank" in case:  # the ranks disagree: every rank must raise, naming the difference
             try:
                 tiny_case({**case, "prompt": case["prompt_by_rank"][rank]}, config)
@@ -149,7 +171,7 @@ def main(spec_path: str, out_dir: str) -> None:
                 _fail_mid_run(rank, case["fail_at_step"])
             latents, cache = fake_run(case, ctx)
             stats = {"exchange": ctx.stats.as_dict(), "computed_tiles": ctx.computed_tiles,
-                     "latents_rebuilt": ctx.latents_rebuilt}  # fmt: skip
+                     "forwards": ctx.forwards, "latents_rebuilt": ctx.latents_rebuilt}  # fmt: skip
             if cache is not None:
                 stats["cache"] = cache.stats.as_dict()
         if latents is not None:

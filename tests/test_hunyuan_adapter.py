@@ -89,6 +89,23 @@ def test_one_tile_equals_pipeline_prediction(true_cfg_scale):
         assert torch.equal(pred, model_output)
 
 
+def test_true_cfg_branches_computed_apart_give_predict_bit_for_bit():
+    pipe = _pipeline()
+    adapter = adapter_for(pipe)
+    tiles = torch.randn(2, C, 2, 8, 12, generator=torch.Generator().manual_seed(2))
+    origins = torch.tensor([(0, 0), (8, 0)])
+    cond = adapter.conditioning((1, C, 2, 16, 12), **_text(), guidance_scale=4.5, true_cfg_scale=3.0)
+    t = torch.tensor(500.0)
+    assert adapter.guidance_branches(cond) == ("cond", "uncond")
+    outputs = {b: adapter.predict_branch(tiles, t, cond, origins, (16, 12), b) for b in ("cond", "uncond")}
+    assert torch.equal(adapter.guide(outputs, cond), adapter.predict(tiles, t, cond, origins, (16, 12)))
+    # guidance embedded (no true CFG): one forward per tile, nothing to split
+    embedded = adapter.conditioning((1, C, 2, 16, 12), **_text(), guidance_scale=4.5)
+    assert adapter.guidance_branches(embedded) == ()
+    with pytest.raises(ValueError, match="`branch` must be one of \\(\\) but is 'uncond'"):
+        adapter.predict_branch(tiles, t, embedded, origins, (16, 12), "uncond")
+
+
 def test_one_tile_refine_equals_the_pipeline_loop():
     """supergen's refine loop, one tile covering the canvas and no shift, entered at step 1 of 3 of the
     pipeline's own schedule, continues the stock pipeline's trajectory bit for bit."""

@@ -38,6 +38,11 @@ CASES = [
     {"name": "few_tiles", "canvas": [2, 8, 16], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc"},
     {"name": "rehash", "canvas": [2, 24, 24], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc",
      "rehash": [True, False, True, False, True]},
+    # classifier-free guidance as two forwards per tile: ranks above ceil(2C/R) forwards hand one away
+    {"name": "torus_guided", "canvas": [2, 24, 24], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc",
+     "guided": True},
+    {"name": "few_guided", "canvas": [2, 8, 16], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "euler",
+     "guided": True},
 ]  # fmt: skip
 for _case in CASES:
     _case.update(steps=6, refine_steps=5)
@@ -53,6 +58,8 @@ CACHE_CASES = [
      "scheduler": "euler", "cache": {"mode": "gate", "threshold": 0.3}},
     {"name": "budget_few", "canvas": [2, 8, 16], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc",
      "cache": {"mode": "budget", "budget": 0.5}},
+    {"name": "budget_guided", "canvas": [2, 16, 24], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "unipc",
+     "cache": {"mode": "budget", "budget": 0.5}, "guided": True},
 ]  # fmt: skip
 for _case in CACHE_CASES:
     _case.update(steps=8, refine_steps=7)
@@ -71,6 +78,7 @@ TINY_CACHE = dict(TINY, name="tiny_wan_budget", steps=5, refine_steps=4, cache={
 TINY_FOLLOW = dict(TINY_CACHE, name="tiny_wan_budget_follow", regions="follow")
 TINY_BF16 = dict(TINY, name="tiny_wan_bf16", dtype="bfloat16")  # bf16 model, fp32 latents
 TINY_DRIFT = dict(TINY, name="tiny_wan_drift", drift_rank=1)  # rank 1's VAE encode is off by 1e-3
+TINY_SPLIT = dict(TINY, name="tiny_wan_split", height=64, width=192)  # 3 tiles: 2 ranks split one's guidance
 
 
 def _free_port() -> int:
@@ -122,7 +130,7 @@ def single_process():
 def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_path):
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
-    tiny = [mismatch, TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT] if world == 2 else []
+    tiny = [mismatch, TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT, TINY_SPLIT] if world == 2 else []
     cases = CASES + FIXED_CASES + FILL_CASES + tiny
     results = _wait(_launch(world, cases, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
@@ -168,6 +176,16 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     for name in ("torus_odd", "overlap"):
         assert all(sum(step) == 9 if name == "torus_odd" else sum(step) > 0 for step in stats[name]["computed_tiles"])
     assert [sum(s) for s in stats["rehash"]["computed_tiles"]] == [9, 0, 9, 0, 9]
+    # guidance split: whole tiles would leave the busiest rank 2 ceil(C/R) forwards; it hands second
+    # branches to idle ranks down to ceil(2C/R), and the geometry code predicts every byte
+    for name in ("torus_guided", "torus_guided_fixed", "few_guided", "few_guided_fixed"):
+        for forwards, computed in zip(stats[name]["forwards"], stats[name]["computed_tiles"]):
+            assert sum(forwards) == 2 * sum(computed) and max(forwards) == -(-2 * sum(computed) // world), name
+        splits = any(max(f) < 2 * max(c) for f, c in zip(stats[name]["forwards"], stats[name]["computed_tiles"]))
+        assert splits == (world in (2, 4) if name.startswith("torus") else world == 4), (name, world)
+    by_name = {c["name"]: c for c in CASES + FIXED_CASES}
+    for case in (by_name["torus_guided_fixed"], by_name["few_guided"]):
+        assert stats[case["name"]]["exchange"]["bytes_sent_per_step"] == _predicted_bytes(case, world, rank=1)
     # tile cache: every rank takes the single-process decisions (the same hit map, so the same report
     # totals), it really skips, nobody computes a skipped tile, and the computed ones are balanced
     for case in [c for c in CASES + FIXED_CASES if "cache" in c]:
@@ -193,9 +211,13 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         got = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(world)]
         assert all(g["cache"] == got[0]["cache"] for g in got), name
         hit_map = got[0]["cache"]["hit_map"]
-        for step, per_rank in zip(hit_map, got[0]["computed_tiles"]):
-            assert sum(per_rank) == len(step) - sum(step)
-            assert len(set(per_rank)) == 1 or sum(step) == 0, (name, per_rank)
+        k = 2 if case.get("guided") else 1  # forwards per tile, split across ranks where that helps
+        for step, tiles, forwards in zip(hit_map, got[0]["computed_tiles"], got[0]["forwards"]):
+            C = len(step) - sum(step)
+            assert sum(tiles) == C and sum(forwards) == k * C
+            # nobody idles where one more tile fits in the busiest rank's forwards
+            assert max(forwards) == -(-k * C // world), (name, forwards)
+            assert sum(step) == 0 or k * (C + 1) > max(forwards) * world, (name, forwards)
         replayed, _ = fake_run(dict(case, hit_map=hit_map))
         assert (torch.load(tmp_path / f"{name}.pt") - replayed).abs().max().item() <= 1e-5, name
         plain = single_process[name.removesuffix("_fill")][1].stats
@@ -204,7 +226,7 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         assert added > 0  # filling really computed tiles the single process skipped
     if world == 2:
         # through SuperGen: without and with the tile cache, both region policies, and a bf16 model
-        for case in (TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT):
+        for case in (TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT, TINY_SPLIT):
             single, report = _tiny_single_process(dict(case, drift_rank=None))
             got = torch.load(tmp_path / f"{case['name']}.pt")
             assert (got - single).abs().max().item() <= 1e-5, case["name"]
@@ -227,6 +249,10 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
                 assert ranks_report["canvas_broadcast_bytes"] == canvas_bytes, (case["name"], rank)
             if case is TINY_CACHE:
                 assert report["cache"]["skipped_tile_steps"] > 0
+            if case is TINY_SPLIT:  # 3 tiles of 2 forwards on 2 ranks: 3 forwards each, one tile's sent
+                assert all(f == [3, 3] for f in ranks_report["forwards_per_rank"]), ranks_report["forwards_per_rank"]
+                sent = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]
+                assert sum(r["bytes_sent_by_kind"].get("branches", 0) for r in sent) > 0
         # a bf16 model's input halos travel in bf16: the same cells as the fp32 run, half the bytes
         fp32, bf16 = (json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in (TINY, TINY_BF16))
         assert fp32["bytes_sent_by_kind"]["inputs"] > 0
@@ -268,7 +294,8 @@ def test_supergen_generate_under_torchrun_matches_one_process(tmp_path):
 def _predicted_bytes(case: dict, world: int, rank: int, cache=None, state_tensors=None) -> list[int]:
     """Bytes per step the geometry code predicts; with ``cache`` (the single-process TileCache of the
     case) its decisions, its state migrating with the regions and its window-sum all-reduces;
-    ``state_tensors[i]``: the latent-shaped tensors migrating after step ``i`` (default: the latents)."""
+    ``state_tensors[i]``: the latent-shaped tensors migrating after step ``i`` (default: the latents);
+    guided cases split guidance branches across ranks (:func:`par.assign_branches`)."""
     grid = TileGrid(tuple(case["canvas"]), TilingConfig(**case["tiling"]), native_tile=tuple(case["tile"]))
     T, steps = case["canvas"][0], case["refine_steps"]
     cell_bytes = 1 * 4 * T * 4  # B * C * T * fp32
@@ -285,7 +312,9 @@ def _predicted_bytes(case: dict, world: int, rank: int, cache=None, state_tensor
             extra["cache_reductions"] = 1 + cache.decides(i, steps)  # the decision, the gain
         if state_tensors is not None:
             extra["state_tensors"] = state_tensors[i]
-        sent = par.exchange_bytes(layout, par.computers(layout, compute, True), cell_bytes, nxt, **extra)
+        computer = par.computers(layout, compute, True)
+        helper = par.branch_helpers(layout, computer) if case.get("guided") else None
+        sent = par.exchange_bytes(layout, computer, cell_bytes, nxt, helper=helper, **extra)
         out.append(int(sum(v[rank] for v in sent.values())))
         layout = nxt
     return out
@@ -639,6 +668,40 @@ def test_fill_idle_slots_balances_any_decision(seed):
         assert not filled.any()
 
 
+def test_guidance_branches_split_only_where_they_shorten_the_step():
+    def split(computer, world, moves=None):
+        computer = torch.tensor(computer)
+        moves = moves or [[1] * world for _ in computer]
+        helper = par.assign_branches(computer, moves, world)
+        return helper.tolist(), par.forwards_per_rank(computer, helper, world, branches=2)
+
+    # 4 tiles on 8 ranks: whole tiles take 2 forwards and idle half the ranks; split, 1 each
+    helper, forwards = split([0, 1, 2, 3], 8)
+    assert forwards == [1] * 8 and sorted(helper) == [4, 5, 6, 7]
+    # 9 tiles on 8 ranks (5 on 2 ranks): one tile is split, the busiest runs 3 forwards instead of 4
+    assert split([0, 0, 1, 2, 3, 4, 5, 6, 7], 8)[1] == [3, 3, 2, 2, 2, 2, 2, 2]
+    assert split([0, 0, 0, 1, 1], 2) == ([1, -1, -1, -1, -1], [5, 5])  # its first tile, in tile order
+    # nothing to gain: no split (6 tiles on 3 ranks, 2 on 3 ranks, skipped tiles, one rank)
+    assert split([0, 0, 1, 1, 2, 2], 3)[0] == [-1] * 6
+    assert split([0, 1], 3)[0] == [-1, -1]
+    assert split([-1, 0, -1, 1], 4) == ([-1, 2, -1, 3], [1, 1, 1, 1])
+    assert split([0, 0], 1)[0] == [-1, -1]
+    # among equally idle ranks, the one whose choice moves the fewest cells
+    assert split([0, 1], 4, moves=[[0, 9, 9, 2], [9, 0, 5, 9]])[0] == [3, 2]
+
+
+def test_fill_idle_slots_counts_split_guidance_forwards():
+    home = torch.tensor([0, 1, 2, 3, 0, 1])
+    compute = torch.tensor([True, False, True, False, False, False])
+    priority = torch.arange(6, dtype=torch.float64)
+    # 2 tiles on 4 ranks: whole, the busiest runs 2 forwards while two ranks idle, so two more tiles fit
+    # (their own, highest priority first); split, every rank runs 1 forward and none fits
+    assert par.fill_idle_slots(compute, priority, home, 4).tolist() == [True, False, True, True, False, True]
+    assert torch.equal(par.fill_idle_slots(compute, priority, home, 4, branches=2), compute)
+    # 8 ranks: split, 4 tiles take one forward on every rank
+    assert int(par.fill_idle_slots(compute, priority, home, 8, branches=2).sum()) == 4
+
+
 def test_parallel_config_validation():
     with pytest.raises(ValueError, match="`backend` must be one of"):
         ParallelConfig(backend="mpi")
@@ -646,6 +709,8 @@ def test_parallel_config_validation():
         ParallelConfig(timeout=0)
     with pytest.raises(ValueError, match="`fill_idle` must be a bool but is 'yes'"):
         ParallelConfig(fill_idle="yes")
+    with pytest.raises(ValueError, match="`split_guidance` must be a bool but is 1"):
+        ParallelConfig(split_guidance=1)
     with pytest.raises(ValueError, match=r"`regions` must be one of \('auto', 'fixed', 'follow'\) but is 'moving'"):
         ParallelConfig(regions="moving")
     with pytest.raises(TypeError, match="`parallel` must be a ParallelConfig"):

@@ -105,6 +105,26 @@ def test_guidance_runs_two_calls_per_tile_in_per_tile_contexts(t2v, monkeypatch)
     assert [n for n, _ in names] == ["cond/tile0"]
 
 
+def test_guidance_branches_computed_apart_give_predict_bit_for_bit(t2v):
+    """Tile parallelism may run a tile's two guidance forwards on two ranks: each branch alone, then
+    ``guide``, is exactly ``predict`` (canvas positions, so the branches really see the tile's place)."""
+    t2v.scheduler.set_timesteps(4)
+    adapter = adapter_for(t2v, positions="canvas")
+    tiles = torch.randn(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    args = (tiles, torch.tensor(700.0), None, torch.tensor([(0, 0), (8, 4)]), (16, 16))
+    cond = adapter.conditioning((1, 16, 3, 16, 16), guidance_scale=4.0, num_frames=9, **PROMPT)
+    args = (*args[:2], cond, *args[3:])
+    adapter.begin_step(0, t2v.scheduler.timesteps[0], None, 1)
+    assert adapter.guidance_branches(cond) == ("cond", "uncond")
+    outputs = {b: adapter.predict_branch(*args, b) for b in ("cond", "uncond")}
+    assert not torch.equal(outputs["cond"], outputs["uncond"])
+    assert torch.equal(adapter.guide(outputs, cond), adapter.predict(*args))
+    with pytest.raises(ValueError, match="`branch` must be one of \\('cond', 'uncond'\\) but is 'text'"):
+        adapter.predict_branch(*args, "text")
+    unguided = adapter.conditioning((1, 16, 3, 16, 16), guidance_scale=1.0, num_frames=9, **PROMPT)
+    assert adapter.guidance_branches(unguided) == ()  # one forward per tile: nothing to split
+
+
 def test_i2v_tile_conditioning_is_the_crop_of_the_canvas_conditioning(i2v):
     """Each tile's image channels (mask | first-frame latent) equal the matching (wrapped) crop of the
     canvas conditioning the pipeline's own code builds once."""

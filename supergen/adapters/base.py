@@ -169,6 +169,25 @@ class ModelAdapter(ABC):
         scheduler's prediction space, computing at most :attr:`max_tile_batch` tiles per forward.
         """
 
+    # -- guidance split (tile parallelism) -----------------------------------------------------------
+
+    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
+        """The separate forwards :meth:`predict` combines for ``cond`` (classifier-free guidance:
+        ``("cond", "uncond")``), which tile parallelism may run on two ranks: :meth:`predict_branch` on
+        each, then :meth:`guide` (the same forwards and the same arithmetic as ``predict``, so the same
+        result). ``()``, the default: ``predict`` is one forward per tile (unguided, guidance embedded,
+        or both branches batched into one forward as the CogVideoX and LTX-Video pipelines do)."""
+        return ()
+
+    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
+        """The output of forward ``branch`` (one of :meth:`guidance_branches`) for ``tiles``, as
+        :meth:`predict` computes it before combining."""
+        raise NotImplementedError(f"{type(self).__name__} runs guidance in one forward; it has no `{branch}` branch.")
+
+    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
+        """:meth:`predict`'s result from its branches' outputs (``{branch: output}``)."""
+        raise NotImplementedError(f"{type(self).__name__} runs guidance in one forward.")
+
 
 def call_default_latent(pipe, spatial_scale: int) -> tuple[int, int]:
     """The pipeline's default ``height``/``width`` in latent cells: the size its model is made for (the

@@ -160,8 +160,24 @@ class HunyuanVideoAdapter(ModelAdapter):
     def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
         return cast_first_dtype(self.pipe.transformer, latents_dtype)  # predict's first step is that cast
 
-    @torch.no_grad()
+    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
+        return ("cond", "uncond") if cond.embeds["uncond"] is not None else ()  # true CFG: two forwards
+
     def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, self.guidance_branches(cond) or ("cond",))
+
+    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
+        if branch not in self.guidance_branches(cond):
+            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, (branch,))
+
+    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
+        uncond = outputs["uncond"]
+        return uncond + cond.guidance_scale * (outputs["cond"] - uncond)  # the pipeline's expression
+
+    @torch.no_grad()
+    def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branches) -> torch.Tensor:
+        """The forwards ``branches`` of every tile, combined by :meth:`guide` when both run."""
         origins = torch.as_tensor(origins, dtype=torch.int64)
         n_tiles = origins.shape[0]
         batch = cond.extra["guidance"].shape[0]
@@ -175,11 +191,8 @@ class HunyuanVideoAdapter(ModelAdapter):
             n, x = stop - start, tiles[start * batch : stop * batch]
             name = f"tile{start}" if n == 1 else f"tiles{start}-{stop - 1}"
             with self._positions(origins[start], canvas_hw):
-                pred = self._forward("cond", name, x, n, timestep, cond, context)
-                if cond.embeds["uncond"] is not None:
-                    uncond = self._forward("uncond", name, x, n, timestep, cond, context)
-                    pred = uncond + cond.guidance_scale * (pred - uncond)  # the pipeline's expression
-            outputs.append(pred)
+                out = {b: self._forward(b, name, x, n, timestep, cond, context) for b in branches}
+            outputs.append(self.guide(out, cond) if len(branches) == 2 else out[branches[0]])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _forward(self, branch: str, name: str, x, n: int, timestep, cond: Conditioning, context: dict):

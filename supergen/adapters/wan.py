@@ -198,15 +198,30 @@ class WanAdapter(ModelAdapter):
     def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
         return cast_first_dtype(self.pipe.transformer, latents_dtype)  # predict's first step is that cast
 
-    @torch.no_grad()
+    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
+        return ("cond", "uncond") if cond.guidance_scale > 1.0 else ()  # two forwards, as WanPipeline runs them
+
     def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, self.guidance_branches(cond) or ("cond",))
+
+    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
+        if branch not in self.guidance_branches(cond):
+            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, (branch,))
+
+    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
+        # Same expression (and rounding) as WanPipeline's guidance.
+        return outputs["uncond"] + cond.guidance_scale * (outputs["cond"] - outputs["uncond"])
+
+    @torch.no_grad()
+    def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branches) -> torch.Tensor:
+        """The forwards ``branches`` of every tile, combined by :meth:`guide` when both run."""
         transformer = self.pipe.transformer
         origins = torch.as_tensor(origins, dtype=torch.int64)
         n_tiles = origins.shape[0]
         batch = tiles.shape[0] // n_tiles
         h, w = tiles.shape[-2:]
         embeds = cond.embeds
-        guided = cond.guidance_scale > 1.0
         context = {k: v for k, v in self.step_context.items() if v is not None}
         out = None
         for start in range(0, n_tiles, self.max_tile_batch):
@@ -226,17 +241,13 @@ class WanAdapter(ModelAdapter):
                 "return_dict": False,
             }
             name = f"tile{start}" if n == 1 else f"tiles{start}-{stop - 1}"
+            outputs = {}
             with self._positions(origins[start:stop], canvas_hw, batch):
-                with transformer.cache_context(f"cond/{name}", **context):
-                    text = embeds["cond"].repeat(n, 1, 1)
-                    pred = transformer(hidden_states=x, encoder_hidden_states=text, **kwargs)[0]
-                if guided:
-                    with transformer.cache_context(f"uncond/{name}", **context):
-                        uncond = transformer(
-                            hidden_states=x, encoder_hidden_states=embeds["uncond"].repeat(n, 1, 1), **kwargs
-                        )[0]
-                    # Same expression (and rounding) as WanPipeline's guidance.
-                    pred = uncond + cond.guidance_scale * (pred - uncond)
+                for branch in branches:
+                    with transformer.cache_context(f"{branch}/{name}", **context):
+                        text = embeds[branch].repeat(n, 1, 1)
+                        outputs[branch] = transformer(hidden_states=x, encoder_hidden_states=text, **kwargs)[0]
+            pred = self.guide(outputs, cond) if len(branches) == 2 else outputs[branches[0]]
             if stop - start == n_tiles:
                 return pred
             if out is None:  # written in place: a list + cat would hold two canvas-size copies
