@@ -66,6 +66,16 @@ assignment of those whole tiles can do, ``ceil(C/R) / (C/R)`` (granularity, not 
 rank (asserted), so the step takes as long either way and ``computed_share_cache`` vs
 ``computed_share_cache_no_fill`` is what filling buys: fewer reused tiles.
 
+Guidance split (``ParallelConfig.split_guidance``, on by default for adapters that run classifier-free
+guidance as two forwards per tile: Wan, HunyuanVideo with true CFG): a rank above ``ceil(2C/R)`` forwards
+hands the unconditional forward of a tile to an idle rank, which receives that tile's input and sends
+its output back (:func:`supergen.parallel.assign_branches`). ``*_split`` columns count it for the UniPC
+(Wan) settings: ``ratio_split*`` with every tile computed, ``ratio_cache_split`` with the cache (idle
+slots then counted in forwards: ``fill_idle_slots(branches=2)``), ``imbalance_cache_split`` = max / mean
+forwards per rank, and ``busiest_rank_forwards_per_run`` (whole tiles, two forwards each) vs
+``busiest_rank_forwards_per_run_split``: the step time it saves (asserted never longer). It changes
+nothing where whole tiles already divide evenly.
+
 The ``summary`` holds, per geometry and tiling, each setting's worst share over canvases and ranks under
 ``auto`` and whether all meet the targets (<= 10 % of the all-gather; imbalance <= 1.15).
 
@@ -128,7 +138,8 @@ TARGET_RATIO, TARGET_IMBALANCE = 0.10, 1.15
 REGIONS = ("fixed", "follow")  # ParallelConfig.regions, counted both; "auto" (the default) picks per setting
 COLUMNS = ("ratio", "ratio_bf16", "ratio_euler", "ratio_euler_bf16", "ratio_cache", "ratio_cache_bf16",
            "ratio_published", "imbalance_cache", "imbalance_cache_worst_step", "imbalance_cache_no_fill",
-           "imbalance_floor_no_fill", "computed_share_cache", "computed_share_cache_no_fill")  # fmt: skip
+           "imbalance_floor_no_fill", "computed_share_cache", "computed_share_cache_no_fill", "ratio_split",
+           "ratio_split_bf16", "ratio_cache_split", "imbalance_cache_split")  # fmt: skip
 
 
 def change_field(canvas_hw, step: int) -> torch.Tensor:
@@ -174,9 +185,10 @@ def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
     # fp32: everything fp32. bf16: a bf16 model with fp32 latents and scheduler/cache state (as diffusers'
     # Wan pipeline keeps them): predictions travel in bf16, input halos too (the Wan adapter casts first).
     dtypes = {"fp32": {}, "bf16": {"halo_cell_bytes": half, "prediction_cell_bytes": half}}
-    sums = {k: [] for k in ("fp32", "bf16", "euler", "euler_bf16", "cache", "cache_bf16", "cache_no_fill")}
+    sums = {k: [] for k in ("fp32", "bf16", "euler", "euler_bf16", "cache", "cache_bf16", "cache_no_fill",
+                            "split", "split_bf16", "cache_split", "cache_split_bf16")}  # fmt: skip
     kinds = {"inputs": [], "predictions": [], "migration": []}
-    imbalance, computed_share, busiest = ({"fill": [], "no_fill": []} for _ in range(3))
+    imbalance, computed_share, busiest = ({"fill": [], "no_fill": [], "split": []} for _ in range(3))
     imbalance_home, floor = [], []
     for i, layout in enumerate(layouts):
         nxt = layouts[i + 1] if i + 1 < len(layouts) else None
@@ -187,6 +199,12 @@ def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
             if key == "fp32":
                 for k in kinds:
                     kinds[k].append(float(sent[k].float().mean()))
+        # Wan's classifier-free guidance as two forwards per tile, split across ranks where that shortens
+        # the step (ParallelConfig.split_guidance): the second branches' inputs and outputs travel too
+        helper = par.branch_helpers(layout, every)
+        for key, sizes in dtypes.items():
+            sent = par.exchange_bytes(layout, every, cell, nxt, state_tensors=UNIPC_STATE, helper=helper, **sizes)
+            sums["split" + ("_bf16" if key == "bf16" else "")].append(int(sum(sent.values()).max()))
         sums["euler"].append(int(sum(par.exchange_bytes(layout, every, cell, nxt).values()).max()))
         euler_bf16 = par.exchange_bytes(layout, every, cell, nxt, **dtypes["bf16"])
         sums["euler_bf16"].append(int(sum(euler_bf16.values()).max()))
@@ -207,7 +225,19 @@ def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
                 sums[name].append(int(sum(sent.values()).max()))
             counts = torch.bincount(cached[cached >= 0], minlength=world).float()
             imbalance[key].append(float(counts.max() / counts.mean()))
-            busiest[key].append(int(counts.max()))
+            busiest[key].append(2 * int(counts.max()))  # forwards: two per tile with guidance
+        # guidance split: idle slots counted in forwards, the busiest rank's branches handed to idle ranks
+        split = par.fill_idle_slots(compute, change, layout.home_rank, world, branches=2)
+        computed_share["split"].append(float(split.float().mean()))
+        cached = par.computers(layout, split, rebalance=True)
+        helper = par.branch_helpers(layout, cached)
+        for setting, sizes in dtypes.items():
+            sent = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE, cache_cell_bytes=cache_cell,
+                                      cache_reductions=reductions, helper=helper, **sizes)  # fmt: skip
+            sums["cache_split" + ("_bf16" if setting == "bf16" else "")].append(int(sum(sent.values()).max()))
+        forwards = torch.tensor(par.forwards_per_rank(cached, helper, world, branches=2), dtype=torch.float64)
+        imbalance["split"].append(float(forwards.max() / forwards.mean()))
+        busiest["split"].append(int(forwards.max()))
         computed = int(compute.sum())
         if computed:
             floor.append(math.ceil(computed / world) / (computed / world))
@@ -215,6 +245,7 @@ def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
         counts = torch.bincount(home_only[home_only >= 0], minlength=world).float()
         imbalance_home.append(float(counts.max() / counts.mean()))
     assert busiest["fill"] == busiest["no_fill"], "filling idle slots must never lengthen a step"
+    assert all(s <= w for s, w in zip(busiest["split"], busiest["no_fill"])), "splitting must never lengthen a step"
     return {
         "bytes": {k: statistics.mean(v) for k, v in sums.items()},
         "by_kind_fp32": {k: round(statistics.mean(v)) for k, v in kinds.items()},
@@ -226,7 +257,12 @@ def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
         "imbalance_floor_no_fill": statistics.mean(floor),
         "computed_share_cache": statistics.mean(computed_share["fill"]),
         "computed_share_cache_no_fill": statistics.mean(computed_share["no_fill"]),
+        "imbalance_cache_split": statistics.mean(imbalance["split"]),
+        "imbalance_cache_split_worst_step": max(imbalance["split"]),
+        "computed_share_cache_split": statistics.mean(computed_share["split"]),
+        # forwards (two per guided tile) the busiest rank runs over the run, with the cache: the step time
         "busiest_rank_forwards_per_run": sum(busiest["fill"]),
+        "busiest_rank_forwards_per_run_split": sum(busiest["split"]),
     }
 
 
@@ -277,6 +313,10 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
             "ratio_cache": b["cache"] / allgather,
             "ratio_cache_bf16": b["cache_bf16"] / (allgather / 2),
             "ratio_cache_no_fill": b["cache_no_fill"] / allgather,
+            "ratio_split": b["split"] / allgather,
+            "ratio_split_bf16": b["split_bf16"] / (allgather / 2),
+            "ratio_cache_split": b["cache_split"] / allgather,
+            "ratio_cache_split_bf16": b["cache_split_bf16"] / (allgather / 2),
             "ratio_published": b["fp32"] / published,
             # the fp32 ratio with the one-off transfers spread over the refined steps (at most: each
             # rank's largest one-off added to the busiest rank's per-step mean)
@@ -295,19 +335,35 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         "ratio_cache": (cell, history + cache_cell, cell, cell),
         "ratio_cache_bf16": (cell, history + cache_cell, cell // 2, cell // 2),
     }
+    settings.update({key.replace("ratio", "ratio_split").replace("split_cache", "cache_split"): sizes
+                     for key, sizes in settings.items() if "euler" not in key})  # fmt: skip
     config = ParallelConfig()
     row["auto"] = {}
+    owner = par.fixed_owner(grid, world, steps, config.rebalance)  # what choose_regions chooses fixed ones from
     for key, sizes in settings.items():
         unipc = "euler" not in key
         with_cache = cache if "cache" in key else None  # auto counts the cache's random skip patterns
-        regions, _ = par.choose_regions(config, grid, world, steps, *sizes, latents_migrate=not unipc, cache=with_cache)
+        regions, _ = par.choose_regions(config, grid, world, steps, *sizes, latents_migrate=not unipc,
+                                        cache=with_cache, split="split" in key, owner=owner)  # fmt: skip
         row["auto"][key] = {"regions": regions, "ratio": row[regions][key]}
     row["meets_bytes_target"] = {k: v["ratio"] <= TARGET_RATIO for k, v in row["auto"].items()}
     row["meets_imbalance_target"] = row["fixed"]["imbalance_cache"] <= TARGET_IMBALANCE
+    row["meets_imbalance_target_split"] = row["fixed"]["imbalance_cache_split"] <= TARGET_IMBALANCE
     return row
 
 
-SETTINGS = ("ratio", "ratio_bf16", "ratio_euler", "ratio_euler_bf16", "ratio_cache", "ratio_cache_bf16")
+SETTINGS = (
+    "ratio",
+    "ratio_bf16",
+    "ratio_euler",
+    "ratio_euler_bf16",
+    "ratio_cache",
+    "ratio_cache_bf16",
+    "ratio_split",
+    "ratio_split_bf16",
+    "ratio_cache_split",
+    "ratio_cache_split_bf16",
+)
 
 
 def summarise(rows: list) -> list:
@@ -324,6 +380,8 @@ def summarise(rows: list) -> list:
         entry["worst_ratio_with_one_off"] = round(max(with_one_off), 4)
         entry["worst_imbalance_cache"] = round(max(r["fixed"]["imbalance_cache"] for r in group), 4)
         entry["meets_imbalance"] = all(r["meets_imbalance_target"] for r in group)
+        entry["worst_imbalance_cache_split"] = round(max(r["fixed"]["imbalance_cache_split"] for r in group), 4)
+        entry["meets_imbalance_split"] = all(r["meets_imbalance_target_split"] for r in group)
         out.append(entry)
     return out
 

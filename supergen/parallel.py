@@ -55,6 +55,15 @@ Design (why it is shaped this way)
   reused prediction from their own cells, no forward, no bytes); computed tiles are assigned longest
   first, each rank keeping its own tiles up to its fair share, the rest going to the least-loaded rank
   and, among equally loaded ranks, to the one that moves the fewest bytes.
+* **Guidance split** (:func:`assign_branches`, ``ParallelConfig.split_guidance``): whole tiles leave
+  ``2 ceil(C / R)`` forwards on the busiest rank where guidance is two forwards per tile (4 tiles on 8
+  ranks: 2, with half the ranks idle). Adapters that run the branches as separate forwards
+  (``ModelAdapter.guidance_branches``: Wan, HunyuanVideo's true CFG) let a busy rank hand a tile's
+  second branch to the least-loaded rank, down to ``ceil(2 C / R)``; the helper receives the tile's
+  input like any computer and sends its branch output back whole, and the computer combines the two
+  with ``adapter.guide``, the arithmetic ``predict`` uses, so the result is the single-process one.
+  This departs from "only halos move" on purpose: a tile's input and output per split tile and step
+  are megabytes, a forward is seconds. Only where it shortens the step.
 * **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
   prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
   stays with its cells (with ``follow`` regions it migrates with them, like the scheduler's). Its
