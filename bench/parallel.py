@@ -177,7 +177,7 @@ def layouts_for(grid, world: int, regions: str, refine_steps: int) -> list:
     return layouts
 
 
-def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
+def count(layouts, world: int, cache, cache_cells: dict, cell: int) -> dict:
     """Bytes per step (max over ranks, mean over steps) of one region policy, by dtype setting and
     scheduler, with and without the simulated cache; imbalance and computed share with the cache.
     ``cell``: one fp32 latent-shaped cell, ``B * C * T * 4`` bytes."""
@@ -219,7 +219,7 @@ def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
                 if key == "no_fill" and setting == "bf16":
                     continue
                 sent = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE,
-                                          cache_cell_bytes=cache_cell, cache_reductions=reductions,
+                                          cache_cell_bytes=cache_cells[setting], cache_reductions=reductions,
                                           **sizes)  # fmt: skip
                 name = "cache" + ("_no_fill" if key == "no_fill" else "") + ("_bf16" if setting == "bf16" else "")
                 sums[name].append(int(sum(sent.values()).max()))
@@ -232,8 +232,9 @@ def count(layouts, world: int, cache, cache_cell: int, cell: int) -> dict:
         cached = par.computers(layout, split, rebalance=True)
         helper = par.branch_helpers(layout, cached)
         for setting, sizes in dtypes.items():
-            sent = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE, cache_cell_bytes=cache_cell,
-                                      cache_reductions=reductions, helper=helper, **sizes)  # fmt: skip
+            sent = par.exchange_bytes(layout, cached, cell, nxt, state_tensors=UNIPC_STATE,
+                                      cache_cell_bytes=cache_cells[setting], cache_reductions=reductions,
+                                      helper=helper, **sizes)  # fmt: skip
             sums["cache_split" + ("_bf16" if setting == "bf16" else "")].append(int(sum(sent.values()).max()))
         forwards = torch.tensor(par.forwards_per_rank(cached, helper, world, branches=2), dtype=torch.float64)
         imbalance["split"].append(float(forwards.max() / forwards.mean()))
@@ -273,7 +274,10 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
     cell = BATCH * CHANNELS * frames * ELEMENT  # one fp32 latent-shaped cell
     tile_bytes = geometry.tile[0] * geometry.tile[1] * cell
     cache = TileCache(CacheConfig(mode="budget", budget=BUDGET, warmup=WARMUP))
-    cache_cell = par.tile_cache_cell_bytes(cache, torch.zeros(BATCH, CHANNELS, frames, 1))
+    # the cache's region state per cell: a bf16 model's last predictions are held in bf16
+    like = torch.zeros(BATCH, CHANNELS, frames, 1)
+    cache_cells = {"fp32": par.tile_cache_cell_bytes(cache, like),
+                   "bf16": par.tile_cache_cell_bytes(cache, like, torch.bfloat16)}  # fmt: skip
     per_policy = {regions: layouts_for(grid, world, regions, steps) for regions in REGIONS}
     tiles = [layout.num_tiles for layout in per_policy["follow"]]
     allgather = statistics.mean(N * tile_bytes * (world - 1) / world for N in tiles)
@@ -290,7 +294,8 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         "tiles_per_step": tiles[0],
         "allgather_bytes_per_rank_step": round(allgather),
         "published_bytes_per_rank_step": round(published),
-        "cache_state_bytes_per_cell": cache_cell,
+        "cache_state_bytes_per_cell": cache_cells["fp32"],
+        "cache_state_bytes_per_cell_bf16": cache_cells["bf16"],
     }
     # Once per run, outside the loop: rank 0 broadcasts the sketch (one native-size latent: a tile in
     # fp32); after the loop every other rank sends its region of the canvas to rank 0.
@@ -300,7 +305,7 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         last = layouts[-1]
         gather = max((int((last.owner == r).sum()) * cell for r in range(1, world)), default=0)
         row["one_off_bytes"][f"final_gather_max_rank_{regions}"] = gather
-        c = count(layouts, world, cache, cache_cell, cell)
+        c = count(layouts, world, cache, cache_cells, cell)
         b = c.pop("bytes")
         row[regions] = {
             "ours_max_rank_bytes_per_step": round(b["fp32"]),
@@ -332,8 +337,8 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         "ratio_bf16": (cell, history, cell // 2, cell // 2),
         "ratio_euler": (cell, 0, cell, cell),
         "ratio_euler_bf16": (cell, 0, cell // 2, cell // 2),
-        "ratio_cache": (cell, history + cache_cell, cell, cell),
-        "ratio_cache_bf16": (cell, history + cache_cell, cell // 2, cell // 2),
+        "ratio_cache": (cell, history + cache_cells["fp32"], cell, cell),
+        "ratio_cache_bf16": (cell, history + cache_cells["bf16"], cell // 2, cell // 2),
     }
     settings.update({key.replace("ratio", "ratio_split").replace("split_cache", "cache_split"): sizes
                      for key, sizes in settings.items() if "euler" not in key})  # fmt: skip
@@ -457,7 +462,8 @@ def main() -> None:
         "secondary: ratio_published = ours / what the published code sends (padded all-gather of ceil(N/R) tiles "
         "per rank + a latent all-gather of the same buffer before every shift step)",
         "cache_bytes": "ratio_cache: the runtime's accounting of the tile-cache path (with follow regions its "
-        "region state migrates with the cells, cache_state_bytes_per_cell; window-sum all-reduces) on the "
+        "region state migrates with the cells, cache_state_bytes_per_cell (_bf16: its last predictions held in "
+        "bf16); window-sum all-reduces) on the "
         "simulated skip pattern",
         "cache_skip_pattern": f"simulated: budget policy, budget {BUDGET}, warm-up {WARMUP} steps and the last step "
         "compute all; other steps the tiles with the largest mean of a smooth random change field (3 drifting "

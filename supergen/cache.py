@@ -210,7 +210,8 @@ class TileCache:
         self._x_prev: torch.Tensor | None = None  # canvas input of the previous step (canvas methods)
         self._dx: torch.Tensor | None = None  # (K,) float64 sum |x_i - x_{i-1}| per cell; None: no previous
         self._residual: torch.Tensor | None = None  # prediction - input at each cell's last compute
-        self._last_o: torch.Tensor | None = None  # prediction at the last compute (for k)
+        self._last_o: torch.Tensor | None = None  # prediction at the last compute (for k), in its own dtype
+        self._last_o_typed = False  # whether _last_o has taken the predictions' dtype
         self._o_abs: torch.Tensor | None = None  # (K,) float64 mean |prediction| at the last compute
         self._last_compute: torch.Tensor | None = None  # (K,) step of the last compute, -inf never
         self._gain: torch.Tensor | None = None  # (K,) last valid k, NaN = none yet
@@ -226,11 +227,14 @@ class TileCache:
     CELL_STATE = ("_dx", "_residual", "_last_o", "_o_abs", "_last_compute", "_gain", "_acc", "_skips", "_motion",
                   "_motion_n")  # fmt: skip
 
-    def _allocate(self, x: torch.Tensor, map_shape) -> None:
+    def _allocate(self, x: torch.Tensor, map_shape, prediction_dtype: torch.dtype | None = None) -> None:
         maps = dict(device=x.device, dtype=torch.float32)
         self._per_cell = x.shape[0] * x.shape[1] * x.shape[2]
         self._residual = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-        self._last_o = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+        # A bf16 model's predictions are bf16: held so, they take half the memory (and half the bytes when
+        # a region changes hands) for the same values. Unknown until the first compute on the canvas path.
+        self._last_o = torch.zeros(x.shape, dtype=prediction_dtype or x.dtype, device=x.device)
+        self._last_o_typed = prediction_dtype is not None
         self._o_abs = torch.zeros(map_shape, device=x.device, dtype=torch.float64)
         self._last_compute = torch.full(map_shape, -math.inf, **maps)
         self._gain = torch.full(map_shape, math.nan, **maps)
@@ -239,9 +243,10 @@ class TileCache:
         self._motion = torch.zeros(map_shape, **maps)
         self._motion_n = torch.zeros(map_shape, **maps)
 
-    def start_cells(self, x: torch.Tensor) -> None:
-        """Hold the cells of ``x`` ``(B, C, T, K)`` (a rank's region) instead of a whole canvas."""
-        self._allocate(x, (x.shape[-1],))
+    def start_cells(self, x: torch.Tensor, prediction_dtype: torch.dtype | None = None) -> None:
+        """Hold the cells of ``x`` ``(B, C, T, K)`` (a rank's region) instead of a whole canvas; the
+        predictions will come in ``prediction_dtype`` (default: the first computed ones')."""
+        self._allocate(x, (x.shape[-1],), prediction_dtype)
 
     def cell_state(self) -> dict[str, torch.Tensor]:
         """The per-cell tensors by attribute name (those allocated), for moving cells between holders."""
@@ -281,12 +286,12 @@ class TileCache:
             ]
         )  # (10, K)
         sums = torch.zeros((windows.num_tiles + 1, WINDOW_SUM_COLUMNS), dtype=torch.float64, device=per_cell.device)
-        last_o = f(self._last_o)
+        last_o, wide = f(self._last_o), self._residual.dtype  # the difference in the latents' dtype
         for n, cells in enumerate(windows.cells):
             if cells.numel():
                 sums[n, :_DO] = per_cell[:, cells].sum(dim=1)
                 if outputs is not None and n in outputs:
-                    sums[n, _DO] = cell_abs_sum(outputs[n] - last_o[..., cells]).sum()
+                    sums[n, _DO] = cell_abs_sum(outputs[n].to(wide) - last_o[..., cells].to(wide)).sum()
         sums[-1, _MOTION : _SEEN + 1] = per_cell[_MOTION : _SEEN + 1].sum(dim=1)
         return windows.sum(sums).cpu()
 
@@ -365,6 +370,9 @@ class TileCache:
         uneven torus grids, where neighbours overlap, the gate never skipped.)
         """
         f = self._flat
+        if outputs and not self._last_o_typed:  # nothing computed yet: every held value is 0 in any dtype
+            self._last_o = torch.zeros_like(self._last_o, dtype=next(iter(outputs.values())).dtype)
+            self._last_o_typed = True
         sums = self._window_sums(step, windows, outputs)
         change = self._change(sums, windows) if self.config.mode != "off" else None
         per_window = windows.size * self._per_cell

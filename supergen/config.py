@@ -97,11 +97,12 @@ class ParallelConfig:
             (the final latent then equals the one-process run's).
         regions: ``auto`` (default): whichever of the two below makes the busiest rank send fewer bytes
             over this run, counted before the loop with the run's dtypes and state (the scheduler's
-            multistep history measured on a one-cell copy, the tile cache's per-cell state; every tile
-            counted as computed, so with the tile cache it can misjudge). On the default grid that is
-            in practice ``fixed`` for a multistep scheduler or the tile cache and ``follow`` for a
-            history-free one; on a grid drifting one sweep over the refinement
-            (``TilingConfig(shift_period=refine_steps)``), ``follow`` for UniPC too. ``fixed``: each
+            multistep history measured on a one-cell copy, the tile cache's per-cell state; with the
+            tile cache on seeded random skip patterns at its budget, since the real skips are learnt
+            during the run, so it can misjudge). On 720p-size tiles that is in practice ``follow``
+            without the cache (UniPC too: its latents are rebuilt from its history, which is what
+            moves) and mostly ``fixed`` with it; on overlapping 480p tiles ``fixed`` for UniPC with a
+            bf16 model (``bench/parallel.py`` lists each pick). ``fixed``: each
             rank keeps one region for the whole run (of a few balanced partitions, the one whose halos
             are fewest over the run), and tiles that the
             shifted grid moves across a region boundary take their input halo from, and send their

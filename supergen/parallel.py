@@ -574,11 +574,12 @@ def window_sums_bytes(num_tiles: int, world: int) -> int:
     return _ring_share((num_tiles + 1) * WINDOW_SUM_COLUMNS * 8, world)
 
 
-def tile_cache_cell_bytes(cache, like: torch.Tensor) -> int:
+def tile_cache_cell_bytes(cache, like: torch.Tensor, prediction_dtype: torch.dtype | None = None) -> int:
     """Bytes of a :class:`supergen.cache.TileCache`'s region state per cell, for cells of ``like``
-    ``(B, C, T, K)`` (what migrates with each cell changing owner): measured on a one-cell holder."""
+    ``(B, C, T, K)`` and predictions in ``prediction_dtype`` (default ``like``'s; what migrates with each
+    cell changing owner): measured on a one-cell holder."""
     probe = type(cache)(cache.config)
-    probe.start_cells(like[..., :1])
+    probe.start_cells(like[..., :1], prediction_dtype)
     probe.set_input_change(torch.zeros(1, dtype=torch.float64, device=like.device))
     return sum(t.numel() * t.element_size() for t in probe.cell_state().values())
 
@@ -1022,18 +1023,18 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     # The region policy: as configured, or (auto) the one that sends fewer bytes with this run's dtypes
     # and state (the scheduler's history measured on a one-cell copy, the caches' per-cell state).
     regions, owner = ctx.config.regions, None
-    # Fixed regions move no state; otherwise probe it (UniPC's latents are its predictor applied to its
-    # history, so following regions rebuild them instead of sending them)
     # Guidance split: a tile's two guidance branches may run on two ranks where that shortens a step
     branches = _guidance_branches(adapter, cond)
     split = ctx.config.split_guidance and ctx.config.rebalance and len(branches) == 2 and R > 1
+    # Fixed regions move no state; otherwise probe it (UniPC's latents are its predictor applied to its
+    # history, so following regions rebuild them instead of sending them)
     probe = None if regions == "fixed" else probe_scheduler(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)
     rebuild = _rebuild_latents(scheduler) if probe is not None and probe.rebuilds_latents else None
     if regions == "auto":
         cell = B * C * T
         state_bytes = probe.state_bytes
         if tile_cache is not None:
-            state_bytes += tile_cache_cell_bytes(tile_cache, flat[..., :1])
+            state_bytes += tile_cache_cell_bytes(tile_cache, flat[..., :1], pred_dtype)
         if step_cache is not None:
             state_bytes += cell * 4  # its fp32 residual
         sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
@@ -1052,7 +1053,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
     if tile_cache is not None:
-        tile_cache.start_cells(x[..., 0, :])
+        tile_cache.start_cells(x[..., 0, :], pred_dtype)
 
     for i, t in enumerate(timesteps):
         ctx.stats.per_step.append({})

@@ -90,6 +90,45 @@ def test_overlapping_windows_measure_their_gain_and_skip(shift):
     torch.testing.assert_close(cache._gain, torch.full((22, 26), 3.0), rtol=1e-4, atol=0)
 
 
+def test_half_precision_predictions_are_held_in_their_dtype_with_the_same_decisions():
+    """A bf16 model's last predictions are held in bf16 (half the memory and half the bytes of that
+    tensor when a region changes hands), and the cache decides exactly as when the same values come in
+    fp32: the output change it measures is taken in the latents' dtype either way."""
+    from supergen.parallel import tile_cache_cell_bytes
+
+    grid = TileGrid((1, 16, 16), TilingConfig(tile=8, shift=True))
+
+    def canvas(i):
+        return torch.randn((1, 2, 1, 16, 16), generator=torch.Generator().manual_seed(0)) * (1 + 0.02 * i)
+
+    def run(dtype):
+        cache = TileCache(CacheConfig(mode="budget", budget=0.5, warmup=2, max_skips=3))
+        masks = []
+        for i in range(8):
+            x = canvas(i)
+            origins = grid.at_step(i)
+            compute = cache.plan(i, 8, x, origins, grid.tile)
+            tiles = halo_gather(x, origins, grid.tile)
+            pred = torch.tanh(1.5 * tiles + 0.1 * i).to(torch.bfloat16).to(dtype)  # a bf16 model's output
+            skipped = (~compute).nonzero().flatten()
+            if len(skipped):
+                reused = cache.reuse(x, origins[skipped], grid.tile).to(dtype)
+                for j, n in enumerate(skipped.tolist()):
+                    pred[n : n + 1] = reused[j : j + 1]
+            cache.record(i, x, origins, grid.tile, compute, pred)
+            masks.append(compute.tolist())
+        return cache, masks
+
+    (half, half_masks), (full, full_masks) = run(torch.bfloat16), run(torch.float32)
+    assert half._last_o.dtype == torch.bfloat16 and full._last_o.dtype == torch.float32
+    assert half_masks == full_masks and any(not all(m) for m in half_masks)  # it really skips
+    for name in ("_residual", "_gain", "_acc", "_o_abs", "_motion"):
+        assert torch.equal(getattr(half, name), getattr(full, name)), name
+    assert torch.equal(half._last_o.float(), full._last_o)
+    like = torch.zeros(1, 16, 11, 1)
+    assert tile_cache_cell_bytes(half, like, torch.bfloat16) == tile_cache_cell_bytes(full, like) - 16 * 11 * 2
+
+
 def run_loop_continue(cache, start, stop, total):
     masks = []
     for i in range(start, stop):
