@@ -9,7 +9,10 @@ canvas, so objects are not repeated per tile).
 
 Adding a family (as HunyuanVideo and LTX-Video were) is one new file: subclass :class:`ModelAdapter`,
 fill in :class:`ModelSpec`, implement the abstract methods and decorate the class with
-:func:`register_adapter` naming the transformer classes it serves.
+:func:`register_adapter` naming the transformer classes it serves. A family whose pipeline runs
+guidance as two forwards per tile subclasses :class:`TwoForwardGuidance` instead and implements one
+``_predict`` over named forwards, which also lets tile parallelism run a tile's two forwards on two
+ranks.
 """
 
 from __future__ import annotations
@@ -187,6 +190,31 @@ class ModelAdapter(ABC):
     def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
         """:meth:`predict`'s result from its branches' outputs (``{branch: output}``)."""
         raise NotImplementedError(f"{type(self).__name__} runs guidance in one forward.")
+
+
+class TwoForwardGuidance(ModelAdapter):
+    """An adapter whose pipeline runs classifier-free guidance as two forwards per tile (conditional,
+    unconditional) combined as ``uncond + scale * (cond - uncond)`` (Wan, HunyuanVideo's true CFG): one
+    ``_predict`` runs the named forwards, so :meth:`predict` and :meth:`predict_branch` + :meth:`guide`
+    (tile parallelism's guidance split) are the same forwards and the same arithmetic."""
+
+    @abstractmethod
+    def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branches) -> torch.Tensor:
+        """The forwards ``branches`` (names of :meth:`guidance_branches`, or ``("cond",)`` unguided) of every
+        tile, combined by :meth:`guide` when both run."""
+
+    def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, self.guidance_branches(cond) or ("cond",))
+
+    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
+        if branch not in self.guidance_branches(cond):
+            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, (branch,))
+
+    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
+        # The pipelines' expression (and rounding): WanPipeline's and HunyuanVideoPipeline's true CFG.
+        uncond = outputs["uncond"]
+        return uncond + cond.guidance_scale * (outputs["cond"] - uncond)
 
 
 def call_default_latent(pipe, spatial_scale: int) -> tuple[int, int]:

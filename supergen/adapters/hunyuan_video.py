@@ -27,8 +27,8 @@ import torch
 
 from .base import (
     Conditioning,
-    ModelAdapter,
     ModelSpec,
+    TwoForwardGuidance,
     call_default_latent,
     cast_first_dtype,
     register_adapter,
@@ -62,7 +62,7 @@ def _canvas_rope_hook(rope):
 
 
 @register_adapter("HunyuanVideoTransformer3DModel")
-class HunyuanVideoAdapter(ModelAdapter):
+class HunyuanVideoAdapter(TwoForwardGuidance):
     """HunyuanVideo text-to-video, guidance embedded (plus true CFG when asked)."""
 
     def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1):
@@ -163,21 +163,8 @@ class HunyuanVideoAdapter(ModelAdapter):
     def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
         return ("cond", "uncond") if cond.embeds["uncond"] is not None else ()  # true CFG: two forwards
 
-    def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, self.guidance_branches(cond) or ("cond",))
-
-    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
-        if branch not in self.guidance_branches(cond):
-            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, (branch,))
-
-    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
-        uncond = outputs["uncond"]
-        return uncond + cond.guidance_scale * (outputs["cond"] - uncond)  # the pipeline's expression
-
     @torch.no_grad()
     def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branches) -> torch.Tensor:
-        """The forwards ``branches`` of every tile, combined by :meth:`guide` when both run."""
         origins = torch.as_tensor(origins, dtype=torch.int64)
         n_tiles = origins.shape[0]
         batch = cond.extra["guidance"].shape[0]

@@ -24,8 +24,8 @@ import torch
 from ..ops import halo_gather
 from .base import (
     Conditioning,
-    ModelAdapter,
     ModelSpec,
+    TwoForwardGuidance,
     cast_first_dtype,
     register_adapter,
     rope_window_hook,
@@ -84,7 +84,7 @@ def _canvas_rope_hook(rope):
 
 
 @register_adapter("WanTransformer3DModel")
-class WanAdapter(ModelAdapter):
+class WanAdapter(TwoForwardGuidance):
     """Wan 2.1 text-to-video and image-to-video (CLIP image embeddings included when the model has them)."""
 
     def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1):
@@ -201,21 +201,8 @@ class WanAdapter(ModelAdapter):
     def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
         return ("cond", "uncond") if cond.guidance_scale > 1.0 else ()  # two forwards, as WanPipeline runs them
 
-    def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, self.guidance_branches(cond) or ("cond",))
-
-    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
-        if branch not in self.guidance_branches(cond):
-            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, (branch,))
-
-    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
-        # Same expression (and rounding) as WanPipeline's guidance.
-        return outputs["uncond"] + cond.guidance_scale * (outputs["cond"] - outputs["uncond"])
-
     @torch.no_grad()
     def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branches) -> torch.Tensor:
-        """The forwards ``branches`` of every tile, combined by :meth:`guide` when both run."""
         transformer = self.pipe.transformer
         origins = torch.as_tensor(origins, dtype=torch.int64)
         n_tiles = origins.shape[0]
