@@ -272,8 +272,11 @@ def agree_on_canvas(ctx: ParallelContext, latents: torch.Tensor) -> torch.Tensor
     import torch.distributed as dist
 
     comm = _comm_device(ctx)
-    x = latents.detach().double()
-    mine = torch.stack([x.sum(), (x * x).sum()]).to(comm)
+    mine = torch.zeros(2, dtype=torch.float64, device=latents.device)
+    for frame in latents.detach().unbind(2):  # one latent frame in float64 at a time, not the canvas
+        f = frame.double()
+        mine += torch.stack([f.sum(), (f * f).sum()])
+    mine = mine.to(comm)
     sums = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(sums, mine)
     if all(torch.equal(s, sums[0]) for s in sums[1:]):
