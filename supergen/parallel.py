@@ -824,10 +824,12 @@ def assign_branches(computer: torch.Tensor, move_cells, world_size: int) -> torc
     With classifier-free guidance a tile is two forwards (conditional, unconditional) whose outputs
     combine elementwise, so they may run on two ranks (xDiT's "CFG parallel"). Whole tiles leave
     ``2 ceil(C / R)`` forwards on the busiest rank (4 tiles on 8 ranks: 2, and 4 ranks idle); split
-    branches reach ``ceil(2 C / R)`` (1). Ranks above that hand the second branch of their tiles (in
-    tile order) to the least-loaded rank, among equally loaded ranks the one whose choice moves the
-    fewest cells (``move_cells[n][q]``), then the lowest; nothing is split where it would not shorten
-    the step. A split tile costs its window's input on the helper and one tile of branch output sent
+    branches reach ``ceil(2 C / R)`` (1). Each rank above that (in rank order) hands the second branch
+    of one of its tiles to a rank with room, choosing the tile and helper whose window moves the fewest
+    cells (``move_cells[n][q]``: a helper owning part of the window needs less of it), then the
+    least-loaded helper, the first tile, the lowest rank, until it is at ``ceil(2 C / R)``; nothing is
+    split where it would not shorten the step. A split tile costs its window's input on the helper and
+    one tile of branch output sent
     back to the computer, which combines the two (the adapter's own arithmetic, so the result is the
     single-process one). Deterministic: every rank computes the same answer.
     """
@@ -842,13 +844,14 @@ def assign_branches(computer: torch.Tensor, move_cells, world_size: int) -> torc
     for r in comp:
         if r >= 0:
             load[r] += 2
-    for n, r in enumerate(comp):
-        if r >= 0 and load[r] > slots:
-            q = min((q for q in range(R) if q != r), key=lambda q: (load[q], int(move_cells[n][q]), q))
-            if load[q] + 1 <= slots:
-                helper[n] = q
-                load[r] -= 1
-                load[q] += 1
+    for r in range(R):
+        while load[r] > slots:  # a rank with room exists (2C <= slots * R) and r has unsplit tiles
+            pairs = [(int(move_cells[n][q]), load[q], n, q) for n in range(len(comp)) if comp[n] == r and helper[n] < 0
+                     for q in range(R) if q != r and load[q] < slots]  # fmt: skip
+            _, _, n, q = min(pairs)
+            helper[n] = q
+            load[r] -= 1
+            load[q] += 1
     return torch.tensor(helper, dtype=torch.int64)
 
 

@@ -688,6 +688,9 @@ def test_guidance_branches_split_only_where_they_shorten_the_step():
     assert split([0, 0], 1)[0] == [-1, -1]
     # among equally idle ranks, the one whose choice moves the fewest cells
     assert split([0, 1], 4, moves=[[0, 9, 9, 2], [9, 0, 5, 9]])[0] == [3, 2]
+    # and among a busy rank's tiles, those whose windows the helper already partly owns
+    moves = [[0, 9], [0, 3], [0, 5], [9, 0]]
+    assert split([0, 0, 0, 1], 2, moves=moves) == ([-1, 1, 1, -1], [4, 4])
 
 
 def test_fill_idle_slots_counts_split_guidance_forwards():
