@@ -416,7 +416,7 @@ def main() -> None:
         "environment": environment("cpu"),
         "what": "bytes sent per rank per refinement step: supergen's halo exchange (+ region migration with "
         "regions that follow the grid) vs a ring all-gather of every tile prediction; load imbalance (max/mean "
-        "computed tiles per rank) with the cache on",
+        "computed tiles per rank, or forwards per rank with guidance split) with the cache on",
         "regions": "each row has one dict per ParallelConfig.regions policy: fixed (regions stay, shifted tiles "
         "exchange halos and predictions across boundaries, no state moves) and follow (regions move with the grid; "
         "the state of the cells changing owner moves every step); auto (the default) is what the runtime picks",
@@ -472,6 +472,13 @@ def main() -> None:
         "busiest compute the skipped tiles of largest predicted change, their own first (supergen.parallel."
         "fill_idle_slots); *_no_fill: exactly the single-process decisions. The busiest rank's forwards per step "
         "are the same both ways (asserted), so filling costs no time; computed_share_* says how much less it reuses",
+        "guidance_split": "*_split: Wan's default, ParallelConfig.split_guidance (classifier-free guidance as two "
+        "forwards per tile; where whole tiles leave the busiest rank above ceil(2C/R) forwards it hands a tile's "
+        "second forward to a rank with a free slot, which receives the tile's input and sends that output back: "
+        "supergen.parallel.assign_branches). ratio_split*/ratio_cache_split* include those bytes; "
+        "imbalance_cache_split = max/mean forwards per rank; busiest_rank_forwards_per_run (whole tiles, 2 per "
+        "tile) vs busiest_rank_forwards_per_run_split is the time it saves (never longer: asserted). Models with "
+        "one forward per tile (embedded or batched guidance) run the whole-tile columns",
         "targets": {"ratio": TARGET_RATIO, "imbalance": TARGET_IMBALANCE},
         "rows": rows,
     }
