@@ -1159,7 +1159,8 @@ def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_d
     covering this rank's cells (window row-major order of :meth:`Layout.output_positions`). Input
     halos travel in ``halo_dtype`` and land in the latents' dtype (:func:`_halo_dtype`). ``helper``
     (:func:`assign_branches`): a split tile's computer runs ``branches[0]``, its helper ``branches[1]``
-    and sends it back (in ``pred_dtype``), and the computer combines them (``adapter.guide``)."""
+    and sends it back (in the model's output dtype, ``pred_dtype`` for the adapters here), and the
+    computer combines them (``adapter.guide``)."""
     me, R = ctx.rank, ctx.world_size
     B, C, T = x.shape[:3]
     H, W = layout.canvas_hw
@@ -1206,17 +1207,18 @@ def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_d
             done.update(zip(whole.tolist(), forward(whole).unbind(0)))
         first = forward(halves, branches[0]) if halves.numel() else None
         second = forward(helping, branches[1]) if helping.numel() else None
-        # the second branches go back to their tiles' computers, which combine them as predict does
+        # the second branches go back to their tiles' computers, in the model's output dtype (the
+        # computer's own branch tells it), which combine them exactly as predict does
         sends, recvs, received = {}, {}, []
         for j, n in enumerate(helping.tolist()):
-            sends.setdefault(int(computer[n]), []).append(second[j].to(pred_dtype).contiguous())
+            sends.setdefault(int(computer[n]), []).append(second[j].contiguous())
         for n in halves.tolist():
-            buf = torch.empty((B, C, T, h * w), dtype=pred_dtype, device=device)
+            buf = torch.empty((B, C, T, h * w), dtype=first.dtype, device=device)
             recvs.setdefault(int(helper[n]), []).append(buf)
             received.append(buf)
         _transfer(ctx, sends, recvs, "branches")
         for j, n in enumerate(halves.tolist()):
-            done[n] = adapter.guide({branches[0]: first[j].to(pred_dtype), branches[1]: received[j]}, cond)
+            done[n] = adapter.guide({branches[0]: first[j], branches[1]: received[j]}, cond)
         if mine.numel():
             pred = torch.stack([done[n].to(pred_dtype) for n in mine.tolist()])
     del scratch, canvas, forward
