@@ -845,9 +845,11 @@ def assign_branches(computer: torch.Tensor, move_cells, world_size: int) -> torc
         if r >= 0:
             load[r] += 2
     for r in range(R):
-        while load[r] > slots:  # a rank with room exists (2C <= slots * R) and r has unsplit tiles
+        while load[r] > slots:  # from assign_tiles (at most ceil(C/R) tiles a rank) this always ends there
             pairs = [(int(move_cells[n][q]), load[q], n, q) for n in range(len(comp)) if comp[n] == r and helper[n] < 0
                      for q in range(R) if q != r and load[q] < slots]  # fmt: skip
+            if not pairs:  # an unbalanced ``computer``: every tile of r already split
+                break
             _, _, n, q = min(pairs)
             helper[n] = q
             load[r] -= 1

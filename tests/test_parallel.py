@@ -691,6 +691,8 @@ def test_guidance_branches_split_only_where_they_shorten_the_step():
     # and among a busy rank's tiles, those whose windows the helper already partly owns
     moves = [[0, 9], [0, 3], [0, 5], [9, 0]]
     assert split([0, 0, 0, 1], 2, moves=moves) == ([-1, 1, 1, -1], [4, 4])
+    # an unbalanced assignment (not from assign_tiles) is split as far as it goes
+    assert split([0, 0, 0, 0], 4)[1] == [4, 2, 1, 1]
 
 
 def test_fill_idle_slots_counts_split_guidance_forwards():
