@@ -68,7 +68,7 @@ rank (asserted), so the step takes as long either way and ``computed_share_cache
 
 Guidance split (``ParallelConfig.split_guidance``, on by default for adapters that run classifier-free
 guidance as two forwards per tile: Wan, HunyuanVideo with true CFG): a rank above ``ceil(2C/R)`` forwards
-hands the unconditional forward of a tile to an idle rank, which receives that tile's input and sends
+hands the unconditional forward of a tile to a rank with a free slot, which receives that tile's input and sends
 its output back (:func:`supergen.parallel.assign_branches`). ``*_split`` columns count it for the UniPC
 (Wan) settings: ``ratio_split*`` with every tile computed, ``ratio_cache_split`` with the cache (idle
 slots then counted in forwards: ``fill_idle_slots(branches=2)``), ``imbalance_cache_split`` = max / mean

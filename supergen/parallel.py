@@ -59,7 +59,8 @@ Design (why it is shaped this way)
   ``2 ceil(C / R)`` forwards on the busiest rank where guidance is two forwards per tile (4 tiles on 8
   ranks: 2, with half the ranks idle). Adapters that run the branches as separate forwards
   (``ModelAdapter.guidance_branches``: Wan, HunyuanVideo's true CFG) let a busy rank hand a tile's
-  second branch to the least-loaded rank, down to ``ceil(2 C / R)``; the helper receives the tile's
+  second branch to a rank with a free slot (the pair moving the fewest cells), down to
+  ``ceil(2 C / R)``; the helper receives the tile's
   input like any computer and sends its branch output back whole, and the computer combines the two
   with ``adapter.guide``, the arithmetic ``predict`` uses, so the result is the single-process one.
   This departs from "only halos move" on purpose: a tile's input and output per split tile and step
@@ -99,7 +100,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import NamedTuple
 
 import torch
@@ -498,11 +499,13 @@ class Layout:
         index[cells] = torch.arange(cells.numel())
         return index
 
-    def move_cells(self, tile: int) -> torch.Tensor:
-        """``(world,)`` cells that would travel (halo in + predictions out) if ``rank`` computed ``tile``."""
-        owners = self.owner[self.windows[tile]]
-        foreign = torch.stack([(owners != r).sum() for r in range(self.world_size)])
-        return 2 * foreign
+    @cached_property
+    def move_cells(self) -> list[list[int]]:
+        """``[n][r]``: cells that would travel (halo in + predictions out) if rank ``r`` computed tile ``n``;
+        computed once per layout (the tile assignment and the guidance split both read it)."""
+        owners = self.owner[self.windows]  # (N, h * w)
+        foreign = (owners[:, :, None] != torch.arange(self.world_size)).sum(dim=1)
+        return (2 * foreign).tolist()
 
     def needs(self, computer: torch.Tensor, helper: torch.Tensor | None = None) -> torch.Tensor:
         """``(world, H * W)`` bool: the window cells each rank's computed tiles read (the tiles whose
@@ -739,12 +742,12 @@ def computers(layout: Layout, compute: torch.Tensor | None, rebalance: bool) -> 
     costs = [1.0] * N if compute is None else [1.0 if bool(c) else 0.0 for c in compute]
     if not rebalance:
         return torch.where(torch.tensor(costs) > 0, layout.home_rank, -1)
-    return assign_tiles(costs, layout.home_rank, [layout.move_cells(n) for n in range(N)], layout.world_size)
+    return assign_tiles(costs, layout.home_rank, layout.move_cells, layout.world_size)
 
 
 def branch_helpers(layout: Layout, computer: torch.Tensor) -> torch.Tensor:
     """:func:`assign_branches` for this step's ``computer`` (``(N,)``; ``-1``: not split)."""
-    return assign_branches(computer, [layout.move_cells(n) for n in range(layout.num_tiles)], layout.world_size)
+    return assign_branches(computer, layout.move_cells, layout.world_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -829,9 +832,9 @@ def assign_branches(computer: torch.Tensor, move_cells, world_size: int) -> torc
     cells (``move_cells[n][q]``: a helper owning part of the window needs less of it), then the
     least-loaded helper, the first tile, the lowest rank, until it is at ``ceil(2 C / R)``; nothing is
     split where it would not shorten the step. A split tile costs its window's input on the helper and
-    one tile of branch output sent
-    back to the computer, which combines the two (the adapter's own arithmetic, so the result is the
-    single-process one). Deterministic: every rank computes the same answer.
+    one tile of branch output sent back to the computer, which combines the two (the adapter's own
+    arithmetic, so the result is the single-process one). Deterministic: every rank computes the same
+    answer.
     """
     R = world_size
     comp = [int(r) for r in computer]
