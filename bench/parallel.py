@@ -76,6 +76,12 @@ forwards per rank, and ``busiest_rank_forwards_per_run`` (whole tiles, two forwa
 ``busiest_rank_forwards_per_run_split``: the step time it saves (asserted never longer). It changes
 nothing where whole tiles already divide evenly.
 
+The whole run in native-size forwards (a sketch forward is a tile's size), cache on:
+``run_forwards_busiest_rank`` = stage 1 (all 50 steps, two forwards each, on rank 0; with the split one
+each on ranks 0 and 1, plus a first step on both: 51) + the busiest rank's refinement forwards, for one
+process, whole tiles and the split; ``run_speedup_*`` = one process / that: the wall-time speed-up the
+forward count allows (VAE, transfers and the text encoder not counted).
+
 The ``summary`` holds, per geometry and tiling, each setting's worst share over canvases and ranks under
 ``auto`` and whether all meet the targets (<= 10 % of the all-gather; imbalance <= 1.15).
 
@@ -189,7 +195,7 @@ def count(layouts, world: int, cache, cache_cells: dict, cell: int) -> dict:
                             "split", "split_bf16", "cache_split", "cache_split_bf16")}  # fmt: skip
     kinds = {"inputs": [], "predictions": [], "migration": []}
     imbalance, computed_share, busiest = ({"fill": [], "no_fill": [], "split": []} for _ in range(3))
-    imbalance_home, floor = [], []
+    imbalance_home, floor, one_process = [], [], []
     for i, layout in enumerate(layouts):
         nxt = layouts[i + 1] if i + 1 < len(layouts) else None
         every = par.computers(layout, None, rebalance=True)
@@ -212,6 +218,7 @@ def count(layouts, world: int, cache, cache_cells: dict, cell: int) -> dict:
         reductions = 1 + cache.decides(i, len(layouts))  # the gain every step, the decision where it decides
         compute, change = simulated_compute(layout, i, len(layouts))
         filled = par.fill_idle_slots(compute, change, layout.home_rank, world)  # ParallelConfig.fill_idle
+        one_process.append(2 * int(compute.sum()))  # the single process computes the cache's own decisions
         for key, decided in (("fill", filled), ("no_fill", compute)):
             computed_share[key].append(float(decided.float().mean()))
             cached = par.computers(layout, decided, rebalance=True)
@@ -264,6 +271,7 @@ def count(layouts, world: int, cache, cache_cells: dict, cell: int) -> dict:
         # forwards (two per guided tile) the busiest rank runs over the run, with the cache: the step time
         "busiest_rank_forwards_per_run": sum(busiest["fill"]),
         "busiest_rank_forwards_per_run_split": sum(busiest["split"]),
+        "one_process_forwards_per_run": sum(one_process),
     }
 
 
@@ -307,6 +315,19 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         row["one_off_bytes"][f"final_gather_max_rank_{regions}"] = gather
         c = count(layouts, world, cache, cache_cells, cell)
         b = c.pop("bytes")
+        # The whole run in native-size forwards (the sketch's are the same size as a tile's), with the cache:
+        # stage 1 runs all STEPS steps, two forwards each, on rank 0 (or one each on ranks 0 and 1 with the
+        # guidance split, plus its first step on both: SketchGuidanceSplit), then the refinement.
+        refine = {
+            "one_process": c.pop("one_process_forwards_per_run"),
+            "whole": c["busiest_rank_forwards_per_run"],
+            "split": c["busiest_rank_forwards_per_run_split"],
+        }
+        stage1 = {"one_process": 2 * STEPS, "whole": 2 * STEPS, "split": STEPS + 1}
+        run_forwards = {k: stage1[k] + refine[k] for k in refine}
+        c["run_forwards_busiest_rank"] = run_forwards
+        c["run_speedup_whole"] = run_forwards["one_process"] / run_forwards["whole"]
+        c["run_speedup_split"] = run_forwards["one_process"] / run_forwards["split"]
         row[regions] = {
             "ours_max_rank_bytes_per_step": round(b["fp32"]),
             "ours_mean_by_kind": c.pop("by_kind_fp32"),

@@ -165,7 +165,8 @@ def add_generate_parser(sub) -> None:
         "--parallel-whole-tiles",
         action="store_true",
         help="under torchrun: never split a tile's two guidance forwards across ranks (by default a busy rank "
-        "hands one to an idle rank where that shortens the step: Wan, HunyuanVideo with true CFG)",
+        "hands one to an idle rank where that shortens the step, and ranks 0 and 1 share the sketch's: Wan, "
+        "HunyuanVideo with true CFG)",
     )
 
 

@@ -118,8 +118,10 @@ class ParallelConfig:
             the unconditional forward of a tile to an idle rank, which sends that output back (one
             tile in the model's dtype) for the computer to combine: same result, and a step of ``C``
             tiles on ``R`` ranks takes ``ceil(2 C / R)`` forwards instead of ``2 ceil(C / R)`` (4 tiles
-            on 8 ranks: half the time). Only where it shortens the step; needs ``rebalance``.
-            ``False``: whole tiles only.
+            on 8 ranks: half the time). Only where it shortens the step; needs ``rebalance``. Stage 1
+            too: ranks 0 and 1 run the stock pipeline together, one guidance forward each per step
+            (``ModelAdapter.sketch_guidance_pairs``; half the sketch's forwards per rank, the same
+            latent). ``False``: whole tiles, and stage 1 on rank 0 alone.
     """
 
     backend: str = "auto"

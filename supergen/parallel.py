@@ -65,6 +65,11 @@ Design (why it is shaped this way)
   with ``adapter.guide``, the arithmetic ``predict`` uses, so the result is the single-process one.
   This departs from "only halos move" on purpose: a tile's input and output per split tile and step
   are megabytes, a forward is seconds. Only where it shortens the step.
+* **Stage 1 splits its guidance too** (:class:`SketchGuidanceSplit`): the sketch is one native-size
+  forward pair per step for all N steps, on one rank while the others wait; on 8 ranks at 2K that is
+  more forwards than a rank's share of the refinement. Where the stock pipeline guides with two calls
+  per step, ranks 0 and 1 both run it and compute one call each, swapping the outputs, so the
+  pipeline itself stays unmodified and its latent is the one-process latent.
 * **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
   prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
   stays with its cells (with ``follow`` regions it migrates with them, like the scheduler's). Its
@@ -122,6 +127,7 @@ class ExchangeStats:
     per_step: list[dict] = field(default_factory=list)
     final_gather: int = 0
     sketch_broadcast: int = 0  # rank 0: the sketch latent it broadcast (:func:`share_sketch`)
+    sketch_branches: int = 0  # ranks 0 and 1: stage 1's guidance outputs they swapped (:class:`SketchGuidanceSplit`)
     canvas_broadcast: int = 0  # rank 0: the canvas it broadcast when the ranks' differed (:func:`agree_on_canvas`)
 
     def add(self, kind: str, nbytes: int) -> None:
@@ -138,6 +144,7 @@ class ExchangeStats:
             },
             "final_gather_bytes": self.final_gather,
             "sketch_broadcast_bytes": self.sketch_broadcast,
+            "sketch_branches_bytes": self.sketch_branches,
             "canvas_broadcast_bytes": self.canvas_broadcast,
         }
 
@@ -155,6 +162,7 @@ class ParallelContext:
     forwards: list[list[int]] = field(default_factory=list)
     regions: str | None = None  # the region policy the last refinement ran with (``auto`` resolved)
     latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
+    sketch_forwards: int | None = None  # forwards this rank ran in stage 1 when its guidance was split
 
     @property
     def distributed(self) -> bool:
@@ -261,6 +269,132 @@ def share_sketch(ctx: ParallelContext, low: torch.Tensor | None, generator: torc
     else:
         ctx.stats.sketch_broadcast = data.numel() * data.element_size()
     return low if ctx.rank == 0 else data.to(device)
+
+
+class SketchGuidanceSplit:
+    """Stage 1's two guidance forwards per step on two ranks, the stock pipeline unchanged.
+
+    Ranks 0 and 1 both run the stock pipeline with this context around it. Where a pipeline runs
+    classifier-free guidance as two calls of its transformer per step (Wan, HunyuanVideo's true CFG:
+    the conditional call, then the unconditional one, on the same latent input; the adapter says so,
+    ``ModelAdapter.sketch_guidance_pairs``), rank 0 computes the first call of each pair and rank 1 the
+    second, at the same time: at the first call rank 1 returns at once an empty output, at the second
+    the two ranks swap their outputs (one native-size output each, in the model's dtype), rank 1
+    filling that empty output in place before the pipeline reads it. Both ranks then hold both outputs,
+    computed by the stock forward from the pipeline's own arguments, and combine them with the
+    pipeline's own arithmetic: the same latent as one process, for half the forwards per rank.
+
+    Safeguards: each pair's second call must have the first's latent input and timestep (else this is
+    not a guidance pair: the first pair of each input shape runs whole on both ranks, and a mismatch
+    there turns the split off; a later mismatch, after an empty output went out, raises on both ranks,
+    which see the same calls); the first pair of each input shape also learns the output's shape, dtype
+    and container, which the later empty outputs take (and the computed ones are checked against).
+    """
+
+    def __init__(self, ctx: ParallelContext, modules):
+        if ctx.rank not in (0, 1) or ctx.world_size < 2:
+            raise ValueError(f"the sketch's guidance splits between ranks 0 and 1, not rank {ctx.rank}.")
+        self.ctx, self.peer = ctx, 1 - ctx.rank
+        self.modules = [m for m in modules if m is not None]
+        self.enabled = True
+        self.forwards = 0  # forwards this rank computed
+        self.sent = 0  # bytes this rank sent
+        self._learned: dict = {}  # input signature -> (shape, dtype, device, rebuild)
+        self._first = None  # (hidden_states, timestep, signature, split, output) of a pair's first call
+        self._saved: list = []
+
+    def __enter__(self) -> SketchGuidanceSplit:
+        for module in self.modules:
+            self._saved.append(module.__dict__.get("forward"))
+            module.forward = partial(self._call, module.forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module, saved in zip(self.modules, self._saved):
+            if saved is None:
+                del module.forward
+            else:
+                module.forward = saved
+        self._saved = []
+
+    @staticmethod
+    def _inputs(args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+        return hidden, timestep
+
+    @staticmethod
+    def _output(out):
+        """The output tensor of a transformer's return value and how to rebuild one around another
+        tensor: ``(tensor,)`` (``return_dict=False``) or a one-field diffusers output."""
+        if isinstance(out, tuple) and len(out) == 1 and isinstance(out[0], torch.Tensor):
+            return out[0], lambda t: (t,)
+        keys = list(out.keys()) if hasattr(out, "keys") else []
+        if len(keys) == 1 and isinstance(out[keys[0]], torch.Tensor):
+            kind, key = type(out), keys[0]
+            return out[key], lambda t: kind(**{key: t})
+        return None, None
+
+    @staticmethod
+    def _same(a, b) -> bool:
+        if a is b:
+            return True
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        return a == b if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) else False
+
+    def _call(self, forward, *args, **kwargs):
+        if not self.enabled:
+            self.forwards += 1
+            return forward(*args, **kwargs)
+        hidden, timestep = self._inputs(args, kwargs)
+        if self._first is None:  # the first call of a pair
+            signature = None
+            if isinstance(hidden, torch.Tensor):
+                signature = (tuple(hidden.shape), hidden.dtype, hidden.device)
+            split = signature in self._learned
+            if split and self.ctx.rank == 1:  # rank 1 computes the second call instead
+                shape, dtype, device, rebuild = self._learned[signature]
+                empty = torch.empty(shape, dtype=dtype, device=device)  # filled at the second call
+                self._first = (hidden, timestep, signature, True, empty)
+                return rebuild(empty)
+            out = forward(*args, **kwargs)
+            self.forwards += 1
+            self._first = (hidden, timestep, signature, split, out)
+            return out
+        first_hidden, first_timestep, signature, split, first_out = self._first
+        self._first = None
+        paired = signature is not None and self._same(hidden, first_hidden) and self._same(timestep, first_timestep)
+        if not split:  # a pair run whole on both ranks: learn its output, or stop splitting
+            out = forward(*args, **kwargs)
+            self.forwards += 1
+            (a, rebuild), (b, _) = self._output(first_out), self._output(out)
+            if not paired or a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+                self.enabled = False  # not (conditional, unconditional) pairs of one step: no split
+            else:
+                self._learned[signature] = (tuple(a.shape), a.dtype, a.device, rebuild)
+            return out
+        if not paired:
+            raise RuntimeError(
+                "split stage-1 guidance: the pipeline's transformer calls are not (conditional, unconditional) "
+                "pairs on one latent input; run with ParallelConfig(split_guidance=False)."
+            )
+        shape, dtype, device, rebuild = self._learned[signature]
+        if self.ctx.rank == 0:  # rank 0 computed the first call; rank 1 computed this one
+            mine = self._output(first_out)[0]
+            theirs = torch.empty(shape, dtype=dtype, device=device)
+            self.sent += _transfer(self.ctx, {self.peer: [mine]}, {self.peer: [theirs]}, None)
+            return rebuild(theirs)
+        out = forward(*args, **kwargs)
+        self.forwards += 1
+        mine = self._output(out)[0]
+        if mine is None or tuple(mine.shape) != shape or mine.dtype != dtype:
+            raise RuntimeError(
+                f"split stage-1 guidance: the second call's output {getattr(mine, 'shape', None)} "
+                f"{getattr(mine, 'dtype', None)} differs from the first's {shape} {dtype}."
+            )
+        self.sent += _transfer(self.ctx, {self.peer: [mine]}, {self.peer: [first_out]}, None)
+        return out
 
 
 def agree_on_canvas(ctx: ParallelContext, latents: torch.Tensor) -> torch.Tensor:

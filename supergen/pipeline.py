@@ -358,16 +358,27 @@ class SuperGen:
         pipe, adapter = self.pipe, self.adapter
 
         # 2. Stage 1: sketch at the native size with the stock pipeline.
-        #    Under tile parallelism rank 0 alone runs it and broadcasts it with its random state.
+        #    Under tile parallelism rank 0 runs it (with rank 1 where its guidance is two forwards per
+        #    step: one each) and broadcasts it with its random state.
         with stage("sketch"):
             shared = parallel is not None and parallel.distributed and sketch_latents is None
+            split = shared and parallel.config.split_guidance
+            split = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
             low = None
-            if not shared or parallel.rank == 0:
-                if self.reshift is not None:
-                    low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator, **text,
-                                           **pipeline_kwargs)  # fmt: skip
-                else:
-                    low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+            if not shared or parallel.rank == 0 or (split and parallel.rank == 1):
+                guard = contextlib.nullcontext()
+                if split:
+                    from .parallel import SketchGuidanceSplit
+
+                    guard = SketchGuidanceSplit(parallel, [pipe.transformer, getattr(pipe, "transformer_2", None)])
+                with guard:
+                    if self.reshift is not None:
+                        low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator,
+                                               **text, **pipeline_kwargs)  # fmt: skip
+                    else:
+                        low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
+                if split:
+                    parallel.sketch_forwards, parallel.stats.sketch_branches = guard.forwards, guard.sent
             if shared:
                 from .parallel import share_sketch
 
@@ -468,6 +479,7 @@ class SuperGen:
             "latents_rebuilt_from_history": ctx.latents_rebuilt,  # following regions did not send the latents
             "computed_tiles_per_rank": ctx.computed_tiles,
             "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
+            "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1's guidance was split (else None)
             **ctx.stats.as_dict(),
         }
 

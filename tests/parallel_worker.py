@@ -11,6 +11,7 @@ or, for ``"model": "tiny"`` cases, SuperGen on the tiny Wan.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -114,6 +115,7 @@ def fake_run(case: dict, parallel=None):
 def tiny_case(case: dict, parallel_config):
     from supergen import SuperGen, TilingConfig
     from supergen.cache import CacheConfig
+    from supergen.config import ReshiftConfig
     from supergen.tiny import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline()
@@ -121,9 +123,10 @@ def tiny_case(case: dict, parallel_config):
     if case.get("dtype"):  # a half-precision model with fp32 latents, as Wan runs in bf16
         pipe.transformer.to(getattr(torch, case["dtype"]))
     cache = CacheConfig(**case["cache"]) if case.get("cache") else None
+    reshift = ReshiftConfig(**case["reshift"]) if case.get("reshift") else None
     sg = SuperGen(pipe, tiling=TilingConfig(**case["tiling"]), positions="canvas", parallel=parallel_config,
-                  cache=cache)  # fmt: skip
-    runs, run_sketch = [], sg.adapter.sketch  # stage 1: rank 0 alone runs it under parallelism
+                  cache=cache, reshift=reshift)  # fmt: skip
+    runs, run_sketch = [], sg.adapter.sketch  # stage 1: rank 0 runs it under parallelism (and rank 1 if split)
     sg.adapter.sketch = lambda *a, **k: runs.append(1) or run_sketch(*a, **k)
     if case.get("drift_rank") == int(os.environ.get("RANK", "0")):  # this rank's upscale is not reproducible
         encode = sg.adapter.encode
@@ -141,6 +144,52 @@ def tiny_case(case: dict, parallel_config):
         output_type="latent",
     )
     return out.latents, dict(out.report, sketch_runs=len(runs))
+
+
+def sketch_split_case(ctx) -> dict:
+    """:class:`SketchGuidanceSplit` around a cheap two-call-per-step "pipeline" on ranks 0 and 1."""
+    from supergen.parallel import SketchGuidanceSplit
+
+    class Denoiser(torch.nn.Module):
+        def forward(self, hidden_states, timestep, branch, return_dict=False):
+            out = hidden_states.sin() * (1.0 + branch) + timestep  # per branch, not symmetric
+            return (out,) if not return_dict else {"sample": out}
+
+    def step_outputs(module, x, t, return_dict=False):
+        get = (lambda o: o[0]) if not return_dict else (lambda o: o["sample"])
+        return get(module(x, t, 1.0, return_dict)), get(module(hidden_states=x, timestep=t, branch=2.0,
+                                                                return_dict=return_dict))  # fmt: skip
+
+    result, model = {}, Denoiser()
+    # pairs: two input sizes (the first pair of each runs whole), tuple and dict outputs
+    with SketchGuidanceSplit(ctx, [model]) as split:
+        ok = True
+        for shape, as_dict in (((2, 3), False), ((5,), True)):
+            x = torch.linspace(-1, 1, math.prod(shape)).reshape(shape)
+            for step in range(3):
+                t = torch.tensor(float(step))
+                cond, uncond = step_outputs(model, x, t, as_dict)
+                ok &= torch.equal(cond, x.sin() * 2.0 + t) and torch.equal(uncond, x.sin() * 3.0 + t)
+                x = uncond + 0.5 * (cond - uncond)  # the pipeline's combine, then its "step"
+        result["pairs"] = {"ok": bool(ok), "forwards": split.forwards, "sent": split.sent}
+    assert "forward" not in model.__dict__  # the module's own forward again
+    # calls that are not pairs (the second has another input): never split, every call computed here
+    with SketchGuidanceSplit(ctx, [model]) as split:
+        x = torch.ones(4)
+        for step in range(3):
+            outs = [model(x + i + step, torch.tensor(0.0), 1.0)[0] for i in range(2)]
+            ok = all(torch.equal(o, (x + i + step).sin() * 2.0) for i, o in enumerate(outs))
+        result["unpaired"] = {"ok": bool(ok), "enabled": split.enabled, "forwards": split.forwards}
+    # a pair that stops matching after the split began: every rank raises, none hangs
+    try:
+        with SketchGuidanceSplit(ctx, [model]):
+            x = torch.ones(4)
+            for step in range(3):
+                model(x, torch.tensor(float(step)), 1.0)
+                model(x, torch.tensor(float(step) if step < 2 else 9.0), 2.0)
+    except RuntimeError as e:
+        result["error"] = str(e)
+    return result
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -161,6 +210,11 @@ def main(spec_path: str, out_dir: str) -> None:
                 tiny_case({**case, "prompt": case["prompt_by_rank"][rank]}, config)
             except ValueError as e:
                 (out / f"{case['name']}.rank{rank}.error").write_text(str(e))
+            continue
+        if case.get("kind") == "sketch_split":
+            if rank < 2:
+                result = sketch_split_case(par.setup(config))
+                (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
             continue
         if case.get("model") == "tiny":
             latents, report = tiny_case(case, config)

@@ -81,9 +81,16 @@ def test_one_tile_equals_pipeline_prediction(true_cfg_scale):
     adapter = adapter_for(pipe)
     kwargs = dict(_text(), guidance_scale=4.5, true_cfg_scale=true_cfg_scale)
     noise = torch.randn(1, C, 2, 8, 12, generator=torch.Generator().manual_seed(2))
+    calls = []
+    record = lambda m, a, k: calls.append(k["hidden_states"])  # noqa: E731
+    hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
     pipe(height=32, width=48, num_frames=5, num_inference_steps=2, latents=noise, output_type="latent", **kwargs)
+    hook.remove()
     cond = adapter.conditioning(tuple(noise.shape), **kwargs)
     assert (cond.embeds["uncond"] is not None) == (true_cfg_scale > 1)
+    # true CFG is two calls per step on one latent input, which tile parallelism may split in stage 1
+    assert adapter.sketch_guidance_pairs(kwargs) == (true_cfg_scale > 1) == (len(calls) == 4)
+    assert len(calls) == 2 or (calls[0] is calls[1] and calls[2] is calls[3])
     for model_output, t, sample in pipe.scheduler.seen:
         pred = adapter.predict(sample, t, cond, torch.zeros(1, 2, dtype=torch.int64), (8, 12))
         assert torch.equal(pred, model_output)

@@ -79,6 +79,10 @@ TINY_FOLLOW = dict(TINY_CACHE, name="tiny_wan_budget_follow", regions="follow")
 TINY_BF16 = dict(TINY, name="tiny_wan_bf16", dtype="bfloat16")  # bf16 model, fp32 latents
 TINY_DRIFT = dict(TINY, name="tiny_wan_drift", drift_rank=1)  # rank 1's VAE encode is off by 1e-3
 TINY_SPLIT = dict(TINY, name="tiny_wan_split", height=64, width=192)  # 3 tiles: 2 ranks split one's guidance
+TINY_WHOLE = dict(TINY, name="tiny_wan_whole", split_guidance=False)  # stage 1 on rank 0 alone, whole tiles
+# noise reshifting: stage 1 is the stock pipeline (K steps), one forward, then the lower size's own loop
+TINY_RESHIFT = dict(TINY, name="tiny_wan_reshift", reshift={"native_steps": 2, "scale": 0.5})
+TINY_CASES = [TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT, TINY_SPLIT, TINY_WHOLE, TINY_RESHIFT]
 
 
 def _free_port() -> int:
@@ -130,7 +134,8 @@ def single_process():
 def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_path):
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
-    tiny = [mismatch, TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT, TINY_SPLIT] if world == 2 else []
+    sketch_split = {"name": "sketch_split", "kind": "sketch_split"}  # SketchGuidanceSplit on a cheap "model"
+    tiny = [mismatch, sketch_split, *TINY_CASES] if world == 2 else []
     cases = CASES + FIXED_CASES + FILL_CASES + tiny
     results = _wait(_launch(world, cases, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
@@ -226,10 +231,13 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         assert added > 0  # filling really computed tiles the single process skipped
     if world == 2:
         # through SuperGen: without and with the tile cache, both region policies, and a bf16 model
-        for case in (TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT, TINY_SPLIT):
+        for case in TINY_CASES:
             single, report = _tiny_single_process(dict(case, drift_rank=None))
             got = torch.load(tmp_path / f"{case['name']}.pt")
             assert (got - single).abs().max().item() <= 1e-5, case["name"]
+            split = case.get("split_guidance", True)  # the tiny Wan guides with two forwards (scale 4)
+            reshifted = report["sizes"]["sketch_reshift"]  # the sketch is the lower size's latent
+            sketch_latent = reshifted["latent"] if reshifted else report["sizes"]["sketch_latent"]
             for rank in range(2):
                 ranks_report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
                 assert ranks_report["cache"] == report["cache"], (case["name"], rank)
@@ -239,10 +247,22 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
                 # the tiny Wan steps with UniPC: following regions rebuild its latents from its history
                 rebuilt = ranks_report["latents_rebuilt_from_history"]
                 assert rebuilt == (ranks_report["regions"] == "follow"), case["name"]
-                # stage 1 ran once, on rank 0, which broadcast the sketch latent (fp32) to the others
-                assert ranks_report["sketch_runs"] == (1 if rank == 0 else 0), (case["name"], rank)
-                sketch_bytes = got.shape[0] * got.shape[1] * math.prod(report["sizes"]["sketch_latent"]) * 4
+                # stage 1 ran on rank 0, which broadcast the sketch latent (fp32) to the others, and with
+                # split guidance on rank 1 too: each input size's first (cond, uncond) pair on both ranks,
+                # every later pair one forward each, swapping outputs (one sketch-size output, model dtype)
+                assert ranks_report["sketch_runs"] == (1 if rank == 0 or split else 0), (case["name"], rank)
+                sketch_bytes = got.shape[0] * got.shape[1] * math.prod(sketch_latent) * 4
                 assert ranks_report["sketch_broadcast_bytes"] == (sketch_bytes if rank == 0 else 0), case["name"]
+                if not split:
+                    assert ranks_report["sketch_forwards"] is None and ranks_report["sketch_branches_bytes"] == 0
+                elif case.get("reshift"):  # K native steps + the estimate, then N - K steps at the lower size
+                    K, N = case["reshift"]["native_steps"], case["steps"]
+                    assert ranks_report["sketch_forwards"] == (K + 1) + 1 + (N - K) + 1, case["name"]
+                else:  # N steps, 2N forwards in one process
+                    assert ranks_report["sketch_forwards"] == case["steps"] + 1, case["name"]
+                    size = {"bfloat16": 2}.get(case.get("dtype"), 4)
+                    want = (case["steps"] - 1) * sketch_bytes // 4 * size
+                    assert ranks_report["sketch_branches_bytes"] == want, (case["name"], rank)
                 # the ranks' re-noised canvases agree (checksums), unless one rank's upscale drifted: then
                 # rank 0 broadcast its canvas once and the result is still the single-process one
                 canvas_bytes = got.numel() * 4 if case is TINY_DRIFT and rank == 0 else 0
@@ -253,6 +273,14 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
                 assert all(f == [3, 3] for f in ranks_report["forwards_per_rank"]), ranks_report["forwards_per_rank"]
                 sent = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]
                 assert sum(r["bytes_sent_by_kind"].get("branches", 0) for r in sent) > 0
+        # stage 1's guidance split on its own: the first pair of each input size whole on both ranks, every
+        # later one a forward each (a 2x3 and a 5-element input, 3 steps each: 8 forwards instead of 12),
+        # the outputs swapped; calls that are not pairs never split; a pair that stops matching raises
+        for rank in range(2):
+            got = json.loads((tmp_path / f"sketch_split.rank{rank}.json").read_text())
+            assert got["pairs"] == {"ok": True, "forwards": 8, "sent": 2 * (6 + 5) * 4}, got
+            assert got["unpaired"] == {"ok": True, "enabled": False, "forwards": 6}, got
+            assert "not (conditional, unconditional) pairs" in got["error"], got
         # a bf16 model's input halos travel in bf16: the same cells as the fp32 run, half the bytes
         fp32, bf16 = (json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in (TINY, TINY_BF16))
         assert fp32["bytes_sent_by_kind"]["inputs"] > 0

@@ -125,6 +125,23 @@ def test_guidance_branches_computed_apart_give_predict_bit_for_bit(t2v):
     assert adapter.guidance_branches(unguided) == ()  # one forward per tile: nothing to split
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
+def test_sketch_guidance_pairs_are_the_stock_pipelines_calls(t2v, guidance_scale):
+    """The stock pipeline guides with two transformer calls per step on one latent input (what tile
+    parallelism splits between two ranks in stage 1) exactly where the adapter says so."""
+    calls = []
+    hook = t2v.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(k["hidden_states"]), with_kwargs=True)
+    try:
+        t2v(**PROMPT, height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=guidance_scale,
+            output_type="latent")  # fmt: skip
+    finally:
+        hook.remove()
+    pairs = adapter_for(t2v).sketch_guidance_pairs(dict(PROMPT, guidance_scale=guidance_scale))
+    assert pairs == (guidance_scale > 1) == (len(calls) == 4)
+    assert len(calls) == 2 or (calls[0] is calls[1] and calls[2] is calls[3])
+    assert adapter_for(t2v).sketch_guidance_pairs(dict(PROMPT))  # WanPipeline's default guidance_scale 5
+
+
 def test_i2v_tile_conditioning_is_the_crop_of_the_canvas_conditioning(i2v):
     """Each tile's image channels (mask | first-frame latent) equal the matching (wrapped) crop of the
     canvas conditioning the pipeline's own code builds once."""

@@ -182,6 +182,13 @@ class ModelAdapter(ABC):
         or both branches batched into one forward as the CogVideoX and LTX-Video pipelines do)."""
         return ()
 
+    def sketch_guidance_pairs(self, pipeline_kwargs: dict) -> bool:
+        """Whether the stock pipeline, called with ``pipeline_kwargs`` (the sketch's, ``guidance_scale``
+        included), runs guidance as two calls of its transformer per step, conditional then
+        unconditional on the same latent input, which tile parallelism may run on two ranks
+        (:class:`supergen.parallel.SketchGuidanceSplit`). ``False``, the default: one call per step."""
+        return False
+
     def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
         """The output of forward ``branch`` (one of :meth:`guidance_branches`) for ``tiles``, as
         :meth:`predict` computes it before combining."""

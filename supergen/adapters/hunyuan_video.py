@@ -144,18 +144,26 @@ class HunyuanVideoAdapter(TwoForwardGuidance):
             return {k: v.to(dtype) for k, v in zip(("embeds", "pooled", "mask"), out)}
 
         dtype, B = pipe.transformer.dtype, int(canvas_shape[0])
-        has_negative = kw.get("negative_prompt") is not None or (
-            kw.get("negative_prompt_embeds") is not None and kw.get("negative_pooled_prompt_embeds") is not None
-        )
         true_cfg = float(value("true_cfg_scale"))
         embeds = {"cond": encode("", kw.get("prompt"), kw.get("prompt_2")), "uncond": None}
-        if true_cfg > 1 and has_negative:  # as the pipeline: true CFG only with a negative prompt
+        if self._true_cfg(kw):
             embeds["uncond"] = encode("negative_", kw.get("negative_prompt"), kw.get("negative_prompt_2"))
         if embeds["cond"]["embeds"].shape[0] != B:
             raise ValueError(f"{embeds['cond']['embeds'].shape[0]} prompt(s) for a canvas batch of {B}.")
         guidance = torch.full((B,), float(value("guidance_scale")), device=pipe._execution_device, dtype=dtype) * 1000.0
         extra = {"guidance": guidance, "attention_kwargs": value("attention_kwargs")}
         return Conditioning(embeds, true_cfg if embeds["uncond"] is not None else 1.0, None, extra)
+
+    def _true_cfg(self, kw: dict) -> bool:
+        """As the pipeline: true CFG (a second, unconditional forward) only with a negative prompt."""
+        has_negative = kw.get("negative_prompt") is not None or (
+            kw.get("negative_prompt_embeds") is not None and kw.get("negative_pooled_prompt_embeds") is not None
+        )
+        default = inspect.signature(self.pipe.__call__).parameters["true_cfg_scale"].default
+        return float(kw.get("true_cfg_scale", default)) > 1 and has_negative
+
+    def sketch_guidance_pairs(self, pipeline_kwargs: dict) -> bool:
+        return self._true_cfg(pipeline_kwargs)
 
     def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
         return cast_first_dtype(self.pipe.transformer, latents_dtype)  # predict's first step is that cast

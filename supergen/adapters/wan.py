@@ -198,6 +198,9 @@ class WanAdapter(TwoForwardGuidance):
     def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
         return cast_first_dtype(self.pipe.transformer, latents_dtype)  # predict's first step is that cast
 
+    def sketch_guidance_pairs(self, pipeline_kwargs: dict) -> bool:
+        return float(pipeline_kwargs.get("guidance_scale", 5.0)) > 1.0  # WanPipeline's two calls, as below
+
     def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
         return ("cond", "uncond") if cond.guidance_scale > 1.0 else ()  # two forwards, as WanPipeline runs them
 
