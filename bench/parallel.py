@@ -412,6 +412,34 @@ def summarise(rows: list) -> list:
     return out
 
 
+# The VAEs' own tiling (diffusers 0.42 defaults, as the adapters decode): (tile, stride) latent cells per
+# axis, and the canvases in latent cells at each VAE's spatial scale.
+VAE_TILES = {
+    "wan": (((32, 24), (32, 24)), 8),  # 256-pixel tiles every 192 pixels
+    "hunyuan_video": (((32, 24), (32, 24)), 8),
+    "cogvideox": (((30, 25), (45, 36)), 8),  # 240x360-pixel tiles, overlap 1/6 and 1/5
+    "ltx_video": (((16, 14), (16, 14)), 32),  # 512-pixel tiles every 448 pixels
+}
+CANVAS_PIXELS = {"2K": (1440, 2560), "4K": (2160, 3840)}
+
+
+def decode_rows() -> list:
+    """The final decode shared in bands of whole VAE tiles (:func:`supergen.parallel.plan_decode_bands`):
+    the busiest rank's share of the one-process decode's tile area, per VAE, canvas and rank count."""
+    rows = []
+    for family, (geometry, scale) in VAE_TILES.items():
+        for name, (h, w) in CANVAS_PIXELS.items():
+            hw = (-(-h // scale), -(-w // scale))
+            for world in RANKS:
+                plan = par.plan_decode_bands(hw, geometry, world)
+                share = 1.0 if plan is None else plan.cost
+                rows.append({"vae": family, "canvas": name, "ranks": world, "latent_hw": list(hw),
+                             "bands": 1 if plan is None else len(plan.kept),
+                             "axis": None if plan is None else ("rows" if plan.axis == -2 else "columns"),
+                             "busiest_share": round(share, 4), "decode_speedup": round(1 / share, 2)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "parallel_cpu.json"))
@@ -433,6 +461,8 @@ def main() -> None:
     print_table(flat, ["geometry", "tiling", "canvas", "ranks", "tiles", "regions", *COLUMNS])
     summary = summarise(rows)
     print_table(summary, list(summary[0]))
+    decode = decode_rows()
+    print_table(decode, list(decode[0]))
     payload = {
         "environment": environment("cpu"),
         "what": "bytes sent per rank per refinement step: supergen's halo exchange (+ region migration with "
@@ -472,6 +502,11 @@ def main() -> None:
             "each tile over the refinement (1-2 patches per step); row key shift_cells",
         },
         "summary": summary,
+        "decode_bands": decode,
+        "decode_bands_what": "the final VAE decode shared by the ranks in bands of whole VAE tiles (decode_in_bands; "
+        "each band decodes its tiles plus the one before, which its first tile blends with, and the start of the "
+        "next): busiest_share = the busiest rank's decoded tile area / the one-process decode's; decode_speedup = "
+        "1 / that (counted; the latent broadcast and the pixels' gather to rank 0 are one-off transfers)",
         "one_off": "not per step, so not in the ratios: rank 0 broadcasts the sketch latent once (share_sketch) and "
         "every other rank sends its region to rank 0 after the loop (the final gather); ratio_with_one_off adds "
         "the larger of the two, spread over the refined steps, to the fp32 ratio. The published design needs no "

@@ -14,6 +14,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -291,18 +292,25 @@ class SuperGen:
             parallel=ctx,
         )  # fmt: skip
 
-        # 7. Decode with the VAE's tiling on (rank 0 only: the other ranks of a parallel run hold no canvas).
+        # 7. Decode with the VAE's tiling on (under tile parallelism each rank decodes a band of VAE tiles
+        #    of rank 0's latent and rank 0 assembles the video; the others return none).
         frames, seam = latents, None
-        if latents is not None and output_type != "latent":
+        if output_type != "latent" and (latents is not None or ctx.distributed):
             with timer.stage("decode"):
-                video = adapter.decode(latents)
-                s = adapter.spec.vae_scale[1]
-                rows, cols = grid.edges(plan.refine_steps - 1)
-                # Against the other lines of the patch grid: the decoder marks those with or without tiles.
-                seam = seam_score(
-                    video, [r * s for r in rows], [c * s for c in cols], grid=adapter.spec.pixel_multiple()
-                )
-                frames = pipe.video_processor.postprocess_video(video, output_type=output_type)
+                if ctx.distributed:
+                    from .parallel import decode_in_bands
+
+                    video = decode_in_bands(ctx, adapter, latents)
+                else:
+                    video = adapter.decode(latents)
+                if video is not None:
+                    s = adapter.spec.vae_scale[1]
+                    rows, cols = grid.edges(plan.refine_steps - 1)
+                    # Against the other lines of the patch grid: the decoder marks those with or without tiles.
+                    seam = seam_score(
+                        video, [r * s for r in rows], [c * s for c in cols], grid=adapter.spec.pixel_multiple()
+                    )
+                    frames = pipe.video_processor.postprocess_video(video, output_type=output_type)
         timer.seconds["total"] = time.perf_counter() - started
 
         # 8. Report.
@@ -384,9 +392,15 @@ class SuperGen:
 
                 low = share_sketch(parallel, low, generator, pipe._execution_device)
 
-        # 3. Upscale the sketch to the canvas (pixel space by default).
+        # 3. Upscale the sketch to the canvas (pixel space by default; under tile parallelism the ranks
+        #    share the encode, each a band of VAE tiles).
         with stage("upscale"):
-            clean = upscale_latents(adapter, low, plan.canvas_latent, mode=upscale)
+            encode = None
+            if parallel is not None and parallel.distributed:
+                from .parallel import encode_in_bands
+
+                encode = partial(encode_in_bands, parallel, adapter)
+            clean = upscale_latents(adapter, low, plan.canvas_latent, mode=upscale, encode=encode)
 
         with stage("refine"):
             # 4. The same N-step schedule as the sketch; re-noise the canvas to step N-k.
@@ -480,6 +494,8 @@ class SuperGen:
             "computed_tiles_per_rank": ctx.computed_tiles,
             "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
             "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1's guidance was split (else None)
+            "decode_bands": None if ctx.decode_plan is None else ctx.decode_plan._asdict(),  # the shared decode
+            "encode_bands": None if ctx.encode_plan is None else ctx.encode_plan._asdict(),  # the upscale's encode
             **ctx.stats.as_dict(),
         }
 

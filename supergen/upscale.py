@@ -29,11 +29,13 @@ def resize_frames(video: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor
     return frames.reshape(B, T, C, *size_hw).permute(0, 2, 1, 3, 4).to(video.dtype)
 
 
-def upscale_latents(adapter, latents: torch.Tensor, canvas_hw: tuple[int, int], mode: str = "pixel") -> torch.Tensor:
+def upscale_latents(adapter, latents: torch.Tensor, canvas_hw: tuple[int, int], mode: str = "pixel",
+                    encode=None) -> torch.Tensor:  # fmt: skip
     """Sketch latent ``(B, C, T, h, w)`` → clean canvas latent ``(B, C, T, H, W)`` (normalised).
 
     ``pixel``: decode with the VAE's tiling on, bicubic-resize each frame to the target pixels,
-    clamp to the VAE's [-1, 1] range (bicubic overshoots at edges), encode with tiling on.
+    clamp to the VAE's [-1, 1] range (bicubic overshoots at edges), encode with tiling on
+    (``encode(pixels)``, default the adapter's posterior mode; tile parallelism shares it between ranks).
     ``latent``: bicubic on the latent itself (for comparison only; it tears).
     """
     if mode not in UPSCALE_MODES:
@@ -43,7 +45,7 @@ def upscale_latents(adapter, latents: torch.Tensor, canvas_hw: tuple[int, int], 
     scale = adapter.spec.vae_scale[1]
     pixels = adapter.decode(latents)
     pixels = resize_frames(pixels, (canvas_hw[0] * scale, canvas_hw[1] * scale)).clamp_(-1.0, 1.0)
-    return adapter.encode(pixels, None).to(latents.dtype)
+    return (encode(pixels) if encode is not None else adapter.encode(pixels, None)).to(latents.dtype)
 
 
 def scheduler_family(scheduler) -> str:

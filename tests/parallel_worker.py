@@ -122,6 +122,10 @@ def tiny_case(case: dict, parallel_config):
     pipe.set_progress_bar_config(disable=True)
     if case.get("dtype"):  # a half-precision model with fp32 latents, as Wan runs in bf16
         pipe.transformer.to(getattr(torch, case["dtype"]))
+    if case.get("vae_tile"):  # (tile, stride) latent cells: small VAE tiles, so the decode spans several
+        scale = pipe.vae_scale_factor_spatial
+        pipe.vae.tile_sample_min_height = pipe.vae.tile_sample_min_width = case["vae_tile"][0] * scale
+        pipe.vae.tile_sample_stride_height = pipe.vae.tile_sample_stride_width = case["vae_tile"][1] * scale
     cache = CacheConfig(**case["cache"]) if case.get("cache") else None
     reshift = ReshiftConfig(**case["reshift"]) if case.get("reshift") else None
     sg = SuperGen(pipe, tiling=TilingConfig(**case["tiling"]), positions="canvas", parallel=parallel_config,
@@ -141,9 +145,9 @@ def tiny_case(case: dict, parallel_config):
         num_inference_steps=case["steps"],
         refine_steps=case["refine_steps"],
         generator=torch.Generator().manual_seed(case.get("seed", 0)),
-        output_type="latent",
+        output_type=case.get("output_type", "latent"),
     )
-    return out.latents, dict(out.report, sketch_runs=len(runs))
+    return out.latents, dict(out.report, sketch_runs=len(runs), frames=out.frames)
 
 
 def sketch_split_case(ctx) -> dict:
@@ -219,6 +223,8 @@ def main(spec_path: str, out_dir: str) -> None:
         if case.get("model") == "tiny":
             latents, report = tiny_case(case, config)
             stats = dict(report.get("parallel") or {}, cache=report.get("cache"), sketch_runs=report["sketch_runs"])
+            if case.get("output_type", "latent") != "latent" and report["frames"] is not None:
+                torch.save(report["frames"], out / f"{case['name']}.frames.pt")
         else:
             ctx = par.setup(config)
             if case.get("fail_rank") == rank:

@@ -82,7 +82,9 @@ TINY_SPLIT = dict(TINY, name="tiny_wan_split", height=64, width=192)  # 3 tiles:
 TINY_WHOLE = dict(TINY, name="tiny_wan_whole", split_guidance=False)  # stage 1 on rank 0 alone, whole tiles
 # noise reshifting: stage 1 is the stock pipeline (K steps), one forward, then the lower size's own loop
 TINY_RESHIFT = dict(TINY, name="tiny_wan_reshift", reshift={"native_steps": 2, "scale": 0.5})
-TINY_CASES = [TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT, TINY_SPLIT, TINY_WHOLE, TINY_RESHIFT]
+# decoded to video: the ranks share the upscale's encode and the final decode in bands of (small) VAE tiles
+TINY_DECODE = dict(TINY, name="tiny_wan_decode", output_type="pt", vae_tile=[8, 6])
+TINY_CASES = [TINY, TINY_CACHE, TINY_FOLLOW, TINY_BF16, TINY_DRIFT, TINY_SPLIT, TINY_WHOLE, TINY_RESHIFT, TINY_DECODE]
 
 
 def _free_port() -> int:
@@ -269,6 +271,28 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
                 assert ranks_report["canvas_broadcast_bytes"] == canvas_bytes, (case["name"], rank)
             if case is TINY_CACHE:
                 assert report["cache"]["skipped_tile_steps"] > 0
+            if case is TINY_DECODE:  # rank 0's video is the one process's, pixel for pixel
+                frames = torch.load(tmp_path / f"{case['name']}.frames.pt")
+                assert torch.equal(frames, report["frames"])
+                ranks = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]
+                plan = ranks[0]["decode_bands"]
+                assert plan == ranks[1]["decode_bands"] and len(plan["kept"]) == 2, plan
+                assert ranks[0]["decode_broadcast_bytes"] == got.numel() * 4 and ranks[1]["decode_broadcast_bytes"] == 0
+                # rank 1 sent rank 0 its band's pixels (B, 3, F, ...) in the VAE's fp32: (b - a) latent cells of
+                # 8 pixels along the axis, the whole other axis
+                (a, b), (B, F, _, H, W) = plan["kept"][1], frames.shape
+                band = B * 3 * F * (b - a) * 8 * (W if plan["axis"] == -2 else H)
+                assert ranks[1]["decode_gather_bytes"] == band * 4 and ranks[0]["decode_gather_bytes"] == 0
+                # the upscale's encode in the same bands: each rank sent the other its band of the latent (fp32),
+                # and the refined latent above is still the one process's
+                plan = ranks[0]["encode_bands"]
+                assert plan == ranks[1]["encode_bands"] and len(plan["kept"]) == 2, plan
+                for rank, (a, b) in enumerate(plan["kept"]):
+                    other = got.shape[-1] if plan["axis"] == -2 else got.shape[-2]
+                    want = got.shape[0] * got.shape[1] * got.shape[2] * (b - a) * other * 4
+                    assert ranks[rank]["encode_exchange_bytes"] == want, (rank, plan)
+            elif "encode_bands" in ranks_report:  # the VAE's default tiles: these canvases are one tile
+                assert ranks_report["encode_bands"] is None and ranks_report["decode_bands"] is None
             if case is TINY_SPLIT:  # 3 tiles of 2 forwards on 2 ranks: 3 forwards each, one tile's sent
                 assert all(f == [3, 3] for f in ranks_report["forwards_per_rank"]), ranks_report["forwards_per_rank"]
                 sent = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]

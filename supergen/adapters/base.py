@@ -107,9 +107,44 @@ class ModelAdapter(ABC):
 
     # -- VAE ----------------------------------------------------------------------------------------
 
-    @abstractmethod
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latent ``(B, C, T, H, W)`` → pixels ``(B, 3, F, H*s, W*s)`` in [-1, 1] (tiled VAE)."""
+        """Normalised latent ``(B, C, T, H, W)`` → pixels ``(B, 3, F, H*s, W*s)`` in [-1, 1] (tiled VAE):
+        :meth:`vae_inputs`, then :meth:`vae_decode`."""
+        z, args = self.vae_inputs(latents)
+        return self.vae_decode(z, *args)
+
+    @abstractmethod
+    def vae_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """What the pipeline does to the whole latent before ``vae.decode``: the decoder's input ``z``
+        (denormalised, the same shape) and the decode's extra arguments. Everything here is over the whole
+        canvas (an LTX-Video decoder's noise is drawn here), so :meth:`vae_decode` sees no randomness and
+        tile parallelism may decode bands of ``z`` on several ranks (:func:`supergen.parallel.decode_in_bands`)."""
+
+    @abstractmethod
+    def vae_decode(self, z: torch.Tensor, *args) -> torch.Tensor:
+        """``vae.decode`` of :meth:`vae_inputs`' output, tiled as :meth:`decode_tiling` sets it."""
+
+    def decode_tiling(self):
+        """The context the VAE decodes in: its own tiling switched on (restored after)."""
+        return vae_tiling(self.pipe.vae)
+
+    def vae_tile_geometry(self) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """``((tile, stride), (tile, stride))``: the latent rows and columns of the tiles the VAE decodes
+        in, and how far apart they start (diffusers' tiled decoders start a tile every ``stride`` cells from
+        0 and blend each with the one above and the one to its left); ``None`` where this VAE's are unknown."""
+        vae, scale = self.pipe.vae, self.spec.vae_scale[1]
+        with self.decode_tiling():
+            if hasattr(vae, "tile_sample_stride_height"):  # Wan, HunyuanVideo, LTX-Video
+                return tuple(
+                    (getattr(vae, f"tile_sample_min_{a}") // scale, getattr(vae, f"tile_sample_stride_{a}") // scale)
+                    for a in ("height", "width")
+                )
+            if hasattr(vae, "tile_overlap_factor_height"):  # CogVideoX: a tile and an overlap factor
+                tiles = (vae.tile_latent_min_height, vae.tile_latent_min_width)
+                factors = (vae.tile_overlap_factor_height, vae.tile_overlap_factor_width)
+                return tuple((t, int(t * (1 - f))) for t, f in zip(tiles, factors))
+        return None
 
     @abstractmethod
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

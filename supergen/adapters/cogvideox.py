@@ -152,11 +152,17 @@ class CogVideoXAdapter(ModelAdapter):
                 setattr(vae, name, value)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def vae_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         vae = self.pipe.vae
-        with self._vae_tiling():
-            # The pipeline's `decode_latents`, in supergen's layout.
-            return vae.decode((1 / vae.config.scaling_factor * latents).to(vae.dtype)).sample
+        return (1 / vae.config.scaling_factor * latents).to(vae.dtype), ()  # the pipeline's `decode_latents`
+
+    @torch.no_grad()
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self.decode_tiling() as vae:
+            return vae.decode(z).sample
+
+    def decode_tiling(self):
+        return self._vae_tiling()
 
     def _encode(self, pixels: torch.Tensor, generator) -> torch.Tensor:
         """One video at a time, as CogVideoX's V2V/I2V pipelines encode: a posterior sample drawn from

@@ -101,10 +101,14 @@ class HunyuanVideoAdapter(TwoForwardGuidance):
     # -- VAE ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def vae_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         vae = self.pipe.vae
-        with vae_tiling(vae):  # the pipeline's decode, tiled
-            return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return latents.to(vae.dtype) / vae.config.scaling_factor, ()  # the pipeline's decode
+
+    @torch.no_grad()
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self.decode_tiling() as vae:
+            return vae.decode(z, return_dict=False)[0]
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

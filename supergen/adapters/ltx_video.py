@@ -133,7 +133,7 @@ class LTXVideoAdapter(ModelAdapter):
         return mean, std
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def vae_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """The pipeline's decode: denormalise, then (timestep-conditioned decoders) blend in noise at
         ``decode_noise_scale`` and decode at ``decode_timestep``."""
         vae = self.pipe.vae
@@ -145,8 +145,12 @@ class LTXVideoAdapter(ModelAdapter):
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             timestep = torch.full((z.shape[0],), self.decode_timestep, device=z.device, dtype=z.dtype)
             z = (1 - self.decode_noise_scale) * z + self.decode_noise_scale * noise
-        with vae_tiling(vae):
-            return vae.decode(z.to(vae.dtype), timestep, return_dict=False)[0]
+        return z.to(vae.dtype), (timestep,)
+
+    @torch.no_grad()
+    def vae_decode(self, z: torch.Tensor, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        with self.decode_tiling() as vae:
+            return vae.decode(z, timestep, return_dict=False)[0]
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -123,14 +123,22 @@ class WanAdapter(TwoForwardGuidance):
         inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(like.device, like.dtype)
         return mean, inv_std
 
+    def vae_tile_geometry(self):
+        if getattr(self.pipe.vae.config, "patch_size", None):  # Wan 2.2's patchified VAE crops in other units
+            return None
+        return super().vae_tile_geometry()
+
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        latents = latents.to(vae.dtype)
+    def vae_inputs(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        latents = latents.to(self.pipe.vae.dtype)
         mean, inv_std = self._stats(latents)
         # Same expression as WanPipeline's decode, so decoding the sketch matches the stock output.
-        with vae_tiling(vae):
-            return vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        return latents / inv_std + mean, ()
+
+    @torch.no_grad()
+    def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self.decode_tiling() as vae:
+            return vae.decode(z, return_dict=False)[0]
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
