@@ -87,14 +87,14 @@ Design (why it is shaped this way)
   rank, naming the differing values. The process group carries a timeout, so a rank that raises or
   dies makes the others' transfers fail (non-zero exit) instead of hanging.
 
-The upscale's encode at the canvas size is shared in bands as the decode below (:func:`encode_in_bands`: each rank
-encodes a band and sends it to the others). The final latent is gathered to rank 0 (the only
-collective-like transfer of a canvas, after the loop). The decode is shared (:func:`decode_in_bands`):
-rank 0 broadcasts the latent, every rank decodes a band of whole VAE tiles with the VAE's own tiled
-decode, from one tile before it (the tile its first blends with) to the start of the next, and sends
-rank 0 its band's pixels; bands cut there decode, cropped, to exactly the one-process pixels (tested
-bit for bit on each family's VAE), at about half the decode's time on 2 ranks and a quarter on 8
-(``bench/parallel.py``).
+The final latent is gathered to rank 0 (the only collective-like transfer of a canvas, after the
+loop), and the VAE work at the canvas size is shared in bands of whole VAE tiles: for the decode
+(:func:`decode_in_bands`) rank 0 broadcasts the latent, every rank decodes a band with the VAE's own
+tiled decode, from one tile before it (the tile its first blends with) to the start of the next, and
+sends rank 0 its band's pixels; the upscale's encode (:func:`encode_in_bands`) is cut the same way,
+each rank sending its latent band to the others. Bands cut there give, cropped, exactly the
+one-process pixels and latent (tested bit for bit on each family's VAE), at about half the VAE's time
+on 2 ranks and a quarter on 8 (``bench/parallel.py``).
 
 Per step a rank holds one canvas-size scratch buffer to cut its tiles from (memory, not traffic: only
 halo cells are ever filled from other ranks).
@@ -1517,7 +1517,7 @@ def _axis_cost(length: int, tile: int, stride: int) -> int:
     return sum(min(tile, length - t) for t in range(0, length, stride))
 
 
-def plan_decode_bands(hw, geometry, world: int) -> DecodeBands | None:
+def plan_decode_bands(hw, geometry, world: int, axes=(-2, -1)) -> DecodeBands | None:
     """Split the final decode of a ``hw`` latent into at most ``world`` bands of whole VAE tiles whose
     decodes give, cropped, exactly the whole decode (``None`` where no split does, or one band would).
 
@@ -1529,7 +1529,7 @@ def plan_decode_bands(hw, geometry, world: int) -> DecodeBands | None:
     its last ones, disjoint where ``2 stride >= tile``) to the end of the tile starting at ``b - stride``;
     the tiles of that local decode sit where the whole decode's do. Of the two axes, the one whose
     busiest band decodes the least; bands balanced by decoded area (dynamic programming over the tile
-    starts). ``geometry``: :meth:`ModelAdapter.vae_tile_geometry`.
+    starts; ``axes``: the axes to consider). ``geometry``: :meth:`ModelAdapter.vae_tile_geometry`.
     """
     if geometry is None or world < 2:
         return None
@@ -1537,7 +1537,7 @@ def plan_decode_bands(hw, geometry, world: int) -> DecodeBands | None:
     if not any(size > tile for size, (tile, _) in zip(sizes, geometry)):
         return None  # the VAE decodes this canvas in one piece
     best = None
-    for axis in (-2, -1):
+    for axis in axes:
         size, (tile, stride) = sizes[axis], geometry[axis]
         other, (other_tile, _) = sizes[axis + 1 if axis == -2 else -2], geometry[axis + 1 if axis == -2 else -2]
         if stride < 1 or 2 * stride < tile:
@@ -1585,6 +1585,54 @@ def plan_decode_bands(hw, geometry, world: int) -> DecodeBands | None:
     return best
 
 
+def vae_bands_exact(adapter) -> bool:
+    """Whether this VAE's tiled decode and encode cut in bands (:func:`plan_decode_bands`) give the whole
+    one bit for bit here: checked once per adapter on one-frame probes (three tiles along the banded
+    axis, two across; both axes), as the scheduler's latent rebuild is. The bands rest on how diffusers'
+    tiled VAEs lay out and blend their tiles (tested for each family on the version supergen pins); a
+    VAE that does otherwise, or kernels that are not deterministic, fail the probe and the ranks fall
+    back to the whole decode on rank 0 (and the whole encode on every rank)."""
+    verdict = getattr(adapter, "_supergen_vae_bands_exact", None)
+    if verdict is not None:
+        return verdict
+    geometry, verdict = adapter.vae_tile_geometry(), False
+    if geometry is not None:
+        verdict, g = True, torch.Generator().manual_seed(0)
+        device = adapter.pipe._execution_device
+        for axis in (-2, -1):
+            (tile, stride), (other_tile, other_stride) = geometry[axis], geometry[-1 if axis == -2 else -2]
+            hw = [other_tile + other_stride] * 2
+            hw[axis] = 2 * stride + tile
+            plan = plan_decode_bands(hw, geometry, 2, axes=(axis,))
+            if plan is None:
+                verdict = False
+                break
+            latent = torch.randn(1, adapter.spec.latent_channels, 1, *hw, generator=g).to(device)
+            z, args = adapter.vae_inputs(latent)
+            whole = adapter.vae_decode(z, *args)
+            decoded = torch.cat([decode_band(adapter, z, args, plan, i) for i in range(len(plan.kept))], plan.axis)
+            pixels = whole.clamp(-1.0, 1.0)
+            encoded = torch.cat([encode_band(adapter, pixels, plan, i) for i in range(len(plan.kept))], plan.axis)
+            if not (torch.equal(decoded, whole) and torch.equal(encoded, adapter.encode(pixels, None))):
+                verdict = False
+                break
+    adapter._supergen_vae_bands_exact = verdict
+    return verdict
+
+
+def _plan_vae_bands(ctx: ParallelContext, adapter, hw) -> DecodeBands | None:
+    """The bands every rank uses for the VAE at canvas size ``hw``, or ``None`` (no split, or the probe
+    failed on some rank: :func:`vae_bands_exact`, its verdicts all-reduced so that the ranks agree)."""
+    import torch.distributed as dist
+
+    plan = plan_decode_bands(hw, adapter.vae_tile_geometry(), ctx.world_size)
+    if plan is None:
+        return None
+    verdict = torch.tensor([int(vae_bands_exact(adapter))], device=_comm_device(ctx))
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+    return plan if int(verdict) else None
+
+
 def decode_band(adapter, z: torch.Tensor, args: tuple, plan: DecodeBands, index: int) -> torch.Tensor:
     """Pixels of band ``index`` of ``plan``: the VAE's tiled decode of its input cells, cropped to the
     cells it keeps (the same pixels as the whole decode's there)."""
@@ -1613,7 +1661,7 @@ def encode_in_bands(ctx: ParallelContext, adapter, pixels: torch.Tensor) -> torc
     every rank encodes the whole. Bytes: ``ctx.stats.encode_exchange`` (what this rank sent)."""
     scale = adapter.spec.vae_scale[1]
     hw = (pixels.shape[-2] // scale, pixels.shape[-1] // scale)
-    plan = plan_decode_bands(hw, adapter.vae_tile_geometry(), ctx.world_size)
+    plan = _plan_vae_bands(ctx, adapter, hw)
     ctx.encode_plan = plan
     if plan is None:
         return adapter.encode(pixels, None)
@@ -1642,7 +1690,7 @@ def decode_in_bands(ctx: ParallelContext, adapter, latents: torch.Tensor | None)
     if ctx.rank == 0:
         ctx.stats.decode_broadcast = latents.numel() * latents.element_size()
     z, args = adapter.vae_inputs(latents)
-    plan = plan_decode_bands(tuple(z.shape[-2:]), adapter.vae_tile_geometry(), ctx.world_size)
+    plan = _plan_vae_bands(ctx, adapter, tuple(z.shape[-2:]))
     ctx.decode_plan = plan
     if plan is None:
         return adapter.vae_decode(z, *args) if ctx.rank == 0 else None

@@ -44,6 +44,7 @@ def test_bands_of_vae_tiles_decode_to_the_whole_decode(family):
     adapter = adapter_for(pipe)
     _small_tiles(pipe, adapter.spec.vae_scale[1])
     assert adapter.vae_tile_geometry() == ((TILE, STRIDE), (TILE, STRIDE))
+    assert par.vae_bands_exact(adapter)  # the runtime's own probe agrees
     C, g = adapter.spec.latent_channels, torch.Generator().manual_seed(0)
     for hw, axis in (((20, 11), -2), ((9, 22), -1)):  # banded along the axis with more tiles
         latents = torch.randn(1, C, 2, *hw, generator=g)
@@ -99,3 +100,17 @@ def test_bands_partition_the_axis_at_tile_starts_with_one_tile_before():
 )
 def test_no_bands_where_they_would_not_decode_the_same(hw, geometry, world):
     assert par.plan_decode_bands(hw, geometry, world) is None
+
+
+def test_a_vae_whose_bands_are_not_the_whole_fails_the_probe():
+    """The bands rest on how diffusers' tiled VAEs lay out their tiles; a decode that depends on the size
+    it is given (as a VAE tiled another way would) fails the runtime's probe, and the ranks then decode
+    and encode whole (``_plan_vae_bands`` returns no plan)."""
+    pipe = tiny_wan_pipeline()
+    adapter = adapter_for(pipe)
+    _small_tiles(pipe, adapter.spec.vae_scale[1])
+    decode = adapter.vae_decode
+    adapter.vae_decode = lambda z, *args: decode(z, *args) + 1e-3 * z.shape[-1]
+    assert not par.vae_bands_exact(adapter)
+    adapter = adapter_for(pipe)  # the verdict is kept per adapter: a fresh one probes again
+    assert par.vae_bands_exact(adapter)
