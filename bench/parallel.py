@@ -424,19 +424,22 @@ CANVAS_PIXELS = {"2K": (1440, 2560), "4K": (2160, 3840)}
 
 
 def decode_rows() -> list:
-    """The final decode shared in bands of whole VAE tiles (:func:`supergen.parallel.plan_decode_bands`):
-    the busiest rank's share of the one-process decode's tile area, per VAE, canvas and rank count."""
+    """The VAE's encode and decode shared in blocks of whole VAE tiles (:func:`supergen.parallel.plan_vae_blocks`):
+    the busiest rank's share of the one-process decode's tile area, per VAE, canvas and rank count (and
+    with bands along one axis only)."""
     rows = []
     for family, (geometry, scale) in VAE_TILES.items():
         for name, (h, w) in CANVAS_PIXELS.items():
             hw = (-(-h // scale), -(-w // scale))
             for world in RANKS:
-                plan = par.plan_decode_bands(hw, geometry, world)
+                plan = par.plan_vae_blocks(hw, geometry, world)
                 share = 1.0 if plan is None else plan.cost
+                one_axis = {(k, 1) for k in range(2, world + 1)} | {(1, k) for k in range(2, world + 1)}
+                bands = par.plan_vae_blocks(hw, geometry, world, grids=one_axis)
                 rows.append({"vae": family, "canvas": name, "ranks": world, "latent_hw": list(hw),
-                             "bands": 1 if plan is None else len(plan.kept),
-                             "axis": None if plan is None else ("rows" if plan.axis == -2 else "columns"),
-                             "busiest_share": round(share, 4), "decode_speedup": round(1 / share, 2)})  # fmt: skip
+                             "grid": None if plan is None else list(plan.grid),
+                             "busiest_share": round(share, 4), "decode_speedup": round(1 / share, 2),
+                             "busiest_share_bands_only": round(bands.cost, 4)})  # fmt: skip
     return rows
 
 
@@ -502,11 +505,12 @@ def main() -> None:
             "each tile over the refinement (1-2 patches per step); row key shift_cells",
         },
         "summary": summary,
-        "decode_bands": decode,
-        "decode_bands_what": "the final VAE decode shared by the ranks in bands of whole VAE tiles (decode_in_bands; "
-        "each band decodes its tiles plus the one before, which its first tile blends with, and the start of the "
-        "next): busiest_share = the busiest rank's decoded tile area / the one-process decode's; decode_speedup = "
-        "1 / that (counted; the latent broadcast and the pixels' gather to rank 0 are one-off transfers)",
+        "decode_blocks": decode,
+        "decode_blocks_what": "the VAE's encode (upscale) and final decode shared by the ranks in a grid of blocks of "
+        "whole VAE tiles (decode_in_blocks, encode_in_blocks; each block decodes its tiles plus the row and column "
+        "before, which its first tiles blend with, and the start of the next): busiest_share = the busiest rank's "
+        "decoded tile area / the one-process decode's; decode_speedup = 1 / that; busiest_share_bands_only: bands "
+        "along one axis (counted; the latent broadcast and the pixels' gather to rank 0 are one-off transfers)",
         "one_off": "not per step, so not in the ratios: rank 0 broadcasts the sketch latent once (share_sketch) and "
         "every other rank sends its region to rank 0 after the loop (the final gather); ratio_with_one_off adds "
         "the larger of the two, spread over the refined steps, to the fp32 ratio. The published design needs no "

@@ -88,13 +88,14 @@ Design (why it is shaped this way)
   dies makes the others' transfers fail (non-zero exit) instead of hanging.
 
 The final latent is gathered to rank 0 (the only collective-like transfer of a canvas, after the
-loop), and the VAE work at the canvas size is shared in bands of whole VAE tiles: for the decode
-(:func:`decode_in_bands`) rank 0 broadcasts the latent, every rank decodes a band with the VAE's own
-tiled decode, from one tile before it (the tile its first blends with) to the start of the next, and
-sends rank 0 its band's pixels; the upscale's encode (:func:`encode_in_bands`) is cut the same way,
-each rank sending its latent band to the others. Bands cut there give, cropped, exactly the
-one-process pixels and latent (tested bit for bit on each family's VAE), at about half the VAE's time
-on 2 ranks and a quarter on 8 (``bench/parallel.py``).
+loop), and the VAE work at the canvas size is shared in blocks of whole VAE tiles: for the decode
+(:func:`decode_in_blocks`) rank 0 broadcasts the latent, every rank decodes a block with the VAE's own
+tiled decode, from one tile row and column before it (the tiles its first ones blend with) to the start
+of the next, and sends rank 0 its block's pixels; the upscale's encode (:func:`encode_in_blocks`) is
+cut the same way, each rank sending its latent block to the others. Blocks cut there give, cropped,
+exactly the one-process pixels and latent (tested bit for bit on each family's VAE; a probe checks it
+before a run relies on it), at about half the VAE's time on 2 ranks and a fifth on 8
+(``bench/parallel.py``).
 
 Per step a rank holds one canvas-size scratch buffer to cut its tiles from (memory, not traffic: only
 halo cells are ever filled from other ranks).
@@ -137,9 +138,9 @@ class ExchangeStats:
     sketch_broadcast: int = 0  # rank 0: the sketch latent it broadcast (:func:`share_sketch`)
     sketch_branches: int = 0  # ranks 0 and 1: stage 1's guidance outputs they swapped (:class:`SketchGuidanceSplit`)
     canvas_broadcast: int = 0  # rank 0: the canvas it broadcast when the ranks' differed (:func:`agree_on_canvas`)
-    decode_broadcast: int = 0  # rank 0: the refined latent it broadcast for the banded decode (:func:`decode_in_bands`)
-    decode_gather: int = 0  # the pixels of this rank's decode band, sent to rank 0
-    encode_exchange: int = 0  # this rank's band of the upscale's encode, sent to every other rank
+    decode_broadcast: int = 0  # rank 0: the refined latent it broadcast to share the decode (:func:`decode_in_blocks`)
+    decode_gather: int = 0  # the pixels of this rank's decode block, sent to rank 0
+    encode_exchange: int = 0  # this rank's block of the upscale's encode, sent to every other rank
 
     def add(self, kind: str, nbytes: int) -> None:
         step = self.per_step[-1]
@@ -177,8 +178,8 @@ class ParallelContext:
     regions: str | None = None  # the region policy the last refinement ran with (``auto`` resolved)
     latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
     sketch_forwards: int | None = None  # forwards this rank ran in stage 1 when its guidance was split
-    decode_plan: DecodeBands | None = None  # how the ranks shared the final decode (:func:`decode_in_bands`)
-    encode_plan: DecodeBands | None = None  # and the upscale's encode (:func:`encode_in_bands`)
+    decode_plan: VaeBlocks | None = None  # how the ranks shared the final decode (:func:`decode_in_blocks`)
+    encode_plan: VaeBlocks | None = None  # and the upscale's encode (:func:`encode_in_blocks`)
 
     @property
     def distributed(self) -> bool:
@@ -426,7 +427,7 @@ class SketchGuidanceSplit:
 def agree_on_canvas(ctx: ParallelContext, latents: torch.Tensor) -> torch.Tensor:
     """The re-noised canvas each rank built from the shared sketch, made the same on every rank.
 
-    Where the upscale's encode is not shared in bands (:func:`encode_in_bands`: a canvas of one VAE tile,
+    Where the upscale's encode is not shared in blocks (:func:`encode_in_blocks`: a canvas of one VAE tile,
     an unknown VAE tiling), every rank runs it, which gives every rank the same canvas only where its
     kernels are bitwise reproducible. The ranks compare a checksum (sum and sum of
     squares in float64, two numbers each); if any rank's differs from rank 0's, rank 0 broadcasts its
@@ -1496,16 +1497,17 @@ def region_similarity(ctx: ParallelContext, residuals: list) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Final decode in bands
+# The VAE at canvas size, in blocks of VAE tiles
 # --------------------------------------------------------------------------------------------------
 
 
-class DecodeBands(NamedTuple):
-    """How the ranks share the final VAE decode: band ``r`` of latent cells ``kept[r] = [a, b)`` along
-    ``axis`` (-2 rows, -1 columns) is decoded by rank ``r`` from the latent ``inputs[r] = [lo, hi)``;
-    ``cost``: the busiest rank's decoded tile area over the whole decode's (1.0 = no gain)."""
+class VaeBlocks(NamedTuple):
+    """How the ranks share the VAE at canvas size: a ``grid`` of row bands x column bands of whole VAE
+    tiles; rank ``r`` keeps the latent cells ``kept[r] = ((a, b), (c, d))`` (rows ``[a, b)``, columns
+    ``[c, d)``) and decodes (encodes) them from the cells ``inputs[r]``; ``cost``: the busiest rank's
+    decoded tile area over the whole decode's (1.0 = no gain)."""
 
-    axis: int
+    grid: tuple
     kept: list
     inputs: list
     cost: float
@@ -1517,161 +1519,182 @@ def _axis_cost(length: int, tile: int, stride: int) -> int:
     return sum(min(tile, length - t) for t in range(0, length, stride))
 
 
-def plan_decode_bands(hw, geometry, world: int, axes=(-2, -1)) -> DecodeBands | None:
-    """Split the final decode of a ``hw`` latent into at most ``world`` bands of whole VAE tiles whose
-    decodes give, cropped, exactly the whole decode (``None`` where no split does, or one band would).
+def _axis_bands(size: int, tile: int, stride: int, most: int, strict: bool) -> dict:
+    """For ``k`` = 1 .. ``most`` bands of whole tiles along one axis: ``{k: (cells, bands)}``, the least
+    busiest band's decoded cells and its bands ``[((a, b), (lo, hi)), ...]`` (kept, decoded), by dynamic
+    programming over the tile starts. ``strict``: every band's decode spans more than one tile along
+    this axis (so that it is tiled whatever the other axis). More than one band needs ``2 stride >= tile``."""
+    starts = list(range(0, size, stride))
+    n = len(starts)
 
-    diffusers' tiled decoders start a tile every ``stride`` cells from 0, decode each and blend it with
-    the (already blended) tile above and the one to its left over ``tile - stride`` cells, then keep its
+    def band(p: int, q: int):
+        a, b = starts[p], starts[q] if q < n else size
+        lo = a - stride if p > 0 else 0
+        hi = min(size, b - stride + tile) if q < n else size
+        return (a, b), (lo, hi)
+
+    def cost(p: int, q: int):
+        _, (lo, hi) = band(p, q)
+        return math.inf if strict and not hi - lo > tile else _axis_cost(hi - lo, tile, stride)
+
+    most = min(most, n) if stride >= 1 and 2 * stride >= tile else 1
+    costs = {(p, q): cost(p, q) for q in range(1, n + 1) for p in range(q)}
+    best = [[math.inf] * (n + 1) for _ in range(most + 1)]  # best[k][q]: first q tiles in k bands
+    cut = [[0] * (n + 1) for _ in range(most + 1)]  # where the last of those k bands begins
+    best[0][0] = 0
+    for k in range(1, most + 1):
+        for q in range(1, n + 1):
+            for p in range(q):
+                c = max(best[k - 1][p], costs[p, q])
+                if c < best[k][q]:
+                    best[k][q], cut[k][q] = c, p
+    out = {}
+    for k in range(1, most + 1):
+        if best[k][n] < math.inf:
+            groups, q = [], n
+            for kk in range(k, 0, -1):
+                groups.append(band(cut[kk][q], q))
+                q = cut[kk][q]
+            out[k] = (best[k][n], groups[::-1])
+    return out
+
+
+def plan_vae_blocks(hw, geometry, world: int, grids=None) -> VaeBlocks | None:
+    """Split the VAE's work on a ``hw`` latent into at most ``world`` blocks of whole VAE tiles whose
+    decodes (encodes) give, cropped, exactly the whole one (``None`` where no split does, or one block would).
+
+    diffusers' tiled VAEs start a tile every ``stride`` cells from 0, decode each and blend it with the
+    (already blended) tile above and the one to its left over ``tile - stride`` cells, then keep its
     first ``stride`` cells. So a band that keeps the tiles starting in ``[a, b)`` (``a``, ``b`` multiples
-    of ``stride``) decodes from one tile before ``a`` (the tile its first row blends with, which itself
-    lacks its own upper neighbour: that changes only its first ``tile - stride`` cells, and the blend reads
-    its last ones, disjoint where ``2 stride >= tile``) to the end of the tile starting at ``b - stride``;
-    the tiles of that local decode sit where the whole decode's do. Of the two axes, the one whose
-    busiest band decodes the least; bands balanced by decoded area (dynamic programming over the tile
-    starts; ``axes``: the axes to consider). ``geometry``: :meth:`ModelAdapter.vae_tile_geometry`.
+    of ``stride``) decodes from one tile before ``a`` (the tile its first tile blends with, which itself
+    lacks its own neighbour before it: that changes only its first ``tile - stride`` cells, and the blend
+    reads its last ones, disjoint where ``2 stride >= tile``) to the end of the tile starting at
+    ``b - stride``; the tiles of that local decode sit where the whole decode's do, and the blends act
+    along one axis at a time, so row bands and column bands cut together (blocks, the corner tile
+    before included) as well. Of the grids of ``kr x kc <= world`` blocks (``grids``: the ones to
+    consider), the one whose busiest block decodes the least tile area, then the fewest blocks; each
+    block's decode must itself be tiled (more than one tile along one of its axes).
+    ``geometry``: :meth:`ModelAdapter.vae_tile_geometry`.
     """
     if geometry is None or world < 2:
         return None
     sizes = tuple(int(v) for v in hw)
     if not any(size > tile for size, (tile, _) in zip(sizes, geometry)):
         return None  # the VAE decodes this canvas in one piece
+    axes = [
+        {strict: _axis_bands(size, *g, world, strict) for strict in (False, True)} for size, g in zip(sizes, geometry)
+    ]
+    whole = [_axis_cost(size, *g) for size, g in zip(sizes, geometry)]
     best = None
-    for axis in axes:
-        size, (tile, stride) = sizes[axis], geometry[axis]
-        other, (other_tile, _) = sizes[axis + 1 if axis == -2 else -2], geometry[axis + 1 if axis == -2 else -2]
-        if stride < 1 or 2 * stride < tile:
-            continue
-        starts = list(range(0, size, stride))
-        n = len(starts)
-
-        def band(p: int, q: int, size=size, tile=tile, stride=stride, starts=starts, n=n):
-            a, b = starts[p], starts[q] if q < n else size
-            lo = a - stride if p > 0 else 0
-            hi = min(size, b - stride + tile) if q < n else size
-            return (a, b), (lo, hi)
-
-        def cost(p: int, q: int, tile=tile, stride=stride, other=other, other_tile=other_tile, band=band):
-            _, (lo, hi) = band(p, q)
-            if not (hi - lo > tile or other > other_tile):  # the band's decode must be tiled too
-                return math.inf
-            return _axis_cost(hi - lo, tile, stride)
-
-        costs = {(p, q): cost(p, q) for q in range(1, n + 1) for p in range(q)}
-        # best_cost[k][q]: the least busiest-band cost of the first q tiles in k bands; cut: where the last begins
-        most = min(world, n)
-        best_cost = [[math.inf] * (n + 1) for _ in range(most + 1)]
-        cut = [[0] * (n + 1) for _ in range(most + 1)]
-        best_cost[0][0] = 0
-        for k in range(1, most + 1):
-            for q in range(1, n + 1):
-                for p in range(q):
-                    c = max(best_cost[k - 1][p], costs[p, q])
-                    if c < best_cost[k][q]:
-                        best_cost[k][q], cut[k][q] = c, p
-        k = min(range(1, most + 1), key=lambda k: (best_cost[k][n], k))
-        if best_cost[k][n] == math.inf or k < 2:
-            continue
-        groups, q = [], n
-        for kk in range(k, 0, -1):
-            p = cut[kk][q]
-            groups.append((p, q))
-            q = p
-        groups.reverse()
-        share = best_cost[k][n] / _axis_cost(size, tile, stride)
-        if best is None or share < best.cost:
-            bands = [band(p, q) for p, q in groups]
-            best = DecodeBands(axis, [kept for kept, _ in bands], [inputs for _, inputs in bands], share)
+    for kr in range(1, world + 1):
+        for kc in range(1, world // kr + 1):
+            if kr * kc < 2 or (grids is not None and (kr, kc) not in grids):
+                continue
+            for strict_rows in (True, False):  # every block tiled along its rows, or else its columns
+                rows, cols = axes[0][strict_rows].get(kr), axes[1][not strict_rows].get(kc)
+                if rows is None or cols is None:
+                    continue
+                share = rows[0] / whole[0] * cols[0] / whole[1]
+                if best is None or (share, kr * kc) < (best.cost, len(best.kept)):
+                    kept = [(r[0], c[0]) for r in rows[1] for c in cols[1]]
+                    inputs = [(r[1], c[1]) for r in rows[1] for c in cols[1]]
+                    best = VaeBlocks((kr, kc), kept, inputs, share)
     return best
 
 
-def vae_bands_exact(adapter) -> bool:
-    """Whether this VAE's tiled decode and encode cut in bands (:func:`plan_decode_bands`) give the whole
-    one bit for bit here: checked once per adapter on one-frame probes (three tiles along the banded
-    axis, two across; both axes), as the scheduler's latent rebuild is. The bands rest on how diffusers'
+def _block(t: torch.Tensor, cells, scale: int = 1, origin=(0, 0)) -> torch.Tensor:
+    """``t[..., rows, cols]`` for latent cells ``((a, b), (c, d))`` measured from ``origin``, times ``scale``."""
+    (a, b), (c, d) = cells
+    return t[..., (a - origin[0]) * scale : (b - origin[0]) * scale, (c - origin[1]) * scale : (d - origin[1]) * scale]
+
+
+def vae_blocks_exact(adapter) -> bool:
+    """Whether this VAE's tiled decode and encode cut in blocks (:func:`plan_vae_blocks`) give the whole
+    one bit for bit here: checked once per adapter on one-frame probes (row bands, column bands and 2 x 2
+    blocks, three tiles along a cut axis), as the scheduler's latent rebuild is. The blocks rest on how diffusers'
     tiled VAEs lay out and blend their tiles (tested for each family on the version supergen pins); a
     VAE that does otherwise, or kernels that are not deterministic, fail the probe and the ranks fall
     back to the whole decode on rank 0 (and the whole encode on every rank)."""
-    verdict = getattr(adapter, "_supergen_vae_bands_exact", None)
+    verdict = getattr(adapter, "_supergen_vae_blocks_exact", None)
     if verdict is not None:
         return verdict
     geometry, verdict = adapter.vae_tile_geometry(), False
     if geometry is not None:
         verdict, g = True, torch.Generator().manual_seed(0)
         device = adapter.pipe._execution_device
-        for axis in (-2, -1):
-            (tile, stride), (other_tile, other_stride) = geometry[axis], geometry[-1 if axis == -2 else -2]
-            hw = [other_tile + other_stride] * 2
-            hw[axis] = 2 * stride + tile
-            plan = plan_decode_bands(hw, geometry, 2, axes=(axis,))
+        (th, sh), (tw, sw) = geometry
+        for grid in ((2, 1), (1, 2), (2, 2)):  # three tiles along a cut axis, two along the other
+            hw = (2 * sh + th if grid[0] > 1 else th + sh, 2 * sw + tw if grid[1] > 1 else tw + sw)
+            plan = plan_vae_blocks(hw, geometry, grid[0] * grid[1], grids={grid})
             if plan is None:
                 verdict = False
                 break
             latent = torch.randn(1, adapter.spec.latent_channels, 1, *hw, generator=g).to(device)
             z, args = adapter.vae_inputs(latent)
             whole = adapter.vae_decode(z, *args)
-            decoded = torch.cat([decode_band(adapter, z, args, plan, i) for i in range(len(plan.kept))], plan.axis)
             pixels = whole.clamp(-1.0, 1.0)
-            encoded = torch.cat([encode_band(adapter, pixels, plan, i) for i in range(len(plan.kept))], plan.axis)
-            if not (torch.equal(decoded, whole) and torch.equal(encoded, adapter.encode(pixels, None))):
-                verdict = False
+            encoded = adapter.encode(pixels, None)
+            scale = adapter.spec.vae_scale[1]
+            for i, cells in enumerate(plan.kept):
+                if not (
+                    torch.equal(decode_block(adapter, z, args, plan, i), _block(whole, cells, scale))
+                    and torch.equal(encode_block(adapter, pixels, plan, i), _block(encoded, cells))
+                ):
+                    verdict = False
+            if not verdict:
                 break
-    adapter._supergen_vae_bands_exact = verdict
+    adapter._supergen_vae_blocks_exact = verdict
     return verdict
 
 
-def _plan_vae_bands(ctx: ParallelContext, adapter, hw) -> DecodeBands | None:
-    """The bands every rank uses for the VAE at canvas size ``hw``, or ``None`` (no split, or the probe
-    failed on some rank: :func:`vae_bands_exact`, its verdicts all-reduced so that the ranks agree)."""
+def _plan_vae_blocks(ctx: ParallelContext, adapter, hw) -> VaeBlocks | None:
+    """The blocks every rank uses for the VAE at canvas size ``hw``, or ``None`` (no split, or the probe
+    failed on some rank: :func:`vae_blocks_exact`, its verdicts all-reduced so that the ranks agree)."""
     import torch.distributed as dist
 
-    plan = plan_decode_bands(hw, adapter.vae_tile_geometry(), ctx.world_size)
+    plan = plan_vae_blocks(hw, adapter.vae_tile_geometry(), ctx.world_size)
     if plan is None:
         return None
-    verdict = torch.tensor([int(vae_bands_exact(adapter))], device=_comm_device(ctx))
+    verdict = torch.tensor([int(vae_blocks_exact(adapter))], device=_comm_device(ctx))
     dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
     return plan if int(verdict) else None
 
 
-def decode_band(adapter, z: torch.Tensor, args: tuple, plan: DecodeBands, index: int) -> torch.Tensor:
-    """Pixels of band ``index`` of ``plan``: the VAE's tiled decode of its input cells, cropped to the
+def decode_block(adapter, z: torch.Tensor, args: tuple, plan: VaeBlocks, index: int) -> torch.Tensor:
+    """Pixels of block ``index`` of ``plan``: the VAE's tiled decode of its input cells, cropped to the
     cells it keeps (the same pixels as the whole decode's there)."""
-    (a, b), (lo, hi) = plan.kept[index], plan.inputs[index]
-    scale = adapter.spec.vae_scale[1]
-    pixels = adapter.vae_decode(z.narrow(plan.axis, lo, hi - lo).contiguous(), *args)
-    return pixels.narrow(plan.axis, (a - lo) * scale, (b - a) * scale)
+    inputs, scale = plan.inputs[index], adapter.spec.vae_scale[1]
+    pixels = adapter.vae_decode(_block(z, inputs).contiguous(), *args)
+    return _block(pixels, plan.kept[index], scale, origin=(inputs[0][0], inputs[1][0]))
 
 
-def encode_band(adapter, pixels: torch.Tensor, plan: DecodeBands, index: int) -> torch.Tensor:
-    """The normalised latent of band ``index`` of ``plan`` (in latent cells): the VAE's tiled encode of its
+def encode_block(adapter, pixels: torch.Tensor, plan: VaeBlocks, index: int) -> torch.Tensor:
+    """The normalised latent of block ``index`` of ``plan`` (in latent cells): the VAE's tiled encode of its
     input pixels (posterior mode), cropped to the cells it keeps. A tiled encode has the decode's layout
     (pixel tiles every ``stride`` cells' worth, blended with the one above and to the left in latent
-    space), so the same bands give the whole encode's latent there."""
-    (a, b), (lo, hi) = plan.kept[index], plan.inputs[index]
-    scale = adapter.spec.vae_scale[1]
-    latent = adapter.encode(pixels.narrow(plan.axis, lo * scale, (hi - lo) * scale).contiguous(), None)
-    return latent.narrow(plan.axis, a - lo, b - a)
+    space), so the same blocks give the whole encode's latent there."""
+    inputs, scale = plan.inputs[index], adapter.spec.vae_scale[1]
+    latent = adapter.encode(_block(pixels, inputs, scale).contiguous(), None)
+    return _block(latent, plan.kept[index], origin=(inputs[0][0], inputs[1][0]))
 
 
-def encode_in_bands(ctx: ParallelContext, adapter, pixels: torch.Tensor) -> torch.Tensor:
+def encode_in_blocks(ctx: ParallelContext, adapter, pixels: torch.Tensor) -> torch.Tensor:
     """The upscale's encode shared by the ranks: every rank holds the upscaled ``pixels`` (``(B, 3, F, H,
-    W)``, the same on all), encodes a band of whole VAE tiles (:func:`plan_decode_bands` on the canvas
-    latent, :func:`encode_band`) and sends it to every other rank, so every rank returns the whole latent
-    of the one-process encode (posterior mode) for its band's share of the time. Where no split applies
+    W)``, the same on all), encodes a block of whole VAE tiles (:func:`plan_vae_blocks` on the canvas
+    latent, :func:`encode_block`) and sends it to every other rank, so every rank returns the whole latent
+    of the one-process encode (posterior mode) for its block's share of the time. Where no split applies
     every rank encodes the whole. Bytes: ``ctx.stats.encode_exchange`` (what this rank sent)."""
     scale = adapter.spec.vae_scale[1]
     hw = (pixels.shape[-2] // scale, pixels.shape[-1] // scale)
-    plan = _plan_vae_bands(ctx, adapter, hw)
+    plan = _plan_vae_blocks(ctx, adapter, hw)
     ctx.encode_plan = plan
     if plan is None:
         return adapter.encode(pixels, None)
     me = ctx.rank
-    mine = encode_band(adapter, pixels, plan, me).contiguous() if me < len(plan.kept) else None
-    first = _broadcast_from_rank0(ctx, mine if me == 0 else None, "latent band")  # shape and dtype for all
-    shape = list(first.shape)
-    shape[plan.axis] = hw[plan.axis]
-    latent = torch.empty(shape, dtype=first.dtype, device=pixels.device)
-    places = {r: latent.narrow(plan.axis, a, b - a) for r, (a, b) in enumerate(plan.kept)}
+    mine = encode_block(adapter, pixels, plan, me).contiguous() if me < len(plan.kept) else None
+    first = _broadcast_from_rank0(ctx, mine if me == 0 else None, "latent block")  # shape and dtype for all
+    latent = torch.empty((*first.shape[:-2], *hw), dtype=first.dtype, device=pixels.device)
+    places = {r: _block(latent, cells) for r, cells in enumerate(plan.kept)}
     if mine is not None:
         places.pop(me).copy_(mine)
     sends = {q: [mine] for q in range(ctx.world_size) if q != me} if mine is not None else {}
@@ -1679,32 +1702,29 @@ def encode_in_bands(ctx: ParallelContext, adapter, pixels: torch.Tensor) -> torc
     return latent
 
 
-def decode_in_bands(ctx: ParallelContext, adapter, latents: torch.Tensor | None) -> torch.Tensor | None:
+def decode_in_blocks(ctx: ParallelContext, adapter, latents: torch.Tensor | None) -> torch.Tensor | None:
     """The final decode shared by the ranks: rank 0's refined latent (``None`` on the others) is
     broadcast, every rank runs the pipeline's pre-decode arithmetic on it (:meth:`ModelAdapter.vae_inputs`),
-    decodes its band of whole VAE tiles (:func:`plan_decode_bands`) and sends the pixels to rank 0, which
-    returns the video (the others ``None``): the pixels of the one-process decode, at the busiest band's
+    decodes its block of whole VAE tiles (:func:`plan_vae_blocks`) and sends the pixels to rank 0, which
+    returns the video (the others ``None``): the pixels of the one-process decode, at the busiest block's
     share of its time. Where no split applies (an unknown VAE tiling, a canvas of one VAE tile), rank 0
     decodes alone. Bytes: ``ctx.stats.decode_broadcast`` (rank 0) and ``decode_gather`` (each sender)."""
     latents = _broadcast_from_rank0(ctx, latents, "latent").to(adapter.pipe._execution_device)
     if ctx.rank == 0:
         ctx.stats.decode_broadcast = latents.numel() * latents.element_size()
     z, args = adapter.vae_inputs(latents)
-    plan = _plan_vae_bands(ctx, adapter, tuple(z.shape[-2:]))
+    plan = _plan_vae_blocks(ctx, adapter, tuple(z.shape[-2:]))
     ctx.decode_plan = plan
     if plan is None:
         return adapter.vae_decode(z, *args) if ctx.rank == 0 else None
-    mine = decode_band(adapter, z, args, plan, ctx.rank) if ctx.rank < len(plan.kept) else None
+    mine = decode_block(adapter, z, args, plan, ctx.rank) if ctx.rank < len(plan.kept) else None
     if ctx.rank != 0:
         if mine is not None:
             ctx.stats.decode_gather = _transfer(ctx, {0: [mine.contiguous()]}, {}, None)
         return None
     scale = adapter.spec.vae_scale[1]
-    shape = list(mine.shape)
-    shape[plan.axis] = z.shape[plan.axis] * scale
-    video = mine.new_empty(shape)
-    recvs = {r: [video.narrow(plan.axis, a * scale, (b - a) * scale)] for r, (a, b) in enumerate(plan.kept)}
-    recvs[0][0].copy_(mine)
-    del recvs[0]
+    video = mine.new_empty((*mine.shape[:-2], z.shape[-2] * scale, z.shape[-1] * scale))
+    recvs = {r: [_block(video, cells, scale)] for r, cells in enumerate(plan.kept)}
+    recvs.pop(0)[0].copy_(mine)
     _transfer(ctx, {}, recvs, None)
     return video

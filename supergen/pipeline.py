@@ -298,9 +298,9 @@ class SuperGen:
         if output_type != "latent" and (latents is not None or ctx.distributed):
             with timer.stage("decode"):
                 if ctx.distributed:
-                    from .parallel import decode_in_bands
+                    from .parallel import decode_in_blocks
 
-                    video = decode_in_bands(ctx, adapter, latents)
+                    video = decode_in_blocks(ctx, adapter, latents)
                 else:
                     video = adapter.decode(latents)
                 if video is not None:
@@ -397,9 +397,9 @@ class SuperGen:
         with stage("upscale"):
             encode = None
             if parallel is not None and parallel.distributed:
-                from .parallel import encode_in_bands
+                from .parallel import encode_in_blocks
 
-                encode = partial(encode_in_bands, parallel, adapter)
+                encode = partial(encode_in_blocks, parallel, adapter)
             clean = upscale_latents(adapter, low, plan.canvas_latent, mode=upscale, encode=encode)
 
         with stage("refine"):
@@ -494,8 +494,8 @@ class SuperGen:
             "computed_tiles_per_rank": ctx.computed_tiles,
             "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
             "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1's guidance was split (else None)
-            "decode_bands": None if ctx.decode_plan is None else ctx.decode_plan._asdict(),  # the shared decode
-            "encode_bands": None if ctx.encode_plan is None else ctx.encode_plan._asdict(),  # the upscale's encode
+            "decode_blocks": None if ctx.decode_plan is None else ctx.decode_plan._asdict(),  # the shared decode
+            "encode_blocks": None if ctx.encode_plan is None else ctx.encode_plan._asdict(),  # the upscale's encode
             **ctx.stats.as_dict(),
         }
 

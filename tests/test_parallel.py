@@ -275,24 +275,22 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
                 frames = torch.load(tmp_path / f"{case['name']}.frames.pt")
                 assert torch.equal(frames, report["frames"])
                 ranks = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]
-                plan = ranks[0]["decode_bands"]
-                assert plan == ranks[1]["decode_bands"] and len(plan["kept"]) == 2, plan
+                plan = ranks[0]["decode_blocks"]
+                assert plan == ranks[1]["decode_blocks"] and len(plan["kept"]) == 2, plan
                 assert ranks[0]["decode_broadcast_bytes"] == got.numel() * 4 and ranks[1]["decode_broadcast_bytes"] == 0
-                # rank 1 sent rank 0 its band's pixels (B, 3, F, ...) in the VAE's fp32: (b - a) latent cells of
-                # 8 pixels along the axis, the whole other axis
-                (a, b), (B, F, _, H, W) = plan["kept"][1], frames.shape
-                band = B * 3 * F * (b - a) * 8 * (W if plan["axis"] == -2 else H)
-                assert ranks[1]["decode_gather_bytes"] == band * 4 and ranks[0]["decode_gather_bytes"] == 0
-                # the upscale's encode in the same bands: each rank sent the other its band of the latent (fp32),
+                # rank 1 sent rank 0 its block's pixels (B, 3, F, rows, columns) in the VAE's fp32, 8 pixels a cell
+                ((a, b), (c, d)), (B, F) = plan["kept"][1], frames.shape[:2]
+                block = B * 3 * F * (b - a) * 8 * (d - c) * 8
+                assert ranks[1]["decode_gather_bytes"] == block * 4 and ranks[0]["decode_gather_bytes"] == 0
+                # the upscale's encode in the same blocks: each rank sent the other its block of the latent (fp32),
                 # and the refined latent above is still the one process's
-                plan = ranks[0]["encode_bands"]
-                assert plan == ranks[1]["encode_bands"] and len(plan["kept"]) == 2, plan
-                for rank, (a, b) in enumerate(plan["kept"]):
-                    other = got.shape[-1] if plan["axis"] == -2 else got.shape[-2]
-                    want = got.shape[0] * got.shape[1] * got.shape[2] * (b - a) * other * 4
+                plan = ranks[0]["encode_blocks"]
+                assert plan == ranks[1]["encode_blocks"] and len(plan["kept"]) == 2, plan
+                for rank, ((a, b), (c, d)) in enumerate(plan["kept"]):
+                    want = got.shape[0] * got.shape[1] * got.shape[2] * (b - a) * (d - c) * 4
                     assert ranks[rank]["encode_exchange_bytes"] == want, (rank, plan)
-            elif "encode_bands" in ranks_report:  # the VAE's default tiles: these canvases are one tile
-                assert ranks_report["encode_bands"] is None and ranks_report["decode_bands"] is None
+            elif "encode_blocks" in ranks_report:  # the VAE's default tiles: these canvases are one tile
+                assert ranks_report["encode_blocks"] is None and ranks_report["decode_blocks"] is None
             if case is TINY_SPLIT:  # 3 tiles of 2 forwards on 2 ranks: 3 forwards each, one tile's sent
                 assert all(f == [3, 3] for f in ranks_report["forwards_per_rank"]), ranks_report["forwards_per_rank"]
                 sent = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]

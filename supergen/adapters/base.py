@@ -119,7 +119,7 @@ class ModelAdapter(ABC):
         """What the pipeline does to the whole latent before ``vae.decode``: the decoder's input ``z``
         (denormalised, the same shape) and the decode's extra arguments. Everything here is over the whole
         canvas (an LTX-Video decoder's noise is drawn here), so :meth:`vae_decode` sees no randomness and
-        tile parallelism may decode bands of ``z`` on several ranks (:func:`supergen.parallel.decode_in_bands`)."""
+        tile parallelism may decode bands of ``z`` on several ranks (:func:`supergen.parallel.decode_in_blocks`)."""
 
     @abstractmethod
     def vae_decode(self, z: torch.Tensor, *args) -> torch.Tensor:
