@@ -7,10 +7,13 @@
 2. ``bench/kernels.py`` → ``bench/results/kernels_<device>.json``;
 3. ``bench/reshift.py --device cuda --cases 0``: stage 1 with and without noise reshifting on the same
    full-size transformer (about a minute) → ``bench/results/reshift_<device>.json``;
-4. ``bench/e2e.py --device cuda`` (the full-size Wan 2.1 1.3B transformer at 480p tiles) →
+4. ``bench/vae_blocks.py --device cuda``: the full-size Wan VAE at 2K, whole vs the busiest of the
+   blocks tile parallelism gives each rank, and whether they are bit for bit the whole on CUDA
+   (about 4 minutes) → ``bench/results/vae_blocks_<device>.json``;
+5. ``bench/e2e.py --device cuda`` (the full-size Wan 2.1 1.3B transformer at 480p tiles) →
    ``bench/results/e2e_<device>.json``.
 
-About 15 minutes on an H100. Each step runs in its own process; a failing step is reported and the
+About 20 minutes on an H100. Each step runs in its own process; a failing step is reported and the
 next one still runs; the exit status is non-zero if any step failed. Where one command may run only
 10 minutes, run the steps one by one: ``--skip-e2e``, then ``bench/e2e.py --device cuda --areas 4 --out
 A.json`` and ``--areas 9 --out B.json`` (e2e rewrites its file after each area).
@@ -69,6 +72,7 @@ def main(argv=None) -> int:
     steps = [
         ("kernels", [sys.executable, "bench/kernels.py"]),
         ("reshift", [sys.executable, "bench/reshift.py", "--device", "cuda", "--cases", "0"]),
+        ("vae_blocks", [sys.executable, "bench/vae_blocks.py", "--device", "cuda"]),
     ]
     if not args.skip_e2e:
         steps.append(("e2e", [sys.executable, "bench/e2e.py", "--device", "cuda"]))
