@@ -255,13 +255,11 @@ def _default_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
-def _broadcast_from_rank0(ctx: ParallelContext, t: torch.Tensor | None, what: str) -> torch.Tensor:
-    """Rank 0's tensor ``t`` (``None`` on the others) on every rank, on the backend's device: its shape and
-    dtype first (8 numbers), then the data."""
+def _broadcast_layout(ctx: ParallelContext, t: torch.Tensor | None, what: str) -> tuple[tuple, torch.dtype]:
+    """The shape and dtype of rank 0's tensor ``t`` (``None`` on the others) on every rank (8 numbers)."""
     import torch.distributed as dist
 
-    comm = _comm_device(ctx)
-    meta = torch.zeros(8, dtype=torch.int64, device=comm)
+    meta = torch.zeros(8, dtype=torch.int64, device=_comm_device(ctx))
     if ctx.rank == 0:
         if t.dim() > 6 or t.dtype not in _DTYPES:
             raise ValueError(f"cannot share a {what} of shape {tuple(t.shape)} and dtype {t.dtype}.")
@@ -269,8 +267,17 @@ def _broadcast_from_rank0(ctx: ParallelContext, t: torch.Tensor | None, what: st
         meta[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
     dist.broadcast(meta, src=0)
     ndim, code = int(meta[0]), int(meta[1])
-    shape = tuple(int(s) for s in meta[2 : 2 + ndim])
-    data = t.to(comm).contiguous() if ctx.rank == 0 else torch.empty(shape, dtype=_DTYPES[code], device=comm)
+    return tuple(int(s) for s in meta[2 : 2 + ndim]), _DTYPES[code]
+
+
+def _broadcast_from_rank0(ctx: ParallelContext, t: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Rank 0's tensor ``t`` (``None`` on the others) on every rank, on the backend's device: its shape and
+    dtype first, then the data."""
+    import torch.distributed as dist
+
+    comm = _comm_device(ctx)
+    shape, dtype = _broadcast_layout(ctx, t, what)
+    data = t.to(comm).contiguous() if ctx.rank == 0 else torch.empty(shape, dtype=dtype, device=comm)
     dist.broadcast(data, src=0)
     return data
 
@@ -1692,8 +1699,8 @@ def encode_in_blocks(ctx: ParallelContext, adapter, pixels: torch.Tensor) -> tor
         return adapter.encode(pixels, None)
     me = ctx.rank
     mine = encode_block(adapter, pixels, plan, me).contiguous() if me < len(plan.kept) else None
-    first = _broadcast_from_rank0(ctx, mine if me == 0 else None, "latent block")  # shape and dtype for all
-    latent = torch.empty((*first.shape[:-2], *hw), dtype=first.dtype, device=pixels.device)
+    shape, dtype = _broadcast_layout(ctx, mine if me == 0 else None, "latent block")  # for ranks without one
+    latent = torch.empty((*shape[:-2], *hw), dtype=dtype, device=pixels.device)
     places = {r: _block(latent, cells) for r, cells in enumerate(plan.kept)}
     if mine is not None:
         places.pop(me).copy_(mine)

@@ -120,3 +120,27 @@ def test_a_vae_whose_bands_are_not_the_whole_fails_the_probe():
     assert not par.vae_blocks_exact(adapter)
     adapter = adapter_for(pipe)  # the verdict is kept per adapter: a fresh one probes again
     assert par.vae_blocks_exact(adapter)
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "ltx_video"])
+def test_blocks_are_exact_with_temporal_tiles_too(family):
+    """HunyuanVideo's and LTX-Video's VAEs also tile time (frame-wise decoding of long videos, spatial
+    tiles inside each time tile, blended over time per pixel): the blocks are still the whole."""
+    pipe = FAMILIES[family]()
+    adapter = adapter_for(pipe)
+    scale = adapter.spec.vae_scale[1]
+    _small_tiles(pipe, scale)
+    vae = pipe.vae
+    vae.use_framewise_decoding = vae.use_framewise_encoding = True
+    vae.tile_sample_min_num_frames, vae.tile_sample_stride_num_frames = 8, 4  # 17 frames: several time tiles
+    latents = torch.randn(1, adapter.spec.latent_channels, 5, 20, 23, generator=torch.Generator().manual_seed(0))
+    whole = adapter.decode(latents)
+    z, args = adapter.vae_inputs(latents)
+    pixels = whole.clamp(-1, 1)
+    encoded = adapter.encode(pixels, None)
+    assert whole.shape[2] == 17
+    plan = par.plan_vae_blocks((20, 23), adapter.vae_tile_geometry(), 4, grids={(2, 2)})
+    parts = [par.decode_block(adapter, z, args, plan, i) for i in range(len(plan.kept))]
+    assert torch.equal(_assemble(parts, plan, whole.shape, scale), whole)
+    parts = [par.encode_block(adapter, pixels, plan, i) for i in range(len(plan.kept))]
+    assert torch.equal(_assemble(parts, plan, encoded.shape), encoded)
