@@ -87,7 +87,8 @@ class ParallelConfig:
             pipeline runs on CUDA, else ``gloo``).
         timeout: seconds any collective or point-to-point transfer may wait before it fails; a rank
             that dies or raises makes every other rank fail (exit non-zero) after at most this long
-            instead of hanging.
+            instead of hanging. Ranks waiting for the sketch follow its forwards, so a sketch may take
+            longer than this; one forward (or the time from one to the next) may not.
         rebalance: assign each step's computed tiles to ranks by predicted cost (longest processing
             time first, preferring each rank's own tiles); ``False`` = every tile on its home rank.
         fill_idle: with the tile cache (``gate``/``budget``), a step lasts as long as its busiest rank's

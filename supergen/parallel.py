@@ -179,6 +179,7 @@ class ParallelContext:
     latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
     sketch_forwards: int | None = None  # forwards this rank ran in stage 1 when its guidance was split
     decode_plan: VaeBlocks | None = None  # how the ranks shared the final decode (:func:`decode_in_blocks`)
+    groups: dict = field(default_factory=dict)  # process subgroups made for this run (:func:`sketch_waiters_group`)
     encode_plan: VaeBlocks | None = None  # and the upscale's encode (:func:`encode_in_blocks`)
 
     @property
@@ -303,6 +304,77 @@ def share_sketch(ctx: ParallelContext, low: torch.Tensor | None, generator: torc
     else:
         ctx.stats.sketch_broadcast = data.numel() * data.element_size()
     return low if ctx.rank == 0 else data.to(device)
+
+
+def sketch_waiters_group(ctx: ParallelContext, runners: tuple[int, ...]):
+    """The process group of rank 0 and the ranks that wait while ``runners`` run stage 1 (``None``
+    where no rank waits). Every rank must call it (creating a group is collective)."""
+    import torch.distributed as dist
+
+    waiting = [r for r in range(ctx.world_size) if r not in runners]
+    if not waiting:
+        return None
+    key = ("sketch", *runners)
+    if key not in ctx.groups:  # once per generation (a calibration pass reuses it): a group is a communicator
+        timeout = datetime.timedelta(seconds=float(ctx.config.timeout))  # not the default group's by default
+        ctx.groups[key] = dist.new_group([0, *waiting], timeout=timeout)
+    return ctx.groups[key]
+
+
+class SketchHeartbeat:
+    """Rank 0's progress through stage 1, for the ranks that wait for its sketch (:func:`wait_for_sketch`).
+
+    A sketch of a real model is many minutes of forwards on rank 0 (and rank 1), longer than
+    ``ParallelConfig.timeout``: a waiting rank blocked that long in one collective would be failed by
+    the process group's timeout. So after each call of the model's transformer rank 0 sends a tiny
+    all-reduce (one number) to the waiting ranks' group, and a last one when the sketch is done: the
+    timeout then bounds the time between two forwards, not the sketch, and a rank 0 that raises or dies
+    still makes the waiting ranks fail within it. Rank 1, computing half of each guidance pair
+    (:class:`SketchGuidanceSplit`), is not in the group, so nothing waits for it mid-pair.
+    """
+
+    def __init__(self, ctx: ParallelContext, group, modules):
+        self.ctx, self.group = ctx, group
+        self.modules = [m for m in modules if m is not None]
+        self._saved: list = []
+
+    def _beat(self, value: int) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.tensor([value], device=_comm_device(self.ctx)), op=dist.ReduceOp.MAX, group=self.group)
+
+    def _call(self, forward, *args, **kwargs):
+        out = forward(*args, **kwargs)
+        self._beat(0)
+        return out
+
+    def __enter__(self) -> SketchHeartbeat:
+        if self.group is not None:
+            for module in self.modules:
+                self._saved.append(module.__dict__.get("forward"))
+                module.forward = partial(self._call, module.forward)
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        for module, saved in zip(self.modules, self._saved):
+            if saved is None:
+                del module.forward
+            else:
+                module.forward = saved
+        self._saved = []
+        if self.group is not None and exc_type is None:
+            self._beat(1)  # done: the waiting ranks go on to the sketch's broadcast
+
+
+def wait_for_sketch(ctx: ParallelContext, group) -> None:
+    """On a rank that waits for stage 1: follow rank 0's :class:`SketchHeartbeat` until it says done."""
+    import torch.distributed as dist
+
+    while True:
+        beat = torch.zeros(1, dtype=torch.int64, device=_comm_device(ctx))
+        dist.all_reduce(beat, op=dist.ReduceOp.MAX, group=group)
+        if int(beat):
+            return
 
 
 class SketchGuidanceSplit:

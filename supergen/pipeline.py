@@ -373,13 +373,21 @@ class SuperGen:
             split = shared and parallel.config.split_guidance
             split = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
             low = None
-            if not shared or parallel.rank == 0 or (split and parallel.rank == 1):
-                guard = contextlib.nullcontext()
-                if split:
-                    from .parallel import SketchGuidanceSplit
+            denoisers = [pipe.transformer, getattr(pipe, "transformer_2", None)]
+            guard, heartbeat = contextlib.nullcontext(), contextlib.nullcontext()
+            if shared:  # the waiting ranks follow rank 0's forwards, so that no transfer waits the whole sketch
+                from .parallel import SketchGuidanceSplit, SketchHeartbeat, sketch_waiters_group, wait_for_sketch
 
-                    guard = SketchGuidanceSplit(parallel, [pipe.transformer, getattr(pipe, "transformer_2", None)])
-                with guard:
+                runners = (0, 1) if split else (0,)
+                group = sketch_waiters_group(parallel, runners)
+                if parallel.rank == 0:
+                    heartbeat = SketchHeartbeat(parallel, group, denoisers)
+                if split and parallel.rank in runners:
+                    guard = SketchGuidanceSplit(parallel, denoisers)
+                if parallel.rank not in runners:
+                    wait_for_sketch(parallel, group)
+            if not shared or parallel.rank == 0 or (split and parallel.rank == 1):
+                with guard, heartbeat:  # the heartbeat outermost: it sees every call, computed or not
                     if self.reshift is not None:
                         low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator,
                                                **text, **pipeline_kwargs)  # fmt: skip

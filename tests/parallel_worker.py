@@ -196,6 +196,33 @@ def sketch_split_case(ctx) -> dict:
     return result
 
 
+def long_sketch_case(ctx, case: dict) -> dict:
+    """Rank 0 runs a "sketch" of ``calls`` model calls of ``seconds`` each under :class:`SketchHeartbeat`,
+    longer in all than the process group's timeout; the other ranks wait for it, then all meet."""
+    import time
+
+    import torch.distributed as dist
+
+    from supergen.parallel import SketchHeartbeat, sketch_waiters_group, wait_for_sketch
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(case["seconds"])
+            return (x + 1,)
+
+    model, started = Slow(), time.perf_counter()
+    group = sketch_waiters_group(ctx, (0,))
+    if ctx.rank == 0:
+        with SketchHeartbeat(ctx, group, [model]):
+            x = torch.zeros(1)
+            for _ in range(case["calls"]):
+                x = model(x)[0]
+    else:
+        wait_for_sketch(ctx, group)
+    dist.barrier()
+    return {"waited": time.perf_counter() - started}
+
+
 def main(spec_path: str, out_dir: str) -> None:
     from supergen import parallel as par
     from supergen.config import ParallelConfig
@@ -214,6 +241,10 @@ def main(spec_path: str, out_dir: str) -> None:
                 tiny_case({**case, "prompt": case["prompt_by_rank"][rank]}, config)
             except ValueError as e:
                 (out / f"{case['name']}.rank{rank}.error").write_text(str(e))
+            continue
+        if case.get("kind") == "long_sketch":
+            result = long_sketch_case(par.setup(config), case)
+            (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
             continue
         if case.get("kind") == "sketch_split":
             if rank < 2:

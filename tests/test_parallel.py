@@ -401,6 +401,23 @@ def test_a_failing_rank_makes_every_rank_exit_nonzero(tmp_path):
     assert "fails on purpose" in results[1][1]
 
 
+def test_ranks_waiting_for_a_sketch_longer_than_the_timeout_follow_its_forwards(tmp_path):
+    """A real sketch is minutes of forwards on rank 0, longer than the transfer timeout: the waiting ranks
+    follow its heartbeat (one all-reduce per forward) instead of waiting the whole sketch in one transfer.
+    Rank 0's forwards of 1.2 s each, 6 s in all, with a 3-second timeout: every rank gets through; one
+    forward of 6 s (no heartbeat within the timeout) makes the waiting ranks fail."""
+    timeout = 3.0
+    steady = {"name": "steady", "kind": "long_sketch", "calls": 5, "seconds": 1.2}
+    results = _wait(_launch(3, [steady], tmp_path / "steady", timeout=timeout), limit=timeout + 90)
+    for rank, (code, text) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
+    waited = json.loads((tmp_path / "steady" / "steady.rank2.json").read_text())["waited"]
+    assert waited > 2 * timeout  # it really waited longer than one transfer may
+    stalled = {"name": "stalled", "kind": "long_sketch", "calls": 1, "seconds": 2 * timeout}
+    results = _wait(_launch(3, [stalled], tmp_path / "stalled", timeout=timeout), limit=timeout + 90)
+    assert all(code != 0 for code, _ in results[1:]), [code for code, _ in results]
+
+
 # --------------------------------------------------------------------------------------------------
 # Geometry and assignment (in process)
 # --------------------------------------------------------------------------------------------------
