@@ -321,7 +321,28 @@ def sketch_waiters_group(ctx: ParallelContext, runners: tuple[int, ...]):
     return ctx.groups[key]
 
 
-class SketchHeartbeat:
+class _WrapsForwards:
+    """Between :meth:`_wrap` and :meth:`_unwrap`, each of ``self.modules`` calls ``self._call(forward, ...)``
+    with its own ``forward`` (restored after, diffusers' hooks included)."""
+
+    modules: list
+    _saved: list
+
+    def _wrap(self) -> None:
+        self._saved = [module.__dict__.get("forward") for module in self.modules]
+        for module in self.modules:
+            module.forward = partial(self._call, module.forward)
+
+    def _unwrap(self) -> None:
+        for module, saved in zip(self.modules, self._saved):
+            if saved is None:
+                del module.forward
+            else:
+                module.forward = saved
+        self._saved = []
+
+
+class SketchHeartbeat(_WrapsForwards):
     """Rank 0's progress through stage 1, for the ranks that wait for its sketch (:func:`wait_for_sketch`).
 
     A sketch of a real model is many minutes of forwards on rank 0 (and rank 1), longer than
@@ -350,18 +371,11 @@ class SketchHeartbeat:
 
     def __enter__(self) -> SketchHeartbeat:
         if self.group is not None:
-            for module in self.modules:
-                self._saved.append(module.__dict__.get("forward"))
-                module.forward = partial(self._call, module.forward)
+            self._wrap()
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        for module, saved in zip(self.modules, self._saved):
-            if saved is None:
-                del module.forward
-            else:
-                module.forward = saved
-        self._saved = []
+        self._unwrap()
         if self.group is not None and exc_type is None:
             self._beat(1)  # done: the waiting ranks go on to the sketch's broadcast
 
@@ -377,7 +391,7 @@ def wait_for_sketch(ctx: ParallelContext, group) -> None:
             return
 
 
-class SketchGuidanceSplit:
+class SketchGuidanceSplit(_WrapsForwards):
     """Stage 1's two guidance forwards per step on two ranks, the stock pipeline unchanged.
 
     Ranks 0 and 1 both run the stock pipeline with this context around it. Where a pipeline runs
@@ -410,18 +424,11 @@ class SketchGuidanceSplit:
         self._saved: list = []
 
     def __enter__(self) -> SketchGuidanceSplit:
-        for module in self.modules:
-            self._saved.append(module.__dict__.get("forward"))
-            module.forward = partial(self._call, module.forward)
+        self._wrap()
         return self
 
     def __exit__(self, *exc) -> None:
-        for module, saved in zip(self.modules, self._saved):
-            if saved is None:
-                del module.forward
-            else:
-                module.forward = saved
-        self._saved = []
+        self._unwrap()
 
     @staticmethod
     def _inputs(args, kwargs):
