@@ -85,7 +85,9 @@ Design (why it is shaped this way)
   time into fewer reused tiles, not into imbalance.
 * **Start-up and failure.** Every rank hashes its generation settings; a mismatch raises on every
   rank, naming the differing values. The process group carries a timeout, so a rank that raises or
-  dies makes the others' transfers fail (non-zero exit) instead of hanging.
+  dies makes the others' transfers fail (non-zero exit) instead of hanging. The one long wait, for
+  the sketch, is cut into one tiny all-reduce per forward of rank 0 (:class:`SketchHeartbeat`), so the
+  timeout bounds a forward, not the sketch.
 
 The final latent is gathered to rank 0 (the only collective-like transfer of a canvas, after the
 loop), and the VAE work at the canvas size is shared in blocks of whole VAE tiles: for the decode
