@@ -137,7 +137,8 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
     sketch_split = {"name": "sketch_split", "kind": "sketch_split"}  # SketchGuidanceSplit on a cheap "model"
-    tiny = [mismatch, sketch_split, *TINY_CASES] if world == 2 else []
+    # at 3 ranks the decoded tiny Wan: rank 0 splits the sketch's guidance with rank 1 and beats for rank 2
+    tiny = [mismatch, sketch_split, *TINY_CASES] if world == 2 else [TINY_DECODE] if world == 3 else []
     cases = CASES + FIXED_CASES + FILL_CASES + tiny
     results = _wait(_launch(world, cases, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
@@ -231,6 +232,15 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
         added += got[0]["cache"]["computed_tile_steps"] - plain.computed
     if world > 1:
         assert added > 0  # filling really computed tiles the single process skipped
+    if world == 3:
+        single, report = _tiny_single_process(TINY_DECODE)
+        name = TINY_DECODE["name"]
+        assert (torch.load(tmp_path / f"{name}.pt") - single).abs().max().item() <= 1e-5
+        assert torch.equal(torch.load(tmp_path / f"{name}.frames.pt"), report["frames"])
+        ranks = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text()) for r in range(3)]
+        assert [r["sketch_runs"] for r in ranks] == [1, 1, 0]  # rank 2 followed rank 0's heartbeat
+        assert [r["sketch_forwards"] for r in ranks] == [TINY_DECODE["steps"] + 1] * 2 + [None]
+        assert len(ranks[0]["decode_blocks"]["kept"]) == 3 and ranks[1]["decode_gather_bytes"] > 0
     if world == 2:
         # through SuperGen: without and with the tile cache, both region policies, and a bf16 model
         for case in TINY_CASES:
