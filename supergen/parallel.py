@@ -273,13 +273,13 @@ def _broadcast_layout(ctx: ParallelContext, t: torch.Tensor | None, what: str) -
     return tuple(int(s) for s in meta[2 : 2 + ndim]), _DTYPES[code]
 
 
-def _broadcast_from_rank0(ctx: ParallelContext, t: torch.Tensor | None, what: str) -> torch.Tensor:
+def _broadcast_from_rank0(ctx: ParallelContext, t: torch.Tensor | None, what: str, layout=None) -> torch.Tensor:
     """Rank 0's tensor ``t`` (``None`` on the others) on every rank, on the backend's device: its shape and
-    dtype first, then the data."""
+    dtype first (unless every rank has them already: ``layout``), then the data."""
     import torch.distributed as dist
 
     comm = _comm_device(ctx)
-    shape, dtype = _broadcast_layout(ctx, t, what)
+    shape, dtype = layout if layout is not None else _broadcast_layout(ctx, t, what)
     data = t.to(comm).contiguous() if ctx.rank == 0 else torch.empty(shape, dtype=dtype, device=comm)
     dist.broadcast(data, src=0)
     return data
@@ -327,8 +327,9 @@ class _WrapsForwards:
     """Between :meth:`_wrap` and :meth:`_unwrap`, each of ``self.modules`` calls ``self._call(forward, ...)``
     with its own ``forward`` (restored after, diffusers' hooks included)."""
 
-    modules: list
-    _saved: list
+    def __init__(self, modules):
+        self.modules = [m for m in modules if m is not None]
+        self._saved: list = []
 
     def _wrap(self) -> None:
         self._saved = [module.__dict__.get("forward") for module in self.modules]
@@ -357,9 +358,8 @@ class SketchHeartbeat(_WrapsForwards):
     """
 
     def __init__(self, ctx: ParallelContext, group, modules):
+        super().__init__(modules)
         self.ctx, self.group = ctx, group
-        self.modules = [m for m in modules if m is not None]
-        self._saved: list = []
 
     def _beat(self, value: int) -> None:
         import torch.distributed as dist
@@ -416,14 +416,13 @@ class SketchGuidanceSplit(_WrapsForwards):
     def __init__(self, ctx: ParallelContext, modules):
         if ctx.rank not in (0, 1) or ctx.world_size < 2:
             raise ValueError(f"the sketch's guidance splits between ranks 0 and 1, not rank {ctx.rank}.")
+        super().__init__(modules)
         self.ctx, self.peer = ctx, 1 - ctx.rank
-        self.modules = [m for m in modules if m is not None]
         self.enabled = True
         self.forwards = 0  # forwards this rank computed
         self.sent = 0  # bytes this rank sent
         self._learned: dict = {}  # input signature -> (shape, dtype, device, rebuild)
         self._first = None  # (hidden_states, timestep, signature, split, output) of a pair's first call
-        self._saved: list = []
 
     def __enter__(self) -> SketchGuidanceSplit:
         self._wrap()
@@ -456,7 +455,9 @@ class SketchGuidanceSplit(_WrapsForwards):
             return True
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-        return a == b if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) else False
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return False
+        return a == b
 
     def _call(self, forward, *args, **kwargs):
         if not self.enabled:
@@ -1780,7 +1781,10 @@ def encode_in_blocks(ctx: ParallelContext, adapter, pixels: torch.Tensor) -> tor
         return adapter.encode(pixels, None)
     me = ctx.rank
     mine = encode_block(adapter, pixels, plan, me).contiguous() if me < len(plan.kept) else None
-    shape, dtype = _broadcast_layout(ctx, mine if me == 0 else None, "latent block")  # for ranks without one
+    if len(plan.kept) < ctx.world_size:  # ranks without a block learn its shape and dtype from rank 0's
+        shape, dtype = _broadcast_layout(ctx, mine if me == 0 else None, "latent block")
+    else:
+        shape, dtype = mine.shape, mine.dtype
     latent = torch.empty((*shape[:-2], *hw), dtype=dtype, device=pixels.device)
     places = {r: _block(latent, cells) for r, cells in enumerate(plan.kept)}
     if mine is not None:
@@ -1796,15 +1800,17 @@ def decode_in_blocks(ctx: ParallelContext, adapter, latents: torch.Tensor | None
     decodes its block of whole VAE tiles (:func:`plan_vae_blocks`) and sends the pixels to rank 0, which
     returns the video (the others ``None``): the pixels of the one-process decode, at the busiest block's
     share of its time. Where no split applies (an unknown VAE tiling, a canvas of one VAE tile), rank 0
-    decodes alone. Bytes: ``ctx.stats.decode_broadcast`` (rank 0) and ``decode_gather`` (each sender)."""
-    latents = _broadcast_from_rank0(ctx, latents, "latent").to(adapter.pipe._execution_device)
+    decodes alone (and nothing is broadcast). Bytes: ``ctx.stats.decode_broadcast`` (rank 0) and
+    ``decode_gather`` (each sender)."""
+    layout = _broadcast_layout(ctx, latents, "latent")  # the plan needs only the canvas size
+    plan = _plan_vae_blocks(ctx, adapter, layout[0][-2:])
+    ctx.decode_plan = plan
+    if plan is None:
+        return adapter.decode(latents) if ctx.rank == 0 else None
+    latents = _broadcast_from_rank0(ctx, latents, "latent", layout).to(adapter.pipe._execution_device)
     if ctx.rank == 0:
         ctx.stats.decode_broadcast = latents.numel() * latents.element_size()
     z, args = adapter.vae_inputs(latents)
-    plan = _plan_vae_blocks(ctx, adapter, tuple(z.shape[-2:]))
-    ctx.decode_plan = plan
-    if plan is None:
-        return adapter.vae_decode(z, *args) if ctx.rank == 0 else None
     mine = decode_block(adapter, z, args, plan, ctx.rank) if ctx.rank < len(plan.kept) else None
     if ctx.rank != 0:
         if mine is not None:

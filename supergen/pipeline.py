@@ -292,7 +292,7 @@ class SuperGen:
             parallel=ctx,
         )  # fmt: skip
 
-        # 7. Decode with the VAE's tiling on (under tile parallelism each rank decodes a band of VAE tiles
+        # 7. Decode with the VAE's tiling on (under tile parallelism each rank decodes a block of VAE tiles
         #    of rank 0's latent and rank 0 assembles the video; the others return none).
         frames, seam = latents, None
         if output_type != "latent" and (latents is not None or ctx.distributed):
@@ -401,7 +401,7 @@ class SuperGen:
                 low = share_sketch(parallel, low, generator, pipe._execution_device)
 
         # 3. Upscale the sketch to the canvas (pixel space by default; under tile parallelism the ranks
-        #    share the encode, each a band of VAE tiles).
+        #    share the encode, each a block of VAE tiles).
         with stage("upscale"):
             encode = None
             if parallel is not None and parallel.distributed:
