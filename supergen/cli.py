@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -167,6 +168,13 @@ def add_generate_parser(sub) -> None:
         help="under torchrun: never split a tile's two guidance forwards across ranks (by default a busy rank "
         "hands one to an idle rank where that shortens the step, and ranks 0 and 1 share the sketch's: Wan, "
         "HunyuanVideo with true CFG)",
+    )
+    g.add_argument(
+        "--separate-guidance",
+        action="store_true",
+        help="CogVideoX, LTX-Video: run stage 2's guidance as two forwards per tile instead of one batched "
+        "forward, so that under torchrun two ranks can share a tile (the same result up to float rounding); "
+        "Wan and HunyuanVideo always run two",
     )
 
 
@@ -452,6 +460,10 @@ def run_generate(args) -> int:
 
     # 3. Map pixel options onto the model's latent grid (exact multiples only, never rounded).
     probe = SuperGen(pipe)
+    options = {}
+    if args.separate_guidance:  # an option of the adapters that batch guidance; the others run two forwards
+        if "separate_guidance" in inspect.signature(type(probe.adapter).__init__).parameters:
+            options["separate_guidance"] = True
     spec = probe.adapter.spec
     scale, multiple = spec.vae_scale[1], spec.pixel_multiple()
     tile = _latent_cells("--tile-size", settings["tile"], scale, multiple)
@@ -463,7 +475,7 @@ def run_generate(args) -> int:
     sketch = settings["sketch"] or probe.native_size
     sg = SuperGen(
         pipe, tiling=tiling, positions=args.positions, native_size=sketch, cache=settings["cache"], parallel=parallel,
-        reshift=settings["reshift"],
+        reshift=settings["reshift"], adapter_options=options,
     )  # fmt: skip
     call = dict(
         prompt=settings["prompt"],

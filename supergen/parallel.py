@@ -63,6 +63,8 @@ Design (why it is shaped this way)
   ``ceil(2 C / R)``; the helper receives the tile's
   input like any computer and sends its branch output back whole, and the computer combines the two
   with ``adapter.guide``, the arithmetic ``predict`` uses, so the result is the single-process one.
+  CogVideoX and LTX-Video batch the branches in one forward unless their adapters run them apart
+  (``separate_guidance``); a run that leaves ranks idle says so.
   This departs from "only halos move" on purpose: a tile's input and output per split tile and step
   are megabytes, a forward is seconds. Only where it shortens the step.
 * **Stage 1 splits its guidance too** (:class:`SketchGuidanceSplit`): the sketch is one native-size
@@ -1241,8 +1243,10 @@ def migrate(ctx: ParallelContext, old: Layout, new: Layout, tensors: list, deriv
 
 
 def _prediction_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
-    transformer = getattr(getattr(adapter, "pipe", None), "transformer", None)
-    return getattr(transformer, "dtype", latents.dtype)
+    """Predictions travel and blend in the dtype ``adapter.predict`` returns (``prediction_dtype``: a
+    bf16 Wan's, bf16; CogVideoX and LTX-Video guide in fp32), as the one process blends them."""
+    choose = getattr(adapter, "prediction_dtype", None)
+    return latents.dtype if choose is None else choose(latents.dtype)
 
 
 def _halo_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
@@ -1307,9 +1311,14 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     useful = grid.num_tiles * (2 if split else 1)  # ranks with a forward to run
     if me == 0 and R > useful:
         what = "tiles per step" + (" (two guidance branches each)" if split else "")
+        batched = getattr(adapter, "batches_guidance", None)
+        hint = ""
+        if batched is not None and batched(cond) and ctx.config.split_guidance:
+            hint = (f" {type(adapter).__name__} batches guidance into one forward per tile; with the adapter "
+                    f"option separate_guidance=True (CLI --separate-guidance) two ranks share each tile.")  # fmt: skip
         warnings.warn(
             f"{R} ranks share {grid.num_tiles} {what}, so {R - useful} of them have no tile to "
-            f"compute; at most {useful} processes (--nproc-per-node) refine this canvas as fast.",
+            f"compute; at most {useful} processes (--nproc-per-node) refine this canvas as fast.{hint}",
             stacklevel=2,
         )
     layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
@@ -1474,7 +1483,7 @@ def _tile_predictions(ctx, adapter, layout: Layout, computer, x, t, cond, pred_d
             received.append(buf)
         _transfer(ctx, sends, recvs, "branches")
         for j, n in enumerate(halves.tolist()):
-            done[n] = adapter.guide({branches[0]: first[j], branches[1]: received[j]}, cond)
+            done[n] = adapter.guide({branches[0]: first[j], branches[1]: received[j]}, cond, t)
         if mine.numel():
             pred = torch.stack([done[n].to(pred_dtype) for n in mine.tolist()])
     del scratch, canvas, forward

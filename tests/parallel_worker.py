@@ -51,7 +51,7 @@ class GuidedFakeAdapter(FakeAdapter):
     def predict_branch(self, tiles, timestep, cond, origins, canvas_hw, branch):
         return super().predict(tiles * (1.2 if branch == "cond" else 0.7), timestep, cond, origins, canvas_hw)
 
-    def guide(self, outputs, cond):
+    def guide(self, outputs, cond, timestep=None):
         return outputs["uncond"] + self.scale * (outputs["cond"] - outputs["uncond"])
 
     def predict(self, tiles, timestep, cond, origins, canvas_hw):
@@ -148,6 +148,29 @@ def tiny_case(case: dict, parallel_config):
         output_type=case.get("output_type", "latent"),
     )
     return out.latents, dict(out.report, sketch_runs=len(runs), frames=out.frames)
+
+
+def tiny_ltx_case(case: dict, parallel_config):
+    """The tiny LTX-Video through SuperGen (guidance batched in one forward, or ``separate_guidance``)."""
+    from helpers import ltx_text, tiny_ltx_pipeline
+
+    from supergen import SuperGen, TilingConfig
+
+    pipe = tiny_ltx_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    text = ltx_text()
+    if case.get("dtype"):  # the stock pipeline feeds its transformer in the prompt embeddings' dtype
+        dtype = getattr(torch, case["dtype"])
+        pipe.transformer.to(dtype)
+        text = {k: v.to(dtype) if k.endswith("embeds") else v for k, v in text.items()}
+    options = {"separate_guidance": True} if case.get("separate_guidance") else {}
+    sg = SuperGen(pipe, tiling=TilingConfig(tile=(8, 16)), positions="canvas", parallel=parallel_config,
+                  adapter_options=options)  # fmt: skip
+    out = sg(**text, guidance_scale=3.0, guidance_rescale=0.5, height=case["height"], width=case["width"],
+             sketch_height=32, sketch_width=64, num_frames=9, num_inference_steps=case["steps"],
+             refine_steps=case["refine_steps"], generator=torch.Generator().manual_seed(0),
+             output_type="latent")  # fmt: skip
+    return out.latents, dict(out.report, sketch_runs=None, frames=None)
 
 
 def sketch_split_case(ctx) -> dict:
@@ -251,8 +274,8 @@ def main(spec_path: str, out_dir: str) -> None:
                 result = sketch_split_case(par.setup(config))
                 (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
             continue
-        if case.get("model") == "tiny":
-            latents, report = tiny_case(case, config)
+        if case.get("model") in ("tiny", "tiny_ltx"):
+            latents, report = (tiny_ltx_case if case["model"] == "tiny_ltx" else tiny_case)(case, config)
             stats = dict(report.get("parallel") or {}, cache=report.get("cache"), sketch_runs=report["sketch_runs"])
             if case.get("output_type", "latent") != "latent" and report["frames"] is not None:
                 torch.save(report["frames"], out / f"{case['name']}.frames.pt")

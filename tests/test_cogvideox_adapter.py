@@ -197,6 +197,49 @@ def test_tiles_batched_per_forward_and_named_cache_contexts(monkeypatch):
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind,i2v,dynamic", [("rope15", True, False), ("rope10", False, True)])
+def test_separate_guidance_is_what_two_ranks_compute(monkeypatch, kind, i2v, dynamic):
+    """``separate_guidance=True``: two forwards per tile (cond, uncond) that tile parallelism may run on
+    two ranks; the prediction is exactly ``guide`` of the two branch outputs, also tile by tile with
+    flattened cells (what the computing rank combines), and the batched one up to float rounding."""
+    pipe = _pipeline(kind, i2v)
+    pe, ne = _text(batch=2)
+    batched, separate = CogVideoXAdapter(pipe), CogVideoXAdapter(pipe, separate_guidance=True)
+    frames, canvas_hw = 3, (8, 24)
+    kwargs = dict(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=6.0, use_dynamic_cfg=dynamic,
+                  num_inference_steps=10)  # fmt: skip
+    if i2v:
+        kwargs["image"] = torch.rand(2, 3, 8 * S, 24 * S, generator=torch.Generator().manual_seed(3))
+    cond = separate.conditioning((2, C, frames, *canvas_hw), generator=torch.Generator().manual_seed(4), **kwargs)
+    unguided = separate.conditioning((2, C, frames, *canvas_hw), **dict(kwargs, guidance_scale=1.0))
+    assert batched.guidance_branches(cond) == () and batched.batches_guidance(cond)
+    assert separate.guidance_branches(cond) == ("cond", "uncond") and not separate.batches_guidance(cond)
+    assert separate.guidance_branches(unguided) == () and not separate.batches_guidance(unguided)
+    assert not batched.batches_guidance(unguided)
+
+    tiles = torch.randn(4, C, frames, 8, 12, generator=torch.Generator().manual_seed(5))  # 2 tiles x batch 2
+    origins, t = torch.tensor([[0, 0], [0, 12]]), torch.tensor(700)
+    names, original = [], pipe.transformer.cache_context
+    monkeypatch.setattr(pipe.transformer, "cache_context", lambda name, **kw: names.append(name) or original(name))
+    pred = separate.predict(tiles, t, cond, origins, canvas_hw)
+    assert names == ["cond/tile0", "cond/tile1", "uncond/tile0", "uncond/tile1"]
+    assert pred.dtype == torch.float32 == separate.prediction_dtype(torch.float32)
+    outputs = {b: separate.predict_branch(tiles, t, cond, origins, canvas_hw, b) for b in ("cond", "uncond")}
+    assert torch.equal(separate.guide(outputs, cond, t), pred)
+    for n in range(2):  # one tile (its batch of 2) at a time, cells flattened, as the computing rank has them
+        rows = slice(2 * n, 2 * n + 2)
+        flat = {b: o[rows].flatten(-2) for b, o in outputs.items()}
+        assert torch.equal(separate.guide(flat, cond, t), pred[rows].flatten(-2))
+    torch.testing.assert_close(pred, batched.predict(tiles, t, cond, origins, canvas_hw), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`branch` must be one of \\('cond', 'uncond'\\) but is 'text'"):
+        separate.predict_branch(tiles, t, cond, origins, canvas_hw, "text")
+    # a bf16 model: branch outputs travel in its dtype, the guided prediction is fp32 (the pipeline upcasts)
+    pipe.transformer.to(torch.bfloat16)
+    cond = separate.conditioning((2, C, frames, *canvas_hw), generator=torch.Generator().manual_seed(4), **kwargs)
+    assert separate.predict_branch(tiles, t, cond, origins, canvas_hw, "cond").dtype == torch.bfloat16
+    assert batched.predict(tiles, t, cond, origins, canvas_hw).dtype == batched.prediction_dtype(torch.float32)
+
+
 # -- (2) positions ---------------------------------------------------------------------------------------
 
 

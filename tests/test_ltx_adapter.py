@@ -8,61 +8,16 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
-    AutoencoderKLLTXVideo,
-    FlowMatchEulerDiscreteScheduler,
-    LTXImageToVideoPipeline,
-    LTXPipeline,
-    LTXVideoTransformer3DModel,
-)
+from diffusers import LTXImageToVideoPipeline  # noqa: E402
+from helpers import LTX_CHANNELS  # noqa: E402
+from helpers import ltx_text as _text  # noqa: E402
+from helpers import tiny_ltx_pipeline as _pipeline  # noqa: E402
 
 import supergen.adapters.ltx_video  # noqa: E402, F401  (registers the adapter)
 from supergen.adapters.base import adapter_for  # noqa: E402
 from supergen.adapters.ltx_video import LTXVideoAdapter  # noqa: E402
 
-C, TEXT_LEN, TEXT_DIM = 8, 8, 16
-
-
-class RecordingFlowMatchEuler(FlowMatchEulerDiscreteScheduler):
-    def step(self, model_output, timestep, sample, *args, **kwargs):
-        self.seen.append((model_output.clone(), timestep, sample.clone()))
-        return super().step(model_output, timestep, sample, *args, **kwargs)
-
-
-def _pipeline(cls=LTXPipeline, timestep_conditioning=False):
-    """A tiny LTX-Video: VAE 4x spatial and temporal (two scaling levels), one transformer block."""
-    torch.manual_seed(0)
-    vae = AutoencoderKLLTXVideo(
-        latent_channels=C, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
-        layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        patch_size=1, patch_size_t=1, timestep_conditioning=timestep_conditioning,
-    )  # fmt: skip
-    with torch.no_grad():  # non-trivial normalisation, so that a missing (de)normalisation shows
-        vae.latents_mean.copy_(torch.linspace(-0.5, 0.5, C))
-        vae.latents_std.copy_(torch.linspace(0.5, 2.0, C))
-    transformer = LTXVideoTransformer3DModel(
-        in_channels=C, out_channels=C, num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
-        num_layers=1, caption_channels=TEXT_DIM,
-    )  # fmt: skip
-    # LTX-Video's scheduler shifts by the sequence length (its base length lowered to a tiny video's)
-    scheduler = RecordingFlowMatchEuler(use_dynamic_shifting=True, base_image_seq_len=64, max_image_seq_len=4096,
-                               base_shift=0.95, max_shift=2.05, shift_terminal=0.1)  # fmt: skip
-    scheduler.seen = []
-    return cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-
-
-def _text():
-    g = torch.Generator().manual_seed(1)
-    mask = torch.ones(1, TEXT_LEN)
-    mask[:, 6:] = 0  # padded prompt tokens, as the T5 encoder returns them
-    return dict(
-        prompt_embeds=torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g),
-        prompt_attention_mask=mask,
-        negative_prompt_embeds=torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g),
-        negative_prompt_attention_mask=torch.ones(1, TEXT_LEN),
-    )
+C = LTX_CHANNELS
 
 
 def _noise(pipe, shape=(1, C, 3, 8, 16)):
@@ -153,6 +108,42 @@ def test_tiles_batch_and_name_cache_contexts(monkeypatch):
     batched = two.predict(tiles, torch.tensor(300.0), cond, origins, (8, 24))
     assert names == ["cond_uncond/tile0", "cond_uncond/tile1", "cond_uncond/tiles0-1"]
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_separate_guidance_is_what_two_ranks_compute(monkeypatch, rescale):
+    """``separate_guidance=True``: two forwards per tile (cond, uncond) that tile parallelism may run on
+    two ranks; the prediction is exactly ``guide`` of the two branch outputs, also tile by tile with
+    flattened cells (what the computing rank combines), and the batched one up to float rounding."""
+    pipe = _pipeline()
+    batched, separate = LTXVideoAdapter(pipe), LTXVideoAdapter(pipe, separate_guidance=True)
+    cond = separate.conditioning((1, C, 3, 8, 24), **_text(), guidance_scale=3.0, guidance_rescale=rescale)
+    unguided = separate.conditioning((1, C, 3, 8, 24), **_text(), guidance_scale=1.0)
+    assert batched.guidance_branches(cond) == () and batched.batches_guidance(cond)
+    assert separate.guidance_branches(cond) == ("cond", "uncond") and not separate.batches_guidance(cond)
+    assert separate.guidance_branches(unguided) == () and not separate.batches_guidance(unguided)
+    assert not batched.batches_guidance(unguided)
+
+    tiles, origins = torch.randn(2, C, 3, 8, 12), torch.tensor([[0, 0], [0, 12]])
+    t = torch.tensor(300.0)
+    names, original = [], pipe.transformer.cache_context
+    monkeypatch.setattr(pipe.transformer, "cache_context", lambda name, **kw: names.append(name) or original(name))
+    pred = separate.predict(tiles, t, cond, origins, (8, 24))
+    assert names == ["cond/tile0", "cond/tile1", "uncond/tile0", "uncond/tile1"]
+    assert pred.dtype == torch.float32 == separate.prediction_dtype(torch.float32)
+    outputs = {b: separate.predict_branch(tiles, t, cond, origins, (8, 24), b) for b in ("cond", "uncond")}
+    assert torch.equal(separate.guide(outputs, cond, t), pred)
+    for n in range(2):  # one tile at a time, cells flattened, as the computing rank has them
+        flat = {b: o[n : n + 1].flatten(-2) for b, o in outputs.items()}
+        assert torch.equal(separate.guide(flat, cond, t), pred[n : n + 1].flatten(-2))
+    torch.testing.assert_close(pred, batched.predict(tiles, t, cond, origins, (8, 24)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`branch` must be one of \\('cond', 'uncond'\\) but is 'text'"):
+        separate.predict_branch(tiles, t, cond, origins, (8, 24), "text")
+    # a bf16 model: branch outputs travel in its dtype, the guided prediction is fp32 (the pipeline upcasts)
+    pipe.transformer.to(torch.bfloat16)
+    cond = separate.conditioning((1, C, 3, 8, 24), **_text(), guidance_scale=3.0, guidance_rescale=rescale)
+    assert separate.predict_branch(tiles, t, cond, origins, (8, 24), "cond").dtype == torch.bfloat16
+    assert batched.predict(tiles, t, cond, origins, (8, 24)).dtype == batched.prediction_dtype(torch.float32)
 
 
 @pytest.mark.parametrize("timestep_conditioning", [False, True])

@@ -323,6 +323,33 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
             assert "different settings" in message and "prompt: rank 0='a red fox', rank 1='a blue fox'" in message
 
 
+# LTX-Video guides in fp32 after a bf16 forward that batches both branches: 3 tiles of 8x16 latent cells
+TINY_LTX = {"name": "tiny_ltx_bf16", "model": "tiny_ltx", "dtype": "bfloat16", "height": 32, "width": 192,
+            "steps": 4, "refine_steps": 3}  # fmt: skip
+TINY_LTX_SEPARATE = dict(TINY_LTX, name="tiny_ltx_separate", separate_guidance=True)
+
+
+def test_batched_guidance_family_reproduces_one_process_and_splits_separate_guidance(tmp_path):
+    """The tiny LTX-Video (bf16 model) at 2 ranks gives the one-process latent: its predictions travel and
+    blend in the fp32 its adapter returns (``prediction_dtype``), not in the model's bf16. Its guidance is
+    one batched forward per tile, so 3 tiles take 2 forwards on the busiest rank; with
+    ``separate_guidance`` the busiest rank hands one tile's second forward to the other (3 each), which
+    sends that branch's output back in the model's bf16, and the latent is still the one process's."""
+    results = _wait(_launch(2, [TINY_LTX, TINY_LTX_SEPARATE], tmp_path), limit=300)
+    for rank, (code, text) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
+    for case, forwards in ((TINY_LTX, [2, 1]), (TINY_LTX_SEPARATE, [3, 3])):
+        single, _ = _tiny_single_process(case)
+        got = torch.load(tmp_path / f"{case['name']}.pt")
+        assert torch.equal(got, single), (case["name"], (got - single).abs().max().item())
+        ranks = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]
+        assert all(sorted(f, reverse=True) == forwards for f in ranks[0]["forwards_per_rank"]), ranks[0]
+        branches = [r["bytes_sent_by_kind"].get("branches", 0) for r in ranks]
+        B, C, T, h, w = 1, 8, 3, 8, 16  # one tile's branch output, bf16, per refined step
+        want = B * C * T * h * w * 2 * case["refine_steps"] if case is TINY_LTX_SEPARATE else 0
+        assert sum(branches) == want, branches
+
+
 def test_supergen_generate_under_torchrun_matches_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 -m supergen.cli generate` (the README's launch) writes the same latent
     as one process, only rank 0 writes the outputs, and its report names the run's two ranks."""
@@ -381,9 +408,9 @@ def _predicted_bytes(case: dict, world: int, rank: int, cache=None, state_tensor
 
 
 def _tiny_single_process(case: dict) -> tuple[torch.Tensor, dict]:
-    from parallel_worker import tiny_case
+    from parallel_worker import tiny_case, tiny_ltx_case
 
-    latents, report = tiny_case(case, None)
+    latents, report = (tiny_ltx_case if case["model"] == "tiny_ltx" else tiny_case)(case, None)
     assert report["parallel"] is None
     return latents, report
 

@@ -184,6 +184,14 @@ class ModelAdapter(ABC):
     def conditioning(self, canvas_shape: tuple[int, ...], **pipeline_kwargs) -> Conditioning:
         """Encode prompts (or take ``prompt_embeds``) and build canvas-size conditioning once."""
 
+    def prediction_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
+        """The dtype :meth:`predict` returns with latents in ``latents_dtype`` (tile parallelism sends
+        predictions and blends them in it, as the one process blends what ``predict`` returns). The
+        default is the transformer's dtype, for adapters that return the model's output as it comes
+        (Wan, HunyuanVideo: guidance in the model's dtype, as their pipelines do); adapters that
+        upcast it first (CogVideoX, LTX-Video: guidance in fp32, as theirs do) return ``float32``."""
+        return getattr(self.pipe.transformer, "dtype", latents_dtype)
+
     def tile_input_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
         """A dtype ``tiles`` may be rounded to before :meth:`predict` without changing its result (tile
         parallelism sends input halos in it). The default keeps ``latents_dtype``; an adapter whose
@@ -217,6 +225,12 @@ class ModelAdapter(ABC):
         or both branches batched into one forward as the CogVideoX and LTX-Video pipelines do)."""
         return ()
 
+    def batches_guidance(self, cond: Conditioning) -> bool:
+        """Whether :meth:`predict` runs both guidance branches for ``cond`` batched in one forward, which
+        the adapter option ``separate_guidance=True`` turns into two forwards that tile parallelism may
+        run on two ranks (CogVideoX, LTX-Video). ``False``, the default."""
+        return False
+
     def sketch_guidance_pairs(self, pipeline_kwargs: dict) -> bool:
         """Whether the stock pipeline, called with ``pipeline_kwargs`` (the sketch's, ``guidance_scale``
         included), runs guidance as two calls of its transformer per step, conditional then
@@ -229,8 +243,10 @@ class ModelAdapter(ABC):
         :meth:`predict` computes it before combining."""
         raise NotImplementedError(f"{type(self).__name__} runs guidance in one forward; it has no `{branch}` branch.")
 
-    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
-        """:meth:`predict`'s result from its branches' outputs (``{branch: output}``)."""
+    def guide(self, outputs: dict, cond: Conditioning, timestep) -> torch.Tensor:
+        """:meth:`predict`'s result at ``timestep`` from its branches' outputs (``{branch: output}``,
+        each shaped as :meth:`predict_branch` returns it or with its cells flattened: the arithmetic is
+        per sample)."""
         raise NotImplementedError(f"{type(self).__name__} runs guidance in one forward.")
 
 
@@ -253,7 +269,7 @@ class TwoForwardGuidance(ModelAdapter):
             raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
         return self._predict(tiles, timestep, cond, origins, canvas_hw, (branch,))
 
-    def guide(self, outputs: dict, cond: Conditioning) -> torch.Tensor:
+    def guide(self, outputs: dict, cond: Conditioning, timestep=None) -> torch.Tensor:
         # The pipelines' expression (and rounding): WanPipeline's and HunyuanVideoPipeline's true CFG.
         uncond = outputs["uncond"]
         return uncond + cond.guidance_scale * (outputs["cond"] - uncond)

@@ -9,8 +9,12 @@ Model facts this adapter owns:
   them before decoding): the tile's first frame is repeated, and the padded rows of the prediction are
   dropped again;
 * the transformer predicts ``v`` (CogVideoX DDIM/DPM schedulers); CFG is batched (``[uncond; cond]``
-  in one forward, one ``cache_context`` per tile, guidance per tile before fusion). ``use_dynamic_cfg``
-  is implemented: the pipeline's cosine schedule, computed from the timestep and the call's step count;
+  in one forward, one ``cache_context`` per tile, guidance per tile before fusion), its output upcast
+  to fp32 first, so predictions are fp32 whatever the model's dtype (``prediction_dtype``: tile
+  parallelism sends and blends them so). ``separate_guidance=True`` runs the two branches as two
+  forwards (``"cond/tile3"``, ``"uncond/tile3"``) that tile parallelism may put on two ranks.
+  ``use_dynamic_cfg`` is implemented: the pipeline's cosine schedule, computed from the timestep and
+  the call's step count;
 * ``CogVideoXDPMScheduler.step`` has its own signature and carries the previous ``x0``:
   :meth:`CogVideoXAdapter.scheduler_step` steps the canvas as the pipelines do;
 * positions: 2b adds sincos positions inside its patch embedding, computed from the input size alone,
@@ -77,10 +81,16 @@ class CogVideoXAdapter(ModelAdapter):
         extend_positions: let 1.5 ``canvas`` positions run past the pipeline's ``max_size`` (its sample
             grid), extrapolating RoPE as the published method's ``extend`` mode does. Off, a canvas
             wider or taller than the sample grid is refused.
+        separate_guidance: run stage 2's classifier-free guidance as two forwards per tile (conditional,
+            unconditional) instead of the pipeline's one forward of both batched, so that tile
+            parallelism may run them on two ranks (:meth:`guidance_branches`). The same model and
+            arithmetic at batch 1: equal to the batched prediction up to float rounding, not bit for bit.
     """
 
-    def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1, extend_positions: bool = False):
+    def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1, extend_positions: bool = False,
+                 separate_guidance: bool = False):  # fmt: skip
         super().__init__(pipe, positions=positions, max_tile_batch=max_tile_batch)
+        self.separate_guidance = bool(separate_guidance)
         config, vae = pipe.transformer.config, getattr(pipe, "vae", None)
         if vae is None:
             raise ValueError("CogVideoX pipelines need their `vae` for supergen (decode, encode, image latents).")
@@ -332,8 +342,43 @@ class CogVideoXAdapter(ModelAdapter):
             )
         return n, batch
 
+    def prediction_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # the model's output is upcast before guidance, as the pipelines do
+
+    def batches_guidance(self, cond: Conditioning) -> bool:
+        return cond.guidance_scale > 1.0 and not self.separate_guidance
+
+    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
+        return ("cond", "uncond") if cond.guidance_scale > 1.0 and self.separate_guidance else ()
+
+    def _guidance_scale(self, cond: Conditioning, t) -> float:
+        scale = cond.guidance_scale
+        if cond.extra["dynamic_cfg_steps"] is not None:  # the pipeline's formula, from the timestep value
+            steps = cond.extra["dynamic_cfg_steps"]
+            scale = 1 + scale * ((1 - math.cos(math.pi * ((steps - float(t)) / steps) ** 5.0)) / 2)
+        return scale
+
+    def guide(self, outputs: dict, cond: Conditioning, timestep) -> torch.Tensor:
+        uncond = outputs["uncond"].float()  # same expression (and rounding) as the pipeline
+        return uncond + self._guidance_scale(cond, timestep) * (outputs["cond"].float() - uncond)
+
     @torch.no_grad()
     def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
+        branches = self.guidance_branches(cond)
+        if branches:  # separate_guidance: exactly what tile parallelism computes on two ranks
+            outputs = {b: self._predict(tiles, timestep, cond, origins, canvas_hw, b) for b in branches}
+            return self.guide(outputs, cond, timestep)
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, None)
+
+    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
+        if branch not in self.guidance_branches(cond):
+            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, branch)
+
+    @torch.no_grad()
+    def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch) -> torch.Tensor:
+        """``branch=None``: the prediction, guidance batched in one forward as the pipelines run it;
+        else that guidance branch's forward alone, its output in the model's dtype."""
         transformer = self.pipe.transformer
         origins = torch.as_tensor(origins, dtype=torch.int64)
         n_tiles, batch = self._check(tiles, cond, origins, canvas_hw)
@@ -349,22 +394,20 @@ class CogVideoXAdapter(ModelAdapter):
             # Torus windows: a plain crop inside the canvas, wrapped like the latent windows outside it.
             x = torch.cat([x, halo_gather(cond.canvas_extra, origins, (h, w), 0, "torus").to(x.dtype)], dim=1)
         x = x.permute(0, 2, 1, 3, 4).to(transformer.dtype)  # the model's (B, T, C, H, W)
-        scale = cond.guidance_scale
-        if cond.extra["dynamic_cfg_steps"] is not None:  # the pipeline's formula, from the timestep value
-            steps = cond.extra["dynamic_cfg_steps"]
-            scale = 1 + scale * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
         # One rotary table per forward: canvas positions differ per tile, so they go one tile at a time.
         group = 1 if self.positions == "canvas" and self.rotary else self.max_tile_batch
         context = {k: v for k, v in self.step_context.items() if v is not None}
-        guided = cond.guidance_scale > 1.0
+        guided = cond.guidance_scale > 1.0 and branch is None
+        texts = cond.embeds.reshape(-1, batch, *cond.embeds.shape[1:])  # ([uncond,] cond, B, L, D)
+        if branch is not None:
+            texts = texts[{"uncond": 0, "cond": 1}[branch]][None]
+        label = "cond_uncond" if branch is None else branch
         outputs = []
         for start in range(0, n_tiles, group):
             stop = min(start + group, n_tiles)
             xs = x[start * batch : stop * batch]
-            text = (
-                cond.embeds.reshape(-1, batch, *cond.embeds.shape[1:]).repeat_interleave(stop - start, 0).flatten(0, 1)
-            )
-            name = f"cond_uncond/tile{start}" if stop - start == 1 else f"cond_uncond/tiles{start}-{stop - 1}"
+            text = texts.repeat_interleave(stop - start, 0).flatten(0, 1)
+            name = f"{label}/tile{start}" if stop - start == 1 else f"{label}/tiles{start}-{stop - 1}"
             with transformer.cache_context(name, **context):
                 pred = transformer(
                     hidden_states=torch.cat([xs, xs]) if guided else xs,
@@ -374,10 +417,12 @@ class CogVideoXAdapter(ModelAdapter):
                     image_rotary_emb=self.rotary_emb(frames + pad, (h, w), origins[start], canvas_hw),
                     attention_kwargs=cond.extra["attention_kwargs"],
                     return_dict=False,
-                )[0].float()
-            if guided:  # same expression (and rounding) as the pipeline
+                )[0]
+            if branch is None:
+                pred = pred.float()
+            if guided:
                 uncond, text_pred = pred.chunk(2)
-                pred = uncond + scale * (text_pred - uncond)
+                pred = self.guide({"uncond": uncond, "cond": text_pred}, cond, t)
             outputs.append(pred)
         pred = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return pred[:, pad:].permute(0, 2, 1, 3, 4)

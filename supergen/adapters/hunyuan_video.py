@@ -191,7 +191,7 @@ class HunyuanVideoAdapter(TwoForwardGuidance):
             name = f"tile{start}" if n == 1 else f"tiles{start}-{stop - 1}"
             with self._positions(origins[start], canvas_hw):
                 out = {b: self._forward(b, name, x, n, timestep, cond, context) for b in branches}
-            outputs.append(self.guide(out, cond) if len(branches) == 2 else out[branches[0]])
+            outputs.append(self.guide(out, cond, timestep) if len(branches) == 2 else out[branches[0]])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _forward(self, branch: str, name: str, x, n: int, timestep, cond: Conditioning, context: dict):

@@ -9,7 +9,10 @@ Model facts this adapter owns:
 * latents are normalised per channel, ``(z - mean) * scaling / std`` (the VAE's ``latents_mean``/
   ``latents_std``); VAE 32x spatial, 8x temporal in the released models (the VAE's own ratios here);
 * the transformer predicts a flow velocity; classifier-free guidance is batched (uncond first, one
-  forward named ``"cond_uncond/tile3"``), with the pipeline's ``guidance_rescale``;
+  forward named ``"cond_uncond/tile3"``), with the pipeline's ``guidance_rescale``, on the output
+  upcast to fp32 (predictions are fp32 whatever the model's dtype: ``prediction_dtype``).
+  ``separate_guidance=True`` runs the two branches as two forwards that tile parallelism may put on
+  two ranks;
 * the schedule is ``sigmas = linspace(1, 1/N, N)`` shifted by ``mu = calculate_shift(T·h·w)`` of the
   video the pipeline generates, so :meth:`LTXVideoAdapter.set_timesteps` needs the *sketch's* latent
   shape to give stage 2 the sketch's very schedule (tiles have the sketch's size, not the canvas');
@@ -50,13 +53,24 @@ DECODE_ARGUMENTS = ("decode_timestep", "decode_noise_scale")
 
 @register_adapter("LTXVideoTransformer3DModel")
 class LTXVideoAdapter(ModelAdapter):
-    """LTX-Video text-to-video, classifier-free guidance batched in one forward."""
+    """LTX-Video text-to-video, classifier-free guidance batched in one forward.
+
+    Args:
+        decode_timestep, decode_noise_scale, decode_seed: the timestep-conditioned decoder's arguments
+            (module notes).
+        separate_guidance: run stage 2's classifier-free guidance as two forwards per tile (conditional,
+            unconditional) instead of the pipeline's one forward of both batched, so that tile
+            parallelism may run them on two ranks (:meth:`guidance_branches`). The same model and
+            arithmetic at batch 1: equal to the batched prediction up to float rounding, not bit for bit.
+    """
 
     def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1, decode_timestep: float = 0.0,
-                 decode_noise_scale: float | None = None, decode_seed: int = 0):  # fmt: skip
+                 decode_noise_scale: float | None = None, decode_seed: int = 0,
+                 separate_guidance: bool = False):  # fmt: skip
         from diffusers import LTXPipeline
 
         super().__init__(pipe, positions=positions, max_tile_batch=max_tile_batch)
+        self.separate_guidance = bool(separate_guidance)
         if not isinstance(pipe, LTXPipeline):
             raise ValueError(
                 f"{type(pipe).__name__} is not supported yet: the LTX-Video adapter serves LTXPipeline "
@@ -227,8 +241,45 @@ class LTXVideoAdapter(ModelAdapter):
             coords.append(grid.flatten(1).unsqueeze(0).expand(batch, -1, -1))
         return torch.cat(coords)
 
+    def prediction_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # the model's output is upcast before guidance, as the pipeline does
+
+    def batches_guidance(self, cond: Conditioning) -> bool:
+        return cond.embeds["uncond"] is not None and not self.separate_guidance
+
+    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
+        return ("cond", "uncond") if cond.embeds["uncond"] is not None and self.separate_guidance else ()
+
+    def guide(self, outputs: dict, cond: Conditioning, timestep=None) -> torch.Tensor:
+        """The pipeline's expressions, with ``guidance_rescale``'s standard deviations taken over each
+        sample's values in ``(C, T, h, w)`` order (flattened cells or not: the same values, the same sum)."""
+        from diffusers.pipelines.ltx.pipeline_ltx import rescale_noise_cfg
+
+        uncond, text = outputs["uncond"].float(), outputs["cond"].float()
+        pred = uncond + cond.guidance_scale * (text - uncond)
+        if cond.extra["guidance_rescale"] > 0:
+            shape = pred.shape
+            pred = rescale_noise_cfg(pred.flatten(1), text.flatten(1), guidance_rescale=cond.extra["guidance_rescale"])
+            pred = pred.view(shape)
+        return pred
+
     @torch.no_grad()
     def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
+        branches = self.guidance_branches(cond)
+        if branches:  # separate_guidance: exactly what tile parallelism computes on two ranks
+            outputs = {b: self._predict(tiles, timestep, cond, origins, canvas_hw, b) for b in branches}
+            return self.guide(outputs, cond, timestep)
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, None)
+
+    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
+        if branch not in self.guidance_branches(cond):
+            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, branch)
+
+    @torch.no_grad()
+    def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch) -> torch.Tensor:
+        """``branch=None``: the prediction, guidance batched in one forward as the pipeline runs it; else
+        that guidance branch's forward alone, its output in the model's dtype."""
         from diffusers.pipelines.ltx.pipeline_ltx import rescale_noise_cfg
 
         transformer = self.pipe.transformer
@@ -240,14 +291,18 @@ class LTXVideoAdapter(ModelAdapter):
         pt, p = self.spec.patch[0], self.spec.patch[1]
         frames, height, width = tiles.shape[-3:]
         scale = cond.extra["rope_interpolation_scale"]
-        guided = cond.embeds["uncond"] is not None
+        guided = cond.embeds["uncond"] is not None and branch is None
+        if branch is not None:
+            branches = [cond.embeds[branch]]
+        else:
+            branches = [cond.embeds["uncond"], cond.embeds["cond"]] if guided else [cond.embeds["cond"]]
+        label = "cond_uncond" if branch is None else branch
         context = {k: v for k, v in self.step_context.items() if v is not None}
         out = None
         for start in range(0, n_tiles, self.max_tile_batch):
             stop = min(start + self.max_tile_batch, n_tiles)
             n = stop - start
             x = self._pack(tiles[start * batch : stop * batch]).to(transformer.dtype)
-            branches = [cond.embeds["uncond"], cond.embeds["cond"]] if guided else [cond.embeds["cond"]]
             text = torch.cat([e.repeat(n, 1, 1) for e, _ in branches])
             mask = torch.cat([m.repeat(n, 1) for _, m in branches])
             coords = None
@@ -255,15 +310,17 @@ class LTXVideoAdapter(ModelAdapter):
                 coords = self._video_coords(origins[start:stop], tiles.shape, canvas_hw, scale, batch, x.device)
                 coords = coords.repeat(len(branches), 1, 1)
             hidden = torch.cat([x] * len(branches))
-            name = f"cond_uncond/tile{start}" if n == 1 else f"cond_uncond/tiles{start}-{stop - 1}"
+            name = f"{label}/tile{start}" if n == 1 else f"{label}/tiles{start}-{stop - 1}"
             with transformer.cache_context(name, **context):
                 pred = transformer(
                     hidden_states=hidden, encoder_hidden_states=text, timestep=timestep.expand(hidden.shape[0]),
                     encoder_attention_mask=mask, num_frames=frames // pt, height=height // p, width=width // p,
                     rope_interpolation_scale=scale, video_coords=coords,
                     attention_kwargs=cond.extra["attention_kwargs"], return_dict=False,
-                )[0].float()  # fmt: skip
-            if guided:  # the pipeline's expressions (and rounding)
+                )[0]  # fmt: skip
+            if branch is None:
+                pred = pred.float()
+            if guided:  # the pipeline's expressions (and rounding), on its packed tokens
                 uncond, text_pred = pred.chunk(2)
                 pred = uncond + cond.guidance_scale * (text_pred - uncond)
                 if cond.extra["guidance_rescale"] > 0:

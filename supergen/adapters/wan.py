@@ -245,7 +245,7 @@ class WanAdapter(TwoForwardGuidance):
                     with transformer.cache_context(f"{branch}/{name}", **context):
                         text = embeds[branch].repeat(n, 1, 1)
                         outputs[branch] = transformer(hidden_states=x, encoder_hidden_states=text, **kwargs)[0]
-            pred = self.guide(outputs, cond) if len(branches) == 2 else outputs[branches[0]]
+            pred = self.guide(outputs, cond, timestep) if len(branches) == 2 else outputs[branches[0]]
             if stop - start == n_tiles:
                 return pred
             if out is None:  # written in place: a list + cat would hold two canvas-size copies
