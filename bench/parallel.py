@@ -79,8 +79,10 @@ nothing where whole tiles already divide evenly.
 The whole run in native-size forwards (a sketch forward is a tile's size), cache on:
 ``run_forwards_busiest_rank`` = stage 1 (all 50 steps, two forwards each, on rank 0; with the split one
 each on ranks 0 and 1, plus a first step on both: 51) + the busiest rank's refinement forwards, for one
-process, whole tiles and the split; ``run_speedup_*`` = one process / that: the wall-time speed-up the
-forward count allows (VAE, transfers and the text encoder not counted).
+process, whole tiles and the split, and ``tiles_split``: the sketch on rank 0, the tiles split (CogVideoX and
+LTX-Video with ``separate_guidance``: their pipelines batch the sketch's guidance in one forward);
+``run_speedup_*`` = one process / that: the wall-time speed-up the forward count allows (VAE, transfers and
+the text encoder not counted).
 
 The ``summary`` holds, per geometry and tiling, each setting's worst share over canvases and ranks under
 ``auto`` and whether all meet the targets (<= 10 % of the all-gather; imbalance <= 1.15).
@@ -323,11 +325,14 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
             "whole": c["busiest_rank_forwards_per_run"],
             "split": c["busiest_rank_forwards_per_run_split"],
         }
-        stage1 = {"one_process": 2 * STEPS, "whole": 2 * STEPS, "split": STEPS + 1}
+        # CogVideoX and LTX-Video batch the sketch's guidance (rank 0 alone) but split the tiles' with
+        # separate_guidance: "tiles_split"
+        refine["tiles_split"] = refine["split"]
+        stage1 = {"one_process": 2 * STEPS, "whole": 2 * STEPS, "split": STEPS + 1, "tiles_split": 2 * STEPS}
         run_forwards = {k: stage1[k] + refine[k] for k in refine}
         c["run_forwards_busiest_rank"] = run_forwards
-        c["run_speedup_whole"] = run_forwards["one_process"] / run_forwards["whole"]
-        c["run_speedup_split"] = run_forwards["one_process"] / run_forwards["split"]
+        for k in ("whole", "split", "tiles_split"):
+            c[f"run_speedup_{k}"] = run_forwards["one_process"] / run_forwards[k]
         row[regions] = {
             "ours_max_rank_bytes_per_step": round(b["fp32"]),
             "ours_mean_by_kind": c.pop("by_kind_fp32"),

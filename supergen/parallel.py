@@ -1049,28 +1049,39 @@ def fill_idle_slots(
 def assign_tiles(costs, home_rank, move_cells, world_size: int) -> torch.Tensor:
     """``(N,)`` rank computing each tile (``-1`` for tiles of cost 0: skipped, computed by nobody).
 
-    Longest processing time first, with two preferences: a rank keeps its own tiles (costliest first)
-    while its load stays within its fair share ``sum(costs) / world``; every other tile goes to the
-    least-loaded rank and, among equally loaded ranks, to the one whose choice moves the fewest cells
-    (``move_cells[n][r]``), then the lowest rank. Deterministic: every rank computes the same answer.
+    Longest processing time first, with two preferences: a rank keeps its own tiles (costliest first;
+    among equal costs the ones dearest to move elsewhere, ``move_cells[n][q] - move_cells[n][home]``)
+    while its load stays within its fair share ``sum(costs) / world``; every other tile goes to a
+    least-loaded rank, costliest first, and among tiles of equal cost and equally loaded ranks the
+    pair that moves the fewest cells (``move_cells[n][r]``) goes first, then the lowest tile and rank.
+    Deterministic: every rank computes the same answer.
     """
     costs = [float(c) for c in costs]
     home = [int(r) for r in home_rank]
-    N = len(costs)
-    share = sum(costs) / world_size
-    load = [0.0] * world_size
+    N, R = len(costs), world_size
+    share = sum(costs) / R
+    load = [0.0] * R
     computer = [-1] * N
-    order = sorted((n for n in range(N) if costs[n] > 0), key=lambda n: (-costs[n], n))
-    for n in order:  # 1. keep own tiles up to the fair share
+
+    def dearness(n: int) -> int:  # cells it moves beyond staying home, if it had to go anywhere
+        others = [int(move_cells[n][q]) for q in range(R) if q != home[n]]
+        return (min(others) if others else 0) - int(move_cells[n][home[n]])
+
+    keep = sorted((n for n in range(N) if costs[n] > 0), key=lambda n: (-costs[n], -dearness(n), n))
+    for n in keep:  # 1. keep own tiles up to the fair share
         r = home[n]
         if load[r] + costs[n] <= share * (1 + 1e-9):
             computer[n] = r
             load[r] += costs[n]
-    for n in order:  # 2. LPT for the rest
-        if computer[n] < 0:
-            r = min(range(world_size), key=lambda q: (load[q], int(move_cells[n][q]), q))
-            computer[n] = r
-            load[r] += costs[n]
+    rest = [n for n in keep if computer[n] < 0]
+    while rest:  # 2. LPT for the rest: costliest first, each to a least-loaded rank, cheapest move first
+        top = max(costs[n] for n in rest)
+        low = min(load)
+        ranks = [q for q in range(R) if load[q] == low]
+        _, n, r = min((int(move_cells[n][q]), n, q) for n in rest if costs[n] == top for q in ranks)
+        computer[n] = r
+        load[r] += costs[n]
+        rest.remove(n)
     return torch.tensor(computer, dtype=torch.int64)
 
 

@@ -528,17 +528,18 @@ def _busiest_rank_cells(grid, world, owner, steps):
 
 
 def test_fixed_regions_are_the_candidate_partition_that_sends_least():
-    """Wan's 2K canvas on 2 ranks: column bands send less than the runs of home tiles the grid-following
-    regions start from, and the choice finds them; on 4K the runs stay (nothing cheaper among the candidates)."""
+    """Wan 480p tiles on 2K and 4K canvases, 2 ranks: the fixed regions chosen send (busiest rank, over the
+    run) no more than column bands, row bands or the runs of home tiles the grid-following regions start
+    from, all of them candidates; on 2K strictly less than those runs."""
     tiling = TilingConfig()
-    grid = TileGrid((1, 180, 320), tiling, multiple=(2, 2), native_tile=(60, 104))
-    chosen = par.fixed_owner(grid, 2, 35)
-    bands = torch.arange(320).repeat(180) * 2 // 320
-    runs = par.Layout.at_step(grid, 0, 2).owner
-    assert torch.equal(chosen, bands)
-    assert _busiest_rank_cells(grid, 2, bands, 35) < _busiest_rank_cells(grid, 2, runs, 35)
-    grid = TileGrid((1, 270, 480), tiling, multiple=(2, 2), native_tile=(60, 104))
-    assert torch.equal(par.fixed_owner(grid, 2, 35), par.Layout.at_step(grid, 0, 2).owner)
+    for H, W in ((180, 320), (270, 480)):
+        grid = TileGrid((1, H, W), tiling, multiple=(2, 2), native_tile=(60, 104))
+        chosen = _busiest_rank_cells(grid, 2, par.fixed_owner(grid, 2, 35), 35)
+        columns = _busiest_rank_cells(grid, 2, torch.arange(W).repeat(H) * 2 // W, 35)
+        rows = _busiest_rank_cells(grid, 2, torch.arange(H).repeat_interleave(W) * 2 // H, 35)
+        runs = _busiest_rank_cells(grid, 2, par.Layout.at_step(grid, 0, 2).owner, 35)
+        assert chosen <= min(columns, rows, runs), (H, W, chosen, columns, rows, runs)
+        assert chosen < runs or H == 270, (chosen, runs)
 
 
 class _Stepper:
@@ -721,6 +722,9 @@ def test_lpt_skipped_tiles_cost_nothing_and_ties_move_fewest_bytes():
     moves = [[0, 8], [0, 8], [0, 2], [0, 8], [8, 0], [8, 0]]  # tile 2 is cheap to move to rank 1
     computer = par.assign_tiles(costs, home, moves, 2)
     assert computer.tolist() == [0, -1, 1, 0, -1, -1]
+    # a rank over its share keeps the tiles dearest to move and gives away the cheap one, whatever its index
+    assert par.assign_tiles([1.0, 1.0], torch.tensor([0, 0]), [[0, 2], [0, 8]], 2).tolist() == [1, 0]
+    assert par.assign_tiles([1.0, 1.0], torch.tensor([0, 0]), [[0, 8], [0, 2]], 2).tolist() == [0, 1]
     with_ties = par.assign_tiles([1.0] * 3, torch.tensor([0, 0, 0]), [[0, 9, 3]] * 3, 3)
     assert sorted(with_ties.tolist()) == [0, 1, 2]
     assert par.assign_tiles([1.0] * 4, torch.tensor([0, 0, 0, 0]), [[0, 9, 3]] * 4, 3).tolist().count(2) == 1

@@ -275,6 +275,46 @@ class TwoForwardGuidance(ModelAdapter):
         return uncond + cond.guidance_scale * (outputs["cond"] - uncond)
 
 
+class BatchedGuidance(ModelAdapter):
+    """An adapter whose pipeline runs classifier-free guidance as one forward of both branches batched,
+    upcasting the output to fp32 before combining them (CogVideoX, LTX-Video). With
+    ``separate_guidance`` (set by the subclass's constructor) :meth:`predict` runs the branches as two
+    forwards instead, exactly :meth:`predict_branch` of each and :meth:`guide`, which tile parallelism
+    may run on two ranks."""
+
+    separate_guidance: bool = False
+
+    @abstractmethod
+    def _guided(self, cond: Conditioning) -> bool:
+        """Whether ``cond`` asks for classifier-free guidance (two branches)."""
+
+    @abstractmethod
+    def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str | None) -> torch.Tensor:
+        """``branch=None``: the prediction, guidance batched in one forward as the pipeline runs it; else
+        that guidance branch's forward alone, its output in the model's dtype."""
+
+    def prediction_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # the model's output is upcast before guidance, as the pipelines do
+
+    def batches_guidance(self, cond: Conditioning) -> bool:
+        return self._guided(cond) and not self.separate_guidance
+
+    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
+        return ("cond", "uncond") if self._guided(cond) and self.separate_guidance else ()
+
+    def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
+        branches = self.guidance_branches(cond)
+        if branches:  # separate_guidance: exactly what tile parallelism computes on two ranks
+            outputs = {b: self._predict(tiles, timestep, cond, origins, canvas_hw, b) for b in branches}
+            return self.guide(outputs, cond, timestep)
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, None)
+
+    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
+        if branch not in self.guidance_branches(cond):
+            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
+        return self._predict(tiles, timestep, cond, origins, canvas_hw, branch)
+
+
 def call_default_latent(pipe, spatial_scale: int) -> tuple[int, int]:
     """The pipeline's default ``height``/``width`` in latent cells: the size its model is made for (the
     native tile of families whose pipelines say it only there)."""

@@ -41,7 +41,7 @@ import math
 import torch
 
 from ..ops import halo_gather
-from .base import Conditioning, ModelAdapter, ModelSpec, register_adapter
+from .base import BatchedGuidance, Conditioning, ModelSpec, register_adapter
 
 _PREDICTION = {"v_prediction": "v", "epsilon": "epsilon"}
 _VAE_TILING_ATTRS = (
@@ -74,7 +74,7 @@ def consistent_overlap(latent_tile: int, factor: float, scale: int) -> float:
 
 
 @register_adapter("CogVideoXTransformer3DModel")
-class CogVideoXAdapter(ModelAdapter):
+class CogVideoXAdapter(BatchedGuidance):
     """CogVideoX 1.0 (2b sincos, 5b RoPE) and 1.5 (RoPE, temporal patch 2), T2V and I2V.
 
     Args:
@@ -342,14 +342,8 @@ class CogVideoXAdapter(ModelAdapter):
             )
         return n, batch
 
-    def prediction_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
-        return torch.float32  # the model's output is upcast before guidance, as the pipelines do
-
-    def batches_guidance(self, cond: Conditioning) -> bool:
-        return cond.guidance_scale > 1.0 and not self.separate_guidance
-
-    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
-        return ("cond", "uncond") if cond.guidance_scale > 1.0 and self.separate_guidance else ()
+    def _guided(self, cond: Conditioning) -> bool:
+        return cond.guidance_scale > 1.0
 
     def _guidance_scale(self, cond: Conditioning, t) -> float:
         scale = cond.guidance_scale
@@ -363,22 +357,7 @@ class CogVideoXAdapter(ModelAdapter):
         return uncond + self._guidance_scale(cond, timestep) * (outputs["cond"].float() - uncond)
 
     @torch.no_grad()
-    def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
-        branches = self.guidance_branches(cond)
-        if branches:  # separate_guidance: exactly what tile parallelism computes on two ranks
-            outputs = {b: self._predict(tiles, timestep, cond, origins, canvas_hw, b) for b in branches}
-            return self.guide(outputs, cond, timestep)
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, None)
-
-    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
-        if branch not in self.guidance_branches(cond):
-            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, branch)
-
-    @torch.no_grad()
     def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch) -> torch.Tensor:
-        """``branch=None``: the prediction, guidance batched in one forward as the pipelines run it;
-        else that guidance branch's forward alone, its output in the model's dtype."""
         transformer = self.pipe.transformer
         origins = torch.as_tensor(origins, dtype=torch.int64)
         n_tiles, batch = self._check(tiles, cond, origins, canvas_hw)

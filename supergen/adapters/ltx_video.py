@@ -38,8 +38,8 @@ import inspect
 import torch
 
 from .base import (
+    BatchedGuidance,
     Conditioning,
-    ModelAdapter,
     ModelSpec,
     call_default_latent,
     cast_first_dtype,
@@ -52,7 +52,7 @@ DECODE_ARGUMENTS = ("decode_timestep", "decode_noise_scale")
 
 
 @register_adapter("LTXVideoTransformer3DModel")
-class LTXVideoAdapter(ModelAdapter):
+class LTXVideoAdapter(BatchedGuidance):
     """LTX-Video text-to-video, classifier-free guidance batched in one forward.
 
     Args:
@@ -241,14 +241,8 @@ class LTXVideoAdapter(ModelAdapter):
             coords.append(grid.flatten(1).unsqueeze(0).expand(batch, -1, -1))
         return torch.cat(coords)
 
-    def prediction_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
-        return torch.float32  # the model's output is upcast before guidance, as the pipeline does
-
-    def batches_guidance(self, cond: Conditioning) -> bool:
-        return cond.embeds["uncond"] is not None and not self.separate_guidance
-
-    def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
-        return ("cond", "uncond") if cond.embeds["uncond"] is not None and self.separate_guidance else ()
+    def _guided(self, cond: Conditioning) -> bool:
+        return cond.embeds["uncond"] is not None
 
     def guide(self, outputs: dict, cond: Conditioning, timestep=None) -> torch.Tensor:
         """The pipeline's expressions, with ``guidance_rescale``'s standard deviations taken over each
@@ -264,22 +258,7 @@ class LTXVideoAdapter(ModelAdapter):
         return pred
 
     @torch.no_grad()
-    def predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw) -> torch.Tensor:
-        branches = self.guidance_branches(cond)
-        if branches:  # separate_guidance: exactly what tile parallelism computes on two ranks
-            outputs = {b: self._predict(tiles, timestep, cond, origins, canvas_hw, b) for b in branches}
-            return self.guide(outputs, cond, timestep)
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, None)
-
-    def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
-        if branch not in self.guidance_branches(cond):
-            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
-        return self._predict(tiles, timestep, cond, origins, canvas_hw, branch)
-
-    @torch.no_grad()
     def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch) -> torch.Tensor:
-        """``branch=None``: the prediction, guidance batched in one forward as the pipeline runs it; else
-        that guidance branch's forward alone, its output in the model's dtype."""
         from diffusers.pipelines.ltx.pipeline_ltx import rescale_noise_cfg
 
         transformer = self.pipe.transformer
