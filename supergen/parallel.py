@@ -1267,6 +1267,23 @@ def _halo_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
     return latents.dtype if choose is None else choose(latents.dtype)
 
 
+def idle_ranks_message(config: ParallelConfig, world: int, num_tiles: int, split: bool, adapter, cond) -> str | None:
+    """What rank 0 warns when some of ``world`` ranks have no forward to run in a step of ``num_tiles``
+    tiles (``split``: guidance split, two forwards a tile), naming ``separate_guidance`` where the
+    adapter batches its guidance and a split would be allowed; ``None`` when every rank has work."""
+    useful = num_tiles * (2 if split else 1)  # ranks with a forward to run
+    if world <= useful:
+        return None
+    what = "tiles per step" + (" (two guidance branches each)" if split else "")
+    message = (f"{world} ranks share {num_tiles} {what}, so {world - useful} of them have no tile to compute; "
+               f"at most {useful} processes (--nproc-per-node) refine this canvas as fast.")  # fmt: skip
+    batched = getattr(adapter, "batches_guidance", None)
+    if batched is not None and batched(cond) and config.split_guidance and config.rebalance:
+        message += (f" {type(adapter).__name__} batches guidance into one forward per tile; with the adapter "
+                    f"option separate_guidance=True (CLI --separate-guidance) two ranks share each tile.")  # fmt: skip
+    return message
+
+
 def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid, plan, *, generator=None,
                    progress_bar=None, cache=None) -> torch.Tensor | None:  # fmt: skip
     """Stage 2 shared by ``ctx.world_size`` ranks (same contract as :func:`supergen.stages.refine`).
@@ -1319,19 +1336,9 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
                                         latents_migrate=rebuild is None, cache=tile_cache, split=split)  # fmt: skip
     ctx.regions = regions
     ctx.latents_rebuilt = rebuild is not None and regions == "follow"
-    useful = grid.num_tiles * (2 if split else 1)  # ranks with a forward to run
-    if me == 0 and R > useful:
-        what = "tiles per step" + (" (two guidance branches each)" if split else "")
-        batched = getattr(adapter, "batches_guidance", None)
-        hint = ""
-        if batched is not None and batched(cond) and ctx.config.split_guidance:
-            hint = (f" {type(adapter).__name__} batches guidance into one forward per tile; with the adapter "
-                    f"option separate_guidance=True (CLI --separate-guidance) two ranks share each tile.")  # fmt: skip
-        warnings.warn(
-            f"{R} ranks share {grid.num_tiles} {what}, so {R - useful} of them have no tile to "
-            f"compute; at most {useful} processes (--nproc-per-node) refine this canvas as fast.{hint}",
-            stacklevel=2,
-        )
+    idle = idle_ranks_message(ctx.config, R, grid.num_tiles, split, adapter, cond)
+    if me == 0 and idle is not None:
+        warnings.warn(idle, stacklevel=2)
     layout = Layout.first(grid, R, len(timesteps), regions, ctx.config.rebalance, owner)
     x = flat[..., layout.cells(me).to(flat.device)].unsqueeze(-2).clone()  # (B, C, T, 1, K)
     if tile_cache is not None:

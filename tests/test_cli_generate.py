@@ -243,3 +243,18 @@ def test_noise_reshifting_from_the_command_line(tmp_path):
     data = json.loads(report.read_text())
     assert data["sizes"]["sketch_reshift"] == {"native_steps": 2, "scale": 0.5, "latent": [2, 4, 4]}
     assert data["sizes"]["target"] == [96, 64]
+
+
+def test_separate_guidance_flag_is_a_no_op_for_two_forward_families(tmp_path):
+    """`--separate-guidance` is an option of the adapters that batch guidance (CogVideoX, LTX-Video); Wan
+    already runs two forwards per tile, so the flag changes nothing: the same latent bit for bit."""
+    from safetensors.torch import load_file
+
+    latents = []
+    for flag in ([], ["--separate-guidance"]):
+        path = tmp_path / f"l{len(flag)}.safetensors"
+        argv = ["generate", *SMALL, "--out", str(tmp_path / f"v{len(flag)}.mp4"), "--save-latents", str(path)]
+        assert main([*argv, *flag]) == 0
+        latents.append(load_file(path))
+    assert latents[0].keys() == latents[1].keys()
+    assert all(torch.equal(latents[0][k], latents[1][k]) for k in latents[0])

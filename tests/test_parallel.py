@@ -776,6 +776,27 @@ def test_fill_idle_slots_balances_any_decision(seed):
         assert not filled.any()
 
 
+def test_idle_ranks_message_names_separate_guidance_where_guidance_is_batched():
+    from helpers import ltx_text, tiny_ltx_pipeline
+
+    from supergen.adapters.ltx_video import LTXVideoAdapter
+
+    pipe = tiny_ltx_pipeline()
+    batched, separate = LTXVideoAdapter(pipe), LTXVideoAdapter(pipe, separate_guidance=True)
+    cond = batched.conditioning((1, 8, 3, 8, 48), **ltx_text(), guidance_scale=3.0)
+    config = ParallelConfig()
+    assert par.idle_ranks_message(config, 3, 3, False, batched, cond) is None
+    message = par.idle_ranks_message(config, 4, 3, False, batched, cond)
+    assert message.startswith("4 ranks share 3 tiles per step, so 1 of them have no tile to compute; at most 3")
+    assert "LTXVideoAdapter batches guidance" in message and "separate_guidance=True" in message
+    whole = par.idle_ranks_message(ParallelConfig(split_guidance=False), 4, 3, False, batched, cond)
+    assert "separate_guidance" not in whole  # the user keeps tiles whole: nothing to suggest
+    assert par.idle_ranks_message(config, 6, 3, True, separate, cond) is None  # 3 tiles, 2 forwards each
+    message = par.idle_ranks_message(config, 8, 3, True, separate, cond)
+    assert "3 tiles per step (two guidance branches each), so 2 of them" in message
+    assert "separate_guidance" not in message
+
+
 def test_guidance_branches_split_only_where_they_shorten_the_step():
     def split(computer, world, moves=None):
         computer = torch.tensor(computer)
