@@ -80,7 +80,8 @@ The whole run in native-size forwards (a sketch forward is a tile's size), cache
 ``run_forwards_busiest_rank`` = stage 1 (all 50 steps, two forwards each, on rank 0; with the split one
 each on ranks 0 and 1, plus a first step on both: 51) + the busiest rank's refinement forwards, for one
 process, whole tiles and the split, and ``tiles_split``: the sketch on rank 0, the tiles split (CogVideoX and
-LTX-Video with ``separate_guidance``: their pipelines batch the sketch's guidance in one forward);
+LTX-Video with ``separate_guidance`` where their batched sketch call does not split exactly: a half batch
+not bit for bit a slice of the whole; where it does, their sketch takes one forward more than ``split``'s);
 ``run_speedup_*`` = one process / that: the wall-time speed-up the forward count allows (VAE, transfers and
 the text encoder not counted).
 
@@ -325,8 +326,8 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
             "whole": c["busiest_rank_forwards_per_run"],
             "split": c["busiest_rank_forwards_per_run_split"],
         }
-        # CogVideoX and LTX-Video batch the sketch's guidance (rank 0 alone) but split the tiles' with
-        # separate_guidance: "tiles_split"
+        # CogVideoX and LTX-Video where their batched sketch call does not split exactly (rank 0 alone),
+        # the tiles' guidance split with separate_guidance: "tiles_split"
         refine["tiles_split"] = refine["split"]
         stage1 = {"one_process": 2 * STEPS, "whole": 2 * STEPS, "split": STEPS + 1, "tiles_split": 2 * STEPS}
         run_forwards = {k: stage1[k] + refine[k] for k in refine}

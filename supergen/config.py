@@ -115,14 +115,18 @@ class ParallelConfig:
             the state in fp32), a multistep scheduler or the tile cache (``bench/parallel.py`` counts
             both); ``follow`` wins for a history-free scheduler or a slowly drifting grid.
         split_guidance: with classifier-free guidance run as two forwards per tile (the Wan and
-            HunyuanVideo adapters: ``ModelAdapter.guidance_branches``), a step's busiest rank may hand
+            HunyuanVideo adapters, CogVideoX and LTX-Video with their ``separate_guidance`` option:
+            ``ModelAdapter.guidance_branches``), a step's busiest rank may hand
             the unconditional forward of a tile to an idle rank, which sends that output back (one
             tile in the model's dtype) for the computer to combine: same result, and a step of ``C``
             tiles on ``R`` ranks takes ``ceil(2 C / R)`` forwards instead of ``2 ceil(C / R)`` (4 tiles
             on 8 ranks: half the time). Only where it shortens the step; needs ``rebalance``. Stage 1
             too: ranks 0 and 1 run the stock pipeline together, one guidance forward each per step
             (``ModelAdapter.sketch_guidance_pairs``; half the sketch's forwards per rank, the same
-            latent). ``False``: whole tiles, and stage 1 on rank 0 alone.
+            latent), or, where the pipeline batches both branches in one call (CogVideoX, LTX-Video:
+            ``ModelAdapter.sketch_guidance_batched``), half the batch each where a half is exactly a
+            slice of the whole call (probed on the first call). ``False``: whole tiles, and stage 1 on
+            rank 0 alone.
     """
 
     backend: str = "auto"

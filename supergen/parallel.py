@@ -71,7 +71,10 @@ Design (why it is shaped this way)
   forward pair per step for all N steps, on one rank while the others wait; on 8 ranks at 2K that is
   more forwards than a rank's share of the refinement. Where the stock pipeline guides with two calls
   per step, ranks 0 and 1 both run it and compute one call each, swapping the outputs, so the
-  pipeline itself stays unmodified and its latent is the one-process latent.
+  pipeline itself stays unmodified and its latent is the one-process latent. Where it batches both
+  branches in one call (CogVideoX, LTX-Video), each computes half the batch (:class:`SketchBatchSplit`),
+  but only after the first call of each size has shown, on both ranks, that a half is bit for bit a
+  slice of the whole call (kernels may not give a sample the same bits in another batch size).
 * **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
   prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
   stays with its cells (with ``follow`` regions it migrates with them, like the scheduler's). Its
@@ -513,6 +516,112 @@ class SketchGuidanceSplit(_WrapsForwards):
             )
         self.sent += _transfer(self.ctx, {self.peer: [mine]}, {self.peer: [first_out]}, None)
         return out
+
+
+def _has_foreign_hooks(module) -> bool:
+    """Whether ``module`` or a submodule carries diffusers hooks other than supergen's rotary one (a cache
+    such as FirstBlockCache keeps state across calls, which splitting a call in two would change)."""
+    for m in module.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        names = getattr(registry, "hooks", {}) if registry is not None else {}
+        if any(name != _ROPE_HOOK_NAME for name in names):
+            return True
+    return False
+
+
+_ROPE_HOOK_NAME = "supergen_canvas_rope"  # adapters.base._ROPE_HOOK, named here to keep imports one-way
+
+
+class SketchBatchSplit(_WrapsForwards):
+    """Stage 1's batched guidance on two ranks, the stock pipeline unchanged, where the result is the
+    same bit for bit.
+
+    CogVideoX and LTX-Video run classifier-free guidance as one transformer call on a batch of both
+    branches (``[uncond; cond]``; ``ModelAdapter.sketch_guidance_batched``). Ranks 0 and 1 both run
+    the stock pipeline with this context around it: rank 0 computes the first half of each call's
+    batch, rank 1 the second (every tensor argument whose first dimension is the call's batch is cut
+    in two), and the two swap their halves, so both return the whole output. That equals the batched
+    call only where the model's kernels give a sample the same bits in a batch of one as in a batch of
+    two, which depends on the kernels (GPU matrix products may pick another algorithm for another
+    size): so the first call of each input size runs whole on both ranks *and* in halves, and the split
+    goes on only if both ranks' halves equal their slices of the whole call exactly; otherwise every
+    call stays whole (the one-process result either way). Models with diffusers hooks (a cache such
+    as FirstBlockCache keeps state across calls) are never split. ``forwards`` counts half-batch
+    forwards (a whole call is two).
+    """
+
+    def __init__(self, ctx: ParallelContext, modules):
+        if ctx.rank not in (0, 1) or ctx.world_size < 2:
+            raise ValueError(f"the sketch's guidance splits between ranks 0 and 1, not rank {ctx.rank}.")
+        super().__init__(modules)
+        self.ctx, self.peer = ctx, 1 - ctx.rank
+        self.enabled = not any(_has_foreign_hooks(m) for m in self.modules)  # the same on both ranks
+        self.forwards = 0
+        self.sent = 0
+        self._learned: dict = {}  # input signature -> (shape, dtype, device, rebuild)
+
+    def __enter__(self) -> SketchBatchSplit:
+        self._wrap()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unwrap()
+
+    def _half(self, args, kwargs, n: int):
+        """This rank's half of a call's arguments: tensors whose first dimension is the batch ``n``."""
+        lo, hi = (0, n // 2) if self.ctx.rank == 0 else (n // 2, n)
+
+        def cut(v):
+            return v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+
+        return [cut(a) for a in args], {k: cut(v) for k, v in kwargs.items()}
+
+    def _agree(self, ok: bool) -> bool:
+        """Both ranks' verdicts combined (both must hold)."""
+        device = _comm_device(self.ctx)
+        mine, theirs = torch.tensor([int(ok)], device=device), torch.zeros(1, dtype=torch.int64, device=device)
+        _transfer(self.ctx, {self.peer: [mine]}, {self.peer: [theirs]}, None)
+        return bool(ok) and bool(int(theirs))
+
+    def _call(self, forward, *args, **kwargs):
+        hidden, _ = SketchGuidanceSplit._inputs(args, kwargs)
+        n = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() > 0 else 0
+        if not self.enabled or n < 2 or n % 2:
+            self.forwards += 2
+            return forward(*args, **kwargs)
+        signature = (tuple(hidden.shape), hidden.dtype, hidden.device)
+        if signature not in self._learned:  # whole, and in halves: does this model split exactly?
+            out = forward(*args, **kwargs)
+            whole, rebuild = SketchGuidanceSplit._output(out)
+            half_args, half_kwargs = self._half(args, kwargs, n)
+            half, _ = SketchGuidanceSplit._output(forward(*half_args, **half_kwargs))
+            self.forwards += 3
+            lo = 0 if self.ctx.rank == 0 else n // 2
+            exact = whole is not None and half is not None and half.shape[0] == n // 2
+            exact = exact and half.dtype == whole.dtype and torch.equal(half, whole[lo : lo + n // 2])
+            if self._agree(exact):
+                self._learned[signature] = (tuple(whole.shape), whole.dtype, whole.device, rebuild)
+            else:
+                self.enabled = False
+            return out
+        shape, dtype, device, rebuild = self._learned[signature]
+        half_args, half_kwargs = self._half(args, kwargs, n)
+        mine, _ = SketchGuidanceSplit._output(forward(*half_args, **half_kwargs))
+        self.forwards += 1
+        if mine is None or (mine.shape[0], *mine.shape[1:]) != (shape[0] // 2, *shape[1:]) or mine.dtype != dtype:
+            raise RuntimeError(
+                f"split stage-1 guidance: a half-batch output {getattr(mine, 'shape', None)} "
+                f"{getattr(mine, 'dtype', None)} is not half of the whole call's {shape} {dtype}."
+            )
+        full = torch.empty(shape, dtype=dtype, device=device)
+        lo = 0 if self.ctx.rank == 0 else shape[0] // 2
+        other = shape[0] // 2 - lo
+        full[lo : lo + shape[0] // 2] = mine
+        theirs = full[other : other + shape[0] // 2]
+        buf = torch.empty_like(mine)
+        self.sent += _transfer(self.ctx, {self.peer: [mine.contiguous()]}, {self.peer: [buf]}, None)
+        theirs.copy_(buf)
+        return rebuild(full)
 
 
 def agree_on_canvas(ctx: ParallelContext, latents: torch.Tensor) -> torch.Tensor:

@@ -367,23 +367,31 @@ class SuperGen:
 
         # 2. Stage 1: sketch at the native size with the stock pipeline.
         #    Under tile parallelism rank 0 runs it (with rank 1 where its guidance is two forwards per
-        #    step: one each) and broadcasts it with its random state.
+        #    step, or one on a batch of both that splits exactly: one each) and broadcasts it with its
+        #    random state.
         with stage("sketch"):
             shared = parallel is not None and parallel.distributed and sketch_latents is None
             split = shared and parallel.config.split_guidance
-            split = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
+            pairs = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
+            split = pairs or (split and adapter.sketch_guidance_batched({**text, **pipeline_kwargs}))
             low = None
             denoisers = [pipe.transformer, getattr(pipe, "transformer_2", None)]
             guard, heartbeat = contextlib.nullcontext(), contextlib.nullcontext()
             if shared:  # the waiting ranks follow rank 0's forwards, so that no transfer waits the whole sketch
-                from .parallel import SketchGuidanceSplit, SketchHeartbeat, sketch_waiters_group, wait_for_sketch
+                from .parallel import (
+                    SketchBatchSplit,
+                    SketchGuidanceSplit,
+                    SketchHeartbeat,
+                    sketch_waiters_group,
+                    wait_for_sketch,
+                )
 
                 runners = (0, 1) if split else (0,)
                 group = sketch_waiters_group(parallel, runners)
                 if parallel.rank == 0:
                     heartbeat = SketchHeartbeat(parallel, group, denoisers)
                 if split and parallel.rank in runners:
-                    guard = SketchGuidanceSplit(parallel, denoisers)
+                    guard = (SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, denoisers)
                 if parallel.rank not in runners:
                     wait_for_sketch(parallel, group)
             if not shared or parallel.rank == 0 or (split and parallel.rank == 1):

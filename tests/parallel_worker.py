@@ -219,6 +219,47 @@ def sketch_split_case(ctx) -> dict:
     return result
 
 
+def batch_split_case(ctx) -> dict:
+    """:class:`SketchBatchSplit` around cheap batched "models" on ranks 0 and 1: one whose samples are
+    independent (its halves are exact: split after the first call of each size), one whose samples
+    interact (not exact: every call whole), and one carrying a diffusers hook (never split)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from supergen.parallel import SketchBatchSplit
+
+    class Batched(torch.nn.Module):
+        def __init__(self, coupled: bool):
+            super().__init__()
+            self.coupled = coupled
+
+        def forward(self, hidden_states, encoder_hidden_states, timestep, ofs=None, return_dict=False):
+            out = hidden_states.sin() * encoder_hidden_states + timestep[:, None] + (0 if ofs is None else ofs)
+            if self.coupled:  # the samples of a batch interact: a half is not a slice of the whole
+                out = out - out.mean(dim=0, keepdim=True)
+            return (out,) if not return_dict else {"sample": out}
+
+    result = {}
+    for name, coupled in (("independent", False), ("coupled", True)):
+        model = Batched(coupled)
+        with SketchBatchSplit(ctx, [model]) as split:
+            ok = True
+            for shape, as_dict in (((4, 3), False), ((2, 5), True)):  # two input sizes, each probed once
+                x = torch.linspace(-1, 1, math.prod(shape)).reshape(shape)
+                text = torch.arange(1.0, shape[0] + 1)[:, None]  # one "prompt" per sample
+                ofs = torch.full((1,), 0.25)  # not batched: every half gets it whole
+                for step in range(3):
+                    t = torch.full((shape[0],), float(step))
+                    out = model(hidden_states=x, encoder_hidden_states=text, timestep=t, ofs=ofs, return_dict=as_dict)
+                    out = out["sample"] if as_dict else out[0]
+                    ok &= torch.equal(out, Batched.forward(model, x, text, t, ofs)[0])  # the whole call's
+                    x = out * 0.5
+        result[name] = {"ok": bool(ok), "enabled": split.enabled, "forwards": split.forwards, "sent": split.sent}
+    hooked = Batched(False)
+    HookRegistry.check_if_exists_or_initialize(hooked).register_hook(ModelHook(), "first_block_cache")
+    result["hooked_enabled"] = SketchBatchSplit(ctx, [hooked]).enabled
+    return result
+
+
 def long_sketch_case(ctx, case: dict) -> dict:
     """Rank 0 runs a "sketch" of ``calls`` model calls of ``seconds`` each under :class:`SketchHeartbeat`,
     longer in all than the process group's timeout; the other ranks wait for it, then all meet."""
@@ -269,9 +310,10 @@ def main(spec_path: str, out_dir: str) -> None:
             result = long_sketch_case(par.setup(config), case)
             (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
             continue
-        if case.get("kind") == "sketch_split":
+        if case.get("kind") in ("sketch_split", "batch_split"):
             if rank < 2:
-                result = sketch_split_case(par.setup(config))
+                run = sketch_split_case if case["kind"] == "sketch_split" else batch_split_case
+                result = run(par.setup(config))
                 (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
             continue
         if case.get("model") in ("tiny", "tiny_ltx"):

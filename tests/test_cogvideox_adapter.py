@@ -240,6 +240,24 @@ def test_separate_guidance_is_what_two_ranks_compute(monkeypatch, kind, i2v, dyn
     assert batched.predict(tiles, t, cond, origins, canvas_hw).dtype == batched.prediction_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
+def test_sketch_guidance_batched_is_the_pipelines_call(guidance_scale):
+    """Tile parallelism may cut the stock pipeline's batched guidance call in two (SketchBatchSplit): the
+    adapter says so exactly where the pipeline calls its transformer once per step on both branches."""
+    pipe = _pipeline("rope10")
+    adapter = adapter_for(pipe)
+    pe, ne = _text()
+    calls = []
+    handle = _spy(pipe.transformer, calls)
+    pipe(height=8 * S, width=12 * S, num_frames=9, num_inference_steps=2, output_type="latent", prompt_embeds=pe,
+         negative_prompt_embeds=ne, guidance_scale=guidance_scale)  # fmt: skip
+    handle.remove()
+    assert [c["hidden_states"].shape[0] for c in calls] == ([2, 2] if guidance_scale > 1 else [1, 1])
+    assert adapter.sketch_guidance_batched({"guidance_scale": guidance_scale}) == (guidance_scale > 1)
+    assert adapter.sketch_guidance_batched({})  # the pipeline's default guidance (6.0)
+    assert not adapter.sketch_guidance_pairs({"guidance_scale": guidance_scale})
+
+
 # -- (2) positions ---------------------------------------------------------------------------------------
 
 

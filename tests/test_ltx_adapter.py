@@ -146,6 +146,24 @@ def test_separate_guidance_is_what_two_ranks_compute(monkeypatch, rescale):
     assert batched.predict(tiles, t, cond, origins, (8, 24)).dtype == batched.prediction_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_sketch_guidance_batched_is_the_pipelines_call(guidance_scale):
+    """Tile parallelism may cut the stock pipeline's batched guidance call in two (SketchBatchSplit): the
+    adapter says so exactly where the pipeline calls its transformer once per step on both branches."""
+    pipe = _pipeline()
+    adapter = adapter_for(pipe)
+    batches = []
+    hook = lambda m, a, kw: batches.append(kw["hidden_states"].shape[0])  # noqa: E731
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    pipe(height=32, width=64, num_frames=9, num_inference_steps=2, output_type="latent", guidance_scale=guidance_scale,
+         **_text())  # fmt: skip
+    handle.remove()
+    assert batches == ([2, 2] if guidance_scale > 1 else [1, 1])
+    assert adapter.sketch_guidance_batched({"guidance_scale": guidance_scale}) == (guidance_scale > 1)
+    assert adapter.sketch_guidance_batched({})  # the pipeline's default guidance (3.0)
+    assert not adapter.sketch_guidance_pairs({"guidance_scale": guidance_scale})
+
+
 @pytest.mark.parametrize("timestep_conditioning", [False, True])
 def test_vae_round_trip_and_decode_are_the_pipelines(timestep_conditioning):
     pipe = _pipeline(timestep_conditioning=timestep_conditioning)

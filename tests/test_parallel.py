@@ -137,8 +137,9 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
     # at 2 ranks also the tiny Wan through SuperGen, and ranks started with different prompts
     mismatch = dict(TINY, name="mismatch", prompt_by_rank=["a red fox", "a blue fox"])
     sketch_split = {"name": "sketch_split", "kind": "sketch_split"}  # SketchGuidanceSplit on a cheap "model"
+    batch_split = {"name": "batch_split", "kind": "batch_split"}  # SketchBatchSplit on cheap batched "models"
     # at 3 ranks the decoded tiny Wan: rank 0 splits the sketch's guidance with rank 1 and beats for rank 2
-    tiny = [mismatch, sketch_split, *TINY_CASES] if world == 2 else [TINY_DECODE] if world == 3 else []
+    tiny = [mismatch, sketch_split, batch_split, *TINY_CASES] if world == 2 else [TINY_DECODE] if world == 3 else []
     cases = CASES + FIXED_CASES + FILL_CASES + tiny
     results = _wait(_launch(world, cases, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
@@ -313,6 +314,16 @@ def test_ranks_reproduce_the_single_process_latent(world, single_process, tmp_pa
             assert got["pairs"] == {"ok": True, "forwards": 8, "sent": 2 * (6 + 5) * 4}, got
             assert got["unpaired"] == {"ok": True, "enabled": False, "forwards": 6}, got
             assert "not (conditional, unconditional) pairs" in got["error"], got
+        # stage 1's batched guidance on its own: where a half of the batch is exactly a slice of the whole
+        # call (independent samples), the first call of each size runs whole and in halves (3 half-batch
+        # forwards), every later one a half each (2 sizes x (3 + 2) = 10 instead of 12), the halves swapped
+        # (fp32: (2 x 3 + 1 x 5) values x 2 later calls); where samples interact, the probe fails on both ranks
+        # and every call stays whole; a model with diffusers hooks (a stateful cache) never splits
+        for rank in range(2):
+            got = json.loads((tmp_path / f"batch_split.rank{rank}.json").read_text())
+            assert got["independent"] == {"ok": True, "enabled": True, "forwards": 10, "sent": 2 * (6 + 5) * 4}, got
+            assert got["coupled"] == {"ok": True, "enabled": False, "forwards": 3 + 2 * 2 + 3 * 2, "sent": 0}, got
+            assert got["hooked_enabled"] is False, got
         # a bf16 model's input halos travel in bf16: the same cells as the fp32 run, half the bytes
         fp32, bf16 = (json.loads((tmp_path / f"{c['name']}.rank1.json").read_text()) for c in (TINY, TINY_BF16))
         assert fp32["bytes_sent_by_kind"]["inputs"] > 0
@@ -344,6 +355,13 @@ def test_batched_guidance_family_reproduces_one_process_and_splits_separate_guid
         assert torch.equal(got, single), (case["name"], (got - single).abs().max().item())
         ranks = [json.loads((tmp_path / f"{case['name']}.rank{r}.json").read_text()) for r in range(2)]
         assert all(sorted(f, reverse=True) == forwards for f in ranks[0]["forwards_per_rank"]), ranks[0]
+        # stage 1 (4 steps, one batched call each) on ranks 0 and 1: split where a half-batch forward is
+        # exactly a slice of the whole call (the first call probes it: whole and a half, 3 half-batch
+        # forwards, then one half per step), else every call whole on both; the latent is the same either way
+        steps = case["steps"]
+        split = [r["sketch_forwards"] for r in ranks] == [steps + 2] * 2
+        assert split or [r["sketch_forwards"] for r in ranks] == [3 + 2 * (steps - 1)] * 2, ranks
+        assert all((r["sketch_branches_bytes"] > 0) == split for r in ranks), ranks
         branches = [r["bytes_sent_by_kind"].get("branches", 0) for r in ranks]
         B, C, T, h, w = 1, 8, 3, 8, 16  # one tile's branch output, bf16, per refined step
         want = B * C * T * h * w * 2 * case["refine_steps"] if case is TINY_LTX_SEPARATE else 0

@@ -238,6 +238,12 @@ class ModelAdapter(ABC):
         (:class:`supergen.parallel.SketchGuidanceSplit`). ``False``, the default: one call per step."""
         return False
 
+    def sketch_guidance_batched(self, pipeline_kwargs: dict) -> bool:
+        """Whether the stock pipeline, called with ``pipeline_kwargs``, runs guidance as one call of its
+        transformer per step on a batch of both branches, which tile parallelism may cut in two across
+        ranks where that is exact (:class:`supergen.parallel.SketchBatchSplit`). ``False``, the default."""
+        return False
+
     def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
         """The output of forward ``branch`` (one of :meth:`guidance_branches`) for ``tiles``, as
         :meth:`predict` computes it before combining."""
@@ -295,6 +301,12 @@ class BatchedGuidance(ModelAdapter):
 
     def prediction_dtype(self, latents_dtype: torch.dtype) -> torch.dtype:
         return torch.float32  # the model's output is upcast before guidance, as the pipelines do
+
+    def sketch_guidance_batched(self, pipeline_kwargs: dict) -> bool:
+        import inspect
+
+        default = inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default
+        return float(pipeline_kwargs.get("guidance_scale", default)) > 1.0  # the pipelines' CFG condition
 
     def batches_guidance(self, cond: Conditioning) -> bool:
         return self._guided(cond) and not self.separate_guidance
