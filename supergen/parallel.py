@@ -608,19 +608,16 @@ class SketchBatchSplit(_WrapsForwards):
         half_args, half_kwargs = self._half(args, kwargs, n)
         mine, _ = SketchGuidanceSplit._output(forward(*half_args, **half_kwargs))
         self.forwards += 1
-        if mine is None or (mine.shape[0], *mine.shape[1:]) != (shape[0] // 2, *shape[1:]) or mine.dtype != dtype:
+        half = shape[0] // 2
+        if mine is None or tuple(mine.shape) != (half, *shape[1:]) or mine.dtype != dtype:
             raise RuntimeError(
                 f"split stage-1 guidance: a half-batch output {getattr(mine, 'shape', None)} "
                 f"{getattr(mine, 'dtype', None)} is not half of the whole call's {shape} {dtype}."
             )
         full = torch.empty(shape, dtype=dtype, device=device)
-        lo = 0 if self.ctx.rank == 0 else shape[0] // 2
-        other = shape[0] // 2 - lo
-        full[lo : lo + shape[0] // 2] = mine
-        theirs = full[other : other + shape[0] // 2]
-        buf = torch.empty_like(mine)
-        self.sent += _transfer(self.ctx, {self.peer: [mine.contiguous()]}, {self.peer: [buf]}, None)
-        theirs.copy_(buf)
+        ours, theirs = (full[:half], full[half:]) if self.ctx.rank == 0 else (full[half:], full[:half])
+        ours.copy_(mine)
+        self.sent += _transfer(self.ctx, {self.peer: [ours]}, {self.peer: [theirs]}, None)  # contiguous halves
         return rebuild(full)
 
 
