@@ -116,7 +116,9 @@ class ParallelConfig:
             both); ``follow`` wins for a history-free scheduler or a slowly drifting grid.
         split_guidance: with classifier-free guidance run as two forwards per tile (the Wan and
             HunyuanVideo adapters, CogVideoX and LTX-Video with their ``separate_guidance`` option:
-            ``ModelAdapter.guidance_branches``), a step's busiest rank may hand
+            ``ModelAdapter.guidance_branches``; or the halves of CogVideoX's and LTX-Video's batched
+            forward where they are exact, :func:`supergen.parallel.exact_guidance_halves`), a step's
+            busiest rank may hand
             the unconditional forward of a tile to an idle rank, which sends that output back (one
             tile in the model's dtype) for the computer to combine: same result, and a step of ``C``
             tiles on ``R`` ranks takes ``ceil(2 C / R)`` forwards instead of ``2 ceil(C / R)`` (4 tiles

@@ -63,7 +63,9 @@ Design (why it is shaped this way)
   ``ceil(2 C / R)``; the helper receives the tile's
   input like any computer and sends its branch output back whole, and the computer combines the two
   with ``adapter.guide``, the arithmetic ``predict`` uses, so the result is the single-process one.
-  CogVideoX and LTX-Video batch the branches in one forward unless their adapters run them apart
+  CogVideoX and LTX-Video batch the branches in one forward: its halves split the same way where,
+  run apart, they give the batched prediction bit for bit (every rank checks the first tile before the
+  loop: :func:`exact_guidance_halves`), or where the adapters run them apart anyway
   (``separate_guidance``); a run that leaves ranks idle says so.
   This departs from "only halos move" on purpose: a tile's input and output per split tile and step
   are megabytes, a forward is seconds. Only where it shortens the step.
@@ -184,6 +186,8 @@ class ParallelContext:
     forwards: list[list[int]] = field(default_factory=list)
     regions: str | None = None  # the region policy the last refinement ran with (``auto`` resolved)
     latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
+    # a batched guidance forward's halves give its prediction exactly (None: not checked, no split possible)
+    guidance_halves: bool | None = None
     sketch_forwards: int | None = None  # forwards this rank ran in stage 1 when its guidance was split
     decode_plan: VaeBlocks | None = None  # how the ranks shared the final decode (:func:`decode_in_blocks`)
     groups: dict = field(default_factory=dict)  # process subgroups made for this run (:func:`sketch_waiters_group`)
@@ -1384,10 +1388,35 @@ def idle_ranks_message(config: ParallelConfig, world: int, num_tiles: int, split
     message = (f"{world} ranks share {num_tiles} {what}, so {world - useful} of them have no tile to compute; "
                f"at most {useful} processes (--nproc-per-node) refine this canvas as fast.")  # fmt: skip
     batched = getattr(adapter, "batches_guidance", None)
-    if batched is not None and batched(cond) and config.split_guidance and config.rebalance:
+    if batched is not None and batched(cond) and not split and config.split_guidance and config.rebalance:
         message += (f" {type(adapter).__name__} batches guidance into one forward per tile; with the adapter "
                     f"option separate_guidance=True (CLI --separate-guidance) two ranks share each tile.")  # fmt: skip
     return message
+
+
+def exact_guidance_halves(ctx: ParallelContext, adapter, latents, cond, grid, t) -> bool:
+    """Whether an adapter that batches both guidance branches in one forward (CogVideoX, LTX-Video:
+    ``adapter.batches_guidance``) gives, from the two halves run apart (``predict_branch``) and combined
+    as a computing rank combines them (``guide``, cells flattened), the batched prediction bit for bit,
+    so that guidance split may put them on two ranks. That depends on the kernels (a sample's output
+    in a batch of one against a batch of two) and on the guidance arithmetic (LTX-Video's
+    ``guidance_rescale`` sums in another order), so every rank runs the first tile of the canvas
+    ``latents`` both ways at ``t`` (one batched forward, two half-batch ones; tiles share one shape,
+    hence the kernels) and all must agree (one all-reduce)."""
+    import torch.distributed as dist
+
+    from .ops import halo_gather
+
+    canvas_hw = tuple(latents.shape[-2:])
+    origins = grid.at_step(0)[:1]
+    tile = halo_gather(latents, origins, grid.tile, 0, "torus" if grid.wrap else "zero")
+    whole = adapter.predict(tile, t, cond, origins, canvas_hw)
+    halves = {b: adapter.predict_branch(tile, t, cond, origins, canvas_hw, b).flatten(-2) for b in ("cond", "uncond")}
+    guided = adapter.guide(halves, cond, t)
+    exact = guided.dtype == whole.dtype and torch.equal(guided, whole.flatten(-2))
+    flag = torch.tensor([int(exact)], device=_comm_device(ctx))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(int(flag))
 
 
 def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid, plan, *, generator=None,
@@ -1425,7 +1454,25 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     regions, owner = ctx.config.regions, None
     # Guidance split: a tile's two guidance branches may run on two ranks where that shortens a step
     branches = _guidance_branches(adapter, cond)
-    split = ctx.config.split_guidance and ctx.config.rebalance and len(branches) == 2 and R > 1
+    split = ctx.config.split_guidance and ctx.config.rebalance and R > 1
+    # CogVideoX/LTX-Video batch both branches in one forward: its halves may run on two ranks where they
+    # give the batched prediction bit for bit (checked once on this run's first tile, by every rank), and
+    # only where a split can shorten a step (tiles that do not divide evenly, or the cache's skips)
+    ctx.guidance_halves = None
+    batched = getattr(adapter, "batches_guidance", None)
+    if (
+        split
+        and not branches
+        and batched is not None
+        and batched(cond)
+        and (tile_cache is not None or grid.num_tiles % R)
+    ):
+        if not _has_foreign_hooks(adapter.pipe.transformer):
+            sigma = float(sigmas[begin]) if sigmas is not None else None
+            adapter.begin_step(begin, timesteps[0], sigma, plan.num_inference_steps)
+            ctx.guidance_halves = exact_guidance_halves(ctx, adapter, latents, cond, grid, timesteps[0])
+            branches = ("cond", "uncond") if ctx.guidance_halves else ()
+    split = split and len(branches) == 2
     # Fixed regions move no state; otherwise probe it (UniPC's latents are its predictor applied to its
     # history, so following regions rebuild them instead of sending them)
     probe = None if regions == "fixed" else probe_scheduler(adapter, scheduler, flat[..., :1].unsqueeze(-2), begin)

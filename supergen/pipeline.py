@@ -509,6 +509,7 @@ class SuperGen:
             "latents_rebuilt_from_history": ctx.latents_rebuilt,  # following regions did not send the latents
             "computed_tiles_per_rank": ctx.computed_tiles,
             "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
+            "guidance_halves_exact": ctx.guidance_halves,  # a batched guidance forward split exactly (None: unchecked)
             "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1's guidance was split (else None)
             "decode_blocks": None if ctx.decode_plan is None else ctx.decode_plan._asdict(),  # the shared decode
             "encode_blocks": None if ctx.encode_plan is None else ctx.encode_plan._asdict(),  # the upscale's encode

@@ -166,7 +166,8 @@ def tiny_ltx_case(case: dict, parallel_config):
     options = {"separate_guidance": True} if case.get("separate_guidance") else {}
     sg = SuperGen(pipe, tiling=TilingConfig(tile=(8, 16)), positions="canvas", parallel=parallel_config,
                   adapter_options=options)  # fmt: skip
-    out = sg(**text, guidance_scale=3.0, guidance_rescale=0.5, height=case["height"], width=case["width"],
+    rescale = case.get("guidance_rescale", 0.5)
+    out = sg(**text, guidance_scale=3.0, guidance_rescale=rescale, height=case["height"], width=case["width"],
              sketch_height=32, sketch_width=64, num_frames=9, num_inference_steps=case["steps"],
              refine_steps=case["refine_steps"], generator=torch.Generator().manual_seed(0),
              output_type="latent")  # fmt: skip

@@ -225,6 +225,9 @@ def test_separate_guidance_is_what_two_ranks_compute(monkeypatch, kind, i2v, dyn
     assert names == ["cond/tile0", "cond/tile1", "uncond/tile0", "uncond/tile1"]
     assert pred.dtype == torch.float32 == separate.prediction_dtype(torch.float32)
     outputs = {b: separate.predict_branch(tiles, t, cond, origins, canvas_hw, b) for b in ("cond", "uncond")}
+    # the batched adapter runs a branch alone the same way (parallelism splits its halves where exact)
+    for b, o in outputs.items():
+        assert torch.equal(batched.predict_branch(tiles, t, cond, origins, canvas_hw, b), o)
     assert torch.equal(separate.guide(outputs, cond, t), pred)
     for n in range(2):  # one tile (its batch of 2) at a time, cells flattened, as the computing rank has them
         rows = slice(2 * n, 2 * n + 2)

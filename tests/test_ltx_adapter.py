@@ -132,6 +132,8 @@ def test_separate_guidance_is_what_two_ranks_compute(monkeypatch, rescale):
     assert names == ["cond/tile0", "cond/tile1", "uncond/tile0", "uncond/tile1"]
     assert pred.dtype == torch.float32 == separate.prediction_dtype(torch.float32)
     outputs = {b: separate.predict_branch(tiles, t, cond, origins, (8, 24), b) for b in ("cond", "uncond")}
+    # the batched adapter runs a branch alone the same way (parallelism splits its halves where exact)
+    assert all(torch.equal(batched.predict_branch(tiles, t, cond, origins, (8, 24), b), o) for b, o in outputs.items())
     assert torch.equal(separate.guide(outputs, cond, t), pred)
     for n in range(2):  # one tile at a time, cells flattened, as the computing rank has them
         flat = {b: o[n : n + 1].flatten(-2) for b, o in outputs.items()}

@@ -322,8 +322,12 @@ class BatchedGuidance(ModelAdapter):
         return self._predict(tiles, timestep, cond, origins, canvas_hw, None)
 
     def predict_branch(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branch: str) -> torch.Tensor:
-        if branch not in self.guidance_branches(cond):
-            raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
+        """A guidance branch's forward alone, with or without ``separate_guidance`` (tile parallelism
+        may run a batched prediction as its two halves where that is exact:
+        :func:`supergen.parallel.exact_guidance_halves`)."""
+        branches = ("cond", "uncond") if self._guided(cond) else ()
+        if branch not in branches:
+            raise ValueError(f"`branch` must be one of {branches} but is {branch!r}.")
         return self._predict(tiles, timestep, cond, origins, canvas_hw, branch)
 
 
