@@ -109,18 +109,23 @@ before a run relies on it), at about half the VAE's time on 2 ranks and a fifth 
 Per step a rank holds one canvas-size scratch buffer to cut its tiles from (memory, not traffic: only
 halo cells are ever filled from other ranks).
 
-Limitation: schedulers that draw noise inside ``step`` (CogVideoX's DPM) draw it per region, so the
-sample differs from the single-process one (it is as valid, not identical).
+Schedulers that draw noise inside ``step`` (CogVideoX's DPM, DDPM, ancestral samplers) draw it with
+diffusers' ``randn_tensor`` in the shape of what they step: a region. While a rank steps its region,
+:func:`canvas_noise` has that draw take the canvas-size draw from the same generator and keep the
+region's cells, so every rank consumes the generator as one process does and each cell gets the
+one-process noise (every rank draws the whole canvas's noise: memory and time of one ``randn``).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -1394,6 +1399,40 @@ def idle_ranks_message(config: ParallelConfig, world: int, num_tiles: int, split
     return message
 
 
+@contextlib.contextmanager
+def canvas_noise(scheduler, cells: torch.Tensor, canvas_hw):
+    """While ``scheduler`` steps one rank's region (``(..., 1, K)``, its ``K`` flat canvas ``cells``),
+    the noise it draws with diffusers' ``randn_tensor`` (CogVideoX's DPM, DDPM, ancestral samplers) in
+    the region's shape is drawn in the canvas's shape ``(..., H, W)``, from the same generator, and cut
+    to the region's cells: exactly the values one process stepping the canvas gets there, and every
+    rank consumes the generator as one process does. Draws of any other shape pass through. The
+    function is swapped in the modules defining the scheduler's classes, for the duration of the step
+    (the process's other threads would see it too)."""
+    H, W = canvas_hw
+    modules = {sys.modules.get(c.__module__) for c in type(scheduler).__mro__}
+    modules = [m for m in modules if m is not None and callable(getattr(m, "randn_tensor", None))]
+    originals = {m: m.randn_tensor for m in modules}
+    if not originals:
+        yield
+        return
+    draw = next(iter(originals.values()))
+
+    def region_randn(shape, *args, **kwargs):
+        shape = tuple(shape)
+        if len(shape) < 2 or shape[-2] != 1 or shape[-1] != cells.numel():
+            return draw(shape, *args, **kwargs)
+        canvas = draw((*shape[:-2], H, W), *args, **kwargs)
+        return canvas.flatten(-2)[..., cells.to(canvas.device)].unsqueeze(-2)
+
+    for m in modules:
+        m.randn_tensor = region_randn
+    try:
+        yield
+    finally:
+        for m, original in originals.items():
+            m.randn_tensor = original
+
+
 def exact_guidance_halves(ctx: ParallelContext, adapter, latents, cond, grid, t) -> bool:
     """Whether an adapter that batches both guidance branches in one forward (CogVideoX, LTX-Video:
     ``adapter.batches_guidance``) gives, from the two halves run apart (``predict_branch``) and combined
@@ -1531,7 +1570,8 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
             step_cache.record(i, x, eps, grid.num_tiles)
 
         x_in = x
-        x = adapter.scheduler_step(scheduler, eps, t, x, step_index=begin + i, state=state, generator=generator)
+        with canvas_noise(scheduler, layout.cells(me), (H, W)):
+            x = adapter.scheduler_step(scheduler, eps, t, x, step_index=begin + i, state=state, generator=generator)
         if tile_cache is not None:
             tile_cache.set_input_change(cell_abs_sum(x[..., 0, :] - x_in[..., 0, :]))
         del x_in

@@ -10,6 +10,7 @@ or, for ``"model": "tiny"`` cases, SuperGen on the tiny Wan.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -36,7 +37,9 @@ class FakeAdapter:
         return torch.tanh(0.8 * tiles + 0.5 * mean + place + 1e-3 * float(timestep))
 
     def scheduler_step(self, scheduler, noise_pred, t, latents, *, step_index, state, generator=None):
-        return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        # a scheduler that draws noise (DDPM) draws it from the run's generator
+        kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        return scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
 
 
 class GuidedFakeAdapter(FakeAdapter):
@@ -66,6 +69,10 @@ def make_scheduler(name: str):
         return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     if name == "euler":
         return FlowMatchEulerDiscreteScheduler(shift=3.0)
+    if name == "ddpm":  # draws noise inside step (as CogVideoX's DPM does), from the generator it is given
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler(prediction_type="v_prediction")
     raise ValueError(name)
 
 
@@ -109,7 +116,9 @@ def fake_run(case: dict, parallel=None):
         config = CacheConfig(**case["cache"])
         cache = replayed_plan(config, case["hit_map"]) if "hit_map" in case else TileCache(config)
     adapter = GuidedFakeAdapter() if case.get("guided") else FakeAdapter()
-    return refine(adapter, scheduler, latents, None, grid, plan, cache=cache, parallel=parallel), cache
+    generator = torch.Generator().manual_seed(11) if case["scheduler"] == "ddpm" else None
+    out = refine(adapter, scheduler, latents, None, grid, plan, generator=generator, cache=cache, parallel=parallel)
+    return out, cache
 
 
 def tiny_case(case: dict, parallel_config):

@@ -261,6 +261,45 @@ def test_sketch_guidance_batched_is_the_pipelines_call(guidance_scale):
     assert not adapter.sketch_guidance_pairs({"guidance_scale": guidance_scale})
 
 
+def test_dpm_steps_a_region_with_the_canvas_noise_under_parallelism():
+    """Tile parallelism steps each rank's region ``(B, C, T, 1, K)``; CogVideoX's DPM draws its SDE noise
+    (twice a step after the first) in the shape it steps. Under :func:`supergen.parallel.canvas_noise` the
+    region's steps give exactly the canvas steps' values at its cells, from the same generator."""
+    from supergen.parallel import canvas_noise
+
+    pipe = _pipeline("rope10")
+    adapter = adapter_for(pipe)
+    scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(5)
+    g = torch.Generator().manual_seed(1)
+    canvas, preds = torch.randn(1, C, 2, 4, 6, generator=g), [torch.randn(1, C, 2, 4, 6, generator=g) for _ in range(3)]
+    cells = torch.tensor([1, 4, 7, 8, 15, 23])  # a staircase of the 4 x 6 canvas, as a rank's region can be
+
+    def run(x, region):
+        state, noise = {}, torch.Generator().manual_seed(7)
+        for i, eps in enumerate(preds):
+            t = scheduler.timesteps[i]
+            if region:
+                with canvas_noise(scheduler, cells, (4, 6)):
+                    eps = eps.flatten(-2)[..., cells].unsqueeze(-2)
+                    x = adapter.scheduler_step(scheduler, eps, t, x, step_index=i, state=state, generator=noise)
+            else:
+                x = adapter.scheduler_step(scheduler, eps, t, x, step_index=i, state=state, generator=noise)
+        return x
+
+    whole = run(canvas, region=False)
+    part = run(canvas.flatten(-2)[..., cells].unsqueeze(-2), region=True)
+    assert torch.equal(part[..., 0, :], whole.flatten(-2)[..., cells])
+    # without it the region draws its own, smaller noise: not the one-process values
+    plain = canvas.flatten(-2)[..., cells].unsqueeze(-2)
+    state, noise = {}, torch.Generator().manual_seed(7)
+    for i, eps in enumerate(preds):
+        eps = eps.flatten(-2)[..., cells].unsqueeze(-2)
+        plain = adapter.scheduler_step(scheduler, eps, scheduler.timesteps[i], plain, step_index=i, state=state,
+                                       generator=noise)  # fmt: skip
+    assert not torch.equal(plain[..., 0, :], whole.flatten(-2)[..., cells])
+
+
 # -- (2) positions ---------------------------------------------------------------------------------------
 
 

@@ -43,6 +43,8 @@ CASES = [
      "guided": True},
     {"name": "few_guided", "canvas": [2, 8, 16], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "euler",
      "guided": True},
+    # a scheduler drawing noise inside step (as CogVideoX's DPM): each region's cells of the canvas's draw
+    {"name": "noise_torus", "canvas": [2, 22, 26], "tile": [8, 8], "tiling": {"shift": True}, "scheduler": "ddpm"},
 ]  # fmt: skip
 for _case in CASES:
     _case.update(steps=6, refine_steps=5)
