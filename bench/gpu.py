@@ -10,7 +10,11 @@
 4. ``bench/vae_blocks.py --device cuda``: the full-size Wan VAE at 2K, whole vs the busiest of the
    blocks tile parallelism gives each rank, and whether they are bit for bit the whole on CUDA
    (about 4 minutes) → ``bench/results/vae_blocks_<device>.json``;
-5. ``bench/e2e.py --device cuda`` (the full-size Wan 2.1 1.3B transformer at 480p tiles) →
+5. ``bench/guidance_halves.py --device cuda``: whether CogVideoX 1.5's and LTX-Video's batched guidance
+   forward (their real layer shapes, 4 blocks, bf16) splits bit for bit into its two halves, which tile
+   parallelism needs to share it between ranks, and what running the halves apart costs (a minute)
+   → ``bench/results/guidance_halves_<device>.json``;
+6. ``bench/e2e.py --device cuda`` (the full-size Wan 2.1 1.3B transformer at 480p tiles) →
    ``bench/results/e2e_<device>.json``.
 
 About 20 minutes on an H100. Each step runs in its own process; a failing step is reported and the
@@ -73,6 +77,7 @@ def main(argv=None) -> int:
         ("kernels", [sys.executable, "bench/kernels.py"]),
         ("reshift", [sys.executable, "bench/reshift.py", "--device", "cuda", "--cases", "0"]),
         ("vae_blocks", [sys.executable, "bench/vae_blocks.py", "--device", "cuda"]),
+        ("guidance_halves", [sys.executable, "bench/guidance_halves.py", "--device", "cuda"]),
     ]
     if not args.skip_e2e:
         steps.append(("e2e", [sys.executable, "bench/e2e.py", "--device", "cuda"]))
