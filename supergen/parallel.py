@@ -898,11 +898,13 @@ class Layout:
 def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next_layout: Layout | None = None,
                    state_tensors: int = 1, cache_cell_bytes: int = 0, cache_reductions: int = 0,
                    halo_cell_bytes: int | None = None, prediction_cell_bytes: int | None = None,
-                   helper: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                   helper: torch.Tensor | None = None,
+                   branch_cell_bytes: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """``(world,)`` bytes each rank sends in one step, by kind: ``inputs`` (halo cells its tiles' other
     computers read), ``predictions`` (its tiles' predictions for cells other ranks own), ``branches``
     (with ``helper``, :func:`assign_branches`: the second guidance branch of a split tile, its whole
-    window, from the helper to the computer, in the predictions' dtype), with
+    window, from the helper to the computer, ``branch_cell_bytes`` a cell: the model's output dtype,
+    default the predictions'), with
     ``next_layout`` ``migration`` (``state_tensors`` region-shaped tensors plus ``cache_cell_bytes`` of
     tile-cache state per cell changing owner, :func:`tile_cache_cell_bytes`) and ``cache_stats``
     (``cache_reductions`` all-reduces of the tile cache's window sums, :func:`window_sums_bytes`).
@@ -932,7 +934,8 @@ def exchange_bytes(layout: Layout, computer: torch.Tensor, cell_bytes: int, next
     stats = torch.full((R,), cache_reductions * window_sums_bytes(layout.num_tiles, R), dtype=torch.int64)
     halo = cell_bytes if halo_cell_bytes is None else halo_cell_bytes
     prediction = cell_bytes if prediction_cell_bytes is None else prediction_cell_bytes
-    return {"inputs": inputs * halo, "predictions": predictions * prediction, "branches": branches * prediction,
+    branch = prediction if branch_cell_bytes is None else branch_cell_bytes
+    return {"inputs": inputs * halo, "predictions": predictions * prediction, "branches": branches * branch,
             "migration": migration, "cache_stats": stats}  # fmt: skip
 
 
@@ -1060,13 +1063,15 @@ def random_skips(layout: Layout, step: int, steps: int, cache, draw: int, fill_i
 def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: int, state_cell_bytes: int,
                   halo_cell_bytes: int, prediction_cell_bytes: int, rebalance: bool = True,
                   owner: torch.Tensor | None = None, latents_migrate: bool = True, cache=None,
-                  fill_idle: bool = True, split: bool = False) -> int:  # fmt: skip
+                  fill_idle: bool = True, split: bool = False,
+                  branch_cell_bytes: int | None = None) -> int:  # fmt: skip
     """Bytes the busiest rank sends over a run of ``steps`` under ``regions`` (``state_cell_bytes``: what
     migrates with a cell besides its latent, for ``follow``, and the latent too unless
     ``latents_migrate`` is false, :func:`probe_scheduler`; ``owner``: fixed regions already
     chosen). Every tile computed; with a tile ``cache``, the sum over :data:`SKIP_DRAWS` of its
     :func:`random_skips` patterns (rebalancing moves computed tiles, which costs bytes); ``split``:
-    guidance branches split across ranks where that shortens a step (:func:`assign_branches`)."""
+    guidance branches split across ranks where that shortens a step (:func:`assign_branches`), a split
+    tile's branch output ``branch_cell_bytes`` a cell (default ``prediction_cell_bytes``)."""
     split = split and rebalance
     total = 0
     for draw in range(SKIP_DRAWS if cache is not None else 1):
@@ -1078,7 +1083,8 @@ def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: i
             helper = branch_helpers(layout, computer) if split else None
             sent = exchange_bytes(layout, computer, cell_bytes, nxt, state_tensors=int(latents_migrate),
                                   cache_cell_bytes=state_cell_bytes, halo_cell_bytes=halo_cell_bytes,
-                                  prediction_cell_bytes=prediction_cell_bytes, helper=helper)  # fmt: skip
+                                  prediction_cell_bytes=prediction_cell_bytes, helper=helper,
+                                  branch_cell_bytes=branch_cell_bytes)  # fmt: skip
             total += int(sum(sent.values()).max())
             layout = nxt
     return total
@@ -1086,8 +1092,8 @@ def count_regions(grid, world_size: int, steps: int, regions: str, cell_bytes: i
 
 def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, cell_bytes: int, state_cell_bytes: int,
                    halo_cell_bytes: int, prediction_cell_bytes: int, latents_migrate: bool = True,
-                   cache=None, split: bool = False,
-                   owner: torch.Tensor | None = None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
+                   cache=None, split: bool = False, owner: torch.Tensor | None = None,
+                   branch_cell_bytes: int | None = None) -> tuple[str, torch.Tensor | None]:  # fmt: skip
     """``(regions, owner)``: ``config.regions``, or for ``auto`` the policy under which the busiest rank
     sends fewer bytes over the run (:func:`count_regions`: every tile computed, or with the tile
     ``cache`` its simulated skips; ties to ``fixed``); ``owner`` is the fixed regions :func:`fixed_owner`
@@ -1097,7 +1103,7 @@ def choose_regions(config: ParallelConfig, grid, world_size: int, steps: int, ce
         return config.regions, None
     sizes = (cell_bytes, state_cell_bytes, halo_cell_bytes, prediction_cell_bytes, config.rebalance)
     owner = fixed_owner(grid, world_size, steps, config.rebalance) if owner is None else owner
-    skips = {"cache": cache, "fill_idle": config.fill_idle, "split": split}
+    skips = {"cache": cache, "fill_idle": config.fill_idle, "split": split, "branch_cell_bytes": branch_cell_bytes}
     fixed = count_regions(grid, world_size, steps, "fixed", *sizes, owner=owner, **skips)
     follow = count_regions(grid, world_size, steps, "follow", *sizes, latents_migrate=latents_migrate, **skips)
     return ("fixed", owner) if fixed <= follow else ("follow", None)
@@ -1375,6 +1381,13 @@ def _prediction_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
     return latents.dtype if choose is None else choose(latents.dtype)
 
 
+def _branch_dtype(adapter, pred_dtype: torch.dtype) -> torch.dtype:
+    """A split tile's second guidance branch travels as the model returns it: the transformer's dtype (a
+    bf16 CogVideoX's or LTX-Video's, where their guided predictions are fp32); ``pred_dtype`` without one."""
+    transformer = getattr(getattr(adapter, "pipe", None), "transformer", None)
+    return getattr(transformer, "dtype", pred_dtype)
+
+
 def _halo_dtype(adapter, latents: torch.Tensor) -> torch.dtype:
     """Input halos travel in the adapter's ``tile_input_dtype`` (a bf16 model's dtype for the Wan
     adapter, whose ``predict`` casts first: the same model input for half the bytes)."""
@@ -1524,8 +1537,10 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         if step_cache is not None:
             state_bytes += cell * 4  # its fp32 residual
         sizes = (cell * latents.element_size(), state_bytes, cell * halo_dtype.itemsize, cell * pred_dtype.itemsize)
+        branch_bytes = cell * _branch_dtype(adapter, pred_dtype).itemsize
         regions, owner = choose_regions(ctx.config, grid, R, len(timesteps), *sizes,
-                                        latents_migrate=rebuild is None, cache=tile_cache, split=split)  # fmt: skip
+                                        latents_migrate=rebuild is None, cache=tile_cache, split=split,
+                                        branch_cell_bytes=branch_bytes)  # fmt: skip
     ctx.regions = regions
     ctx.latents_rebuilt = rebuild is not None and regions == "follow"
     idle = idle_ranks_message(ctx.config, R, grid.num_tiles, split, adapter, cond)

@@ -735,6 +735,12 @@ def test_halo_cells_are_exactly_the_foreign_window_cells():
         expected = {c for n in range(layout.num_tiles) if int(computer[n]) == r for c in layout.windows[n].tolist()
                     if int(layout.owner[c]) == q}  # fmt: skip
         assert halo == expected and halo  # overlapping windows cross the boundary: a non-empty halo
+    # a split tile's second branch goes back whole, in its own dtype (the model's: bf16 under fp32 predictions)
+    helper = torch.full_like(computer, -1)
+    helper[0] = 1 - int(computer[0])
+    sent = par.exchange_bytes(layout, computer, 4, helper=helper, prediction_cell_bytes=4, branch_cell_bytes=2)
+    assert int(sent["branches"].sum()) == 2 * 64 and int(sent["branches"][1 - int(computer[0])]) == 2 * 64
+    assert int(par.exchange_bytes(layout, computer, 4, helper=helper)["branches"].sum()) == 4 * 64  # default
 
 
 def test_lpt_assigns_every_tile_once_balanced_and_prefers_own_tiles():
