@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
-import inspect
 import json
 import os
 import platform
@@ -431,6 +430,7 @@ def run_generate(args) -> int:
 
     import torch
 
+    from .adapters.base import BatchedGuidance
     from .config import TilingConfig
     from .pipeline import SuperGen
 
@@ -461,9 +461,8 @@ def run_generate(args) -> int:
     # 3. Map pixel options onto the model's latent grid (exact multiples only, never rounded).
     probe = SuperGen(pipe)
     options = {}
-    if args.separate_guidance:  # an option of the adapters that batch guidance; the others run two forwards
-        if "separate_guidance" in inspect.signature(type(probe.adapter).__init__).parameters:
-            options["separate_guidance"] = True
+    if args.separate_guidance and isinstance(probe.adapter, BatchedGuidance):  # the others run two forwards
+        options["separate_guidance"] = True
     spec = probe.adapter.spec
     scale, multiple = spec.vae_scale[1], spec.pixel_multiple()
     tile = _latent_cells("--tile-size", settings["tile"], scale, multiple)

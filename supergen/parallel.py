@@ -407,7 +407,30 @@ def wait_for_sketch(ctx: ParallelContext, group) -> None:
             return
 
 
-class SketchGuidanceSplit(_WrapsForwards):
+class _SketchPair(_WrapsForwards):
+    """Ranks 0 and 1 computing stage 1 together: the model's forwards are wrapped while inside, and each
+    counts the forwards it computed and the bytes it sent; ``_learned`` maps an input signature to the
+    output it learnt (shape, dtype, device, container)."""
+
+    def __init__(self, ctx: ParallelContext, modules):
+        if ctx.rank not in (0, 1) or ctx.world_size < 2:
+            raise ValueError(f"the sketch's guidance splits between ranks 0 and 1, not rank {ctx.rank}.")
+        super().__init__(modules)
+        self.ctx, self.peer = ctx, 1 - ctx.rank
+        self.enabled = True
+        self.forwards = 0  # forwards this rank computed
+        self.sent = 0  # bytes this rank sent
+        self._learned: dict = {}  # input signature -> (shape, dtype, device, rebuild)
+
+    def __enter__(self):
+        self._wrap()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unwrap()
+
+
+class SketchGuidanceSplit(_SketchPair):
     """Stage 1's two guidance forwards per step on two ranks, the stock pipeline unchanged.
 
     Ranks 0 and 1 both run the stock pipeline with this context around it. Where a pipeline runs
@@ -428,22 +451,8 @@ class SketchGuidanceSplit(_WrapsForwards):
     """
 
     def __init__(self, ctx: ParallelContext, modules):
-        if ctx.rank not in (0, 1) or ctx.world_size < 2:
-            raise ValueError(f"the sketch's guidance splits between ranks 0 and 1, not rank {ctx.rank}.")
-        super().__init__(modules)
-        self.ctx, self.peer = ctx, 1 - ctx.rank
-        self.enabled = True
-        self.forwards = 0  # forwards this rank computed
-        self.sent = 0  # bytes this rank sent
-        self._learned: dict = {}  # input signature -> (shape, dtype, device, rebuild)
+        super().__init__(ctx, modules)
         self._first = None  # (hidden_states, timestep, signature, split, output) of a pair's first call
-
-    def __enter__(self) -> SketchGuidanceSplit:
-        self._wrap()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._unwrap()
 
     @staticmethod
     def _inputs(args, kwargs):
@@ -530,18 +539,17 @@ class SketchGuidanceSplit(_WrapsForwards):
 def _has_foreign_hooks(module) -> bool:
     """Whether ``module`` or a submodule carries diffusers hooks other than supergen's rotary one (a cache
     such as FirstBlockCache keeps state across calls, which splitting a call in two would change)."""
+    from .adapters.base import _ROPE_HOOK
+
     for m in module.modules():
         registry = getattr(m, "_diffusers_hook", None)
         names = getattr(registry, "hooks", {}) if registry is not None else {}
-        if any(name != _ROPE_HOOK_NAME for name in names):
+        if any(name != _ROPE_HOOK for name in names):
             return True
     return False
 
 
-_ROPE_HOOK_NAME = "supergen_canvas_rope"  # adapters.base._ROPE_HOOK, named here to keep imports one-way
-
-
-class SketchBatchSplit(_WrapsForwards):
+class SketchBatchSplit(_SketchPair):
     """Stage 1's batched guidance on two ranks, the stock pipeline unchanged, where the result is the
     same bit for bit.
 
@@ -560,21 +568,8 @@ class SketchBatchSplit(_WrapsForwards):
     """
 
     def __init__(self, ctx: ParallelContext, modules):
-        if ctx.rank not in (0, 1) or ctx.world_size < 2:
-            raise ValueError(f"the sketch's guidance splits between ranks 0 and 1, not rank {ctx.rank}.")
-        super().__init__(modules)
-        self.ctx, self.peer = ctx, 1 - ctx.rank
+        super().__init__(ctx, modules)
         self.enabled = not any(_has_foreign_hooks(m) for m in self.modules)  # the same on both ranks
-        self.forwards = 0
-        self.sent = 0
-        self._learned: dict = {}  # input signature -> (shape, dtype, device, rebuild)
-
-    def __enter__(self) -> SketchBatchSplit:
-        self._wrap()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._unwrap()
 
     def _half(self, args, kwargs, n: int):
         """This rank's half of a call's arguments: tensors whose first dimension is the batch ``n``."""
@@ -1512,18 +1507,16 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     # only where a split can shorten a step (tiles that do not divide evenly, or the cache's skips)
     ctx.guidance_halves = None
     batched = getattr(adapter, "batches_guidance", None)
+    splittable = split and not branches and batched is not None and batched(cond)
     if (
-        split
-        and not branches
-        and batched is not None
-        and batched(cond)
+        splittable
         and (tile_cache is not None or grid.num_tiles % R)
+        and not _has_foreign_hooks(adapter.pipe.transformer)
     ):
-        if not _has_foreign_hooks(adapter.pipe.transformer):
-            sigma = float(sigmas[begin]) if sigmas is not None else None
-            adapter.begin_step(begin, timesteps[0], sigma, plan.num_inference_steps)
-            ctx.guidance_halves = exact_guidance_halves(ctx, adapter, latents, cond, grid, timesteps[0])
-            branches = ("cond", "uncond") if ctx.guidance_halves else ()
+        sigma = float(sigmas[begin]) if sigmas is not None else None
+        adapter.begin_step(begin, timesteps[0], sigma, plan.num_inference_steps)
+        ctx.guidance_halves = exact_guidance_halves(ctx, adapter, latents, cond, grid, timesteps[0])
+        branches = ("cond", "uncond") if ctx.guidance_halves else ()
     split = split and len(branches) == 2
     # Fixed regions move no state; otherwise probe it (UniPC's latents are its predictor applied to its
     # history, so following regions rebuild them instead of sending them)
