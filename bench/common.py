@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -71,6 +72,21 @@ def environment(device: str) -> dict:
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def timed_runs(fn, device: str, runs: int) -> tuple[list[float], object]:
+    """Wall seconds of each of ``runs`` calls of ``fn`` (a CUDA device synchronised before and after each)
+    and the last call's result."""
+    seconds, out = [], None
+    for _ in range(runs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds, out
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -22,21 +22,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, device_slug, environment, write_json  # noqa: E402
+from common import RESULTS, device_slug, environment, timed_runs, write_json  # noqa: E402
 
 SEED = 0
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def cogvideox(device: str, layers: int, dtype: torch.dtype):
@@ -101,14 +95,7 @@ def _half(args: dict, i: int) -> dict:
 
 
 def _time(fn, device: str, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_runs(fn, device, runs)[0])
 
 
 @torch.no_grad()

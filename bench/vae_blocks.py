@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import RESULTS, device_slug, environment, print_table, write_json  # noqa: E402
+from common import RESULTS, device_slug, environment, print_table, timed_runs, write_json  # noqa: E402
 
 from supergen import parallel as par  # noqa: E402
 
@@ -51,21 +50,8 @@ def build_adapter(device: str):
 
 
 def _timed(fn, device: str, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def _block(t: torch.Tensor, cells, scale: int = 1) -> torch.Tensor:
-    (a, b), (c, d) = cells
-    return t[..., a * scale : b * scale, c * scale : d * scale]
+    seconds, out = timed_runs(fn, device, repeats)
+    return min(seconds), out
 
 
 @torch.no_grad()
@@ -84,10 +70,10 @@ def measure(adapter, hw, frames: int, device: str, repeats: int) -> list[dict]:
         for i, cells in enumerate(plan.kept):
             seconds, part = _timed(lambda i=i, p=plan: par.decode_block(adapter, z, args, p, i), device, repeats)
             decode_times.append(seconds)
-            exact &= torch.equal(part, _block(video, cells, scale))
+            exact &= torch.equal(part, par._block(video, cells, scale))
             seconds, part = _timed(lambda i=i, p=plan: par.encode_block(adapter, pixels, p, i), device, repeats)
             encode_times.append(seconds)
-            exact &= torch.equal(part, _block(encoded, cells))
+            exact &= torch.equal(part, par._block(encoded, cells))
         rows.append({
             "ranks": world,
             "grid": list(plan.grid),
