@@ -169,6 +169,14 @@ def add_generate_parser(sub) -> None:
         "HunyuanVideo with true CFG)",
     )
     g.add_argument(
+        "--parallel-sketch-context",
+        choices=("ulysses", "ring"),
+        default=None,
+        help="under torchrun: every rank runs the sketch, each forward split along its tokens with diffusers' "
+        "context parallelism (Ulysses or ring attention over all ranks; Wan, LTX-Video, on GPUs) instead of rank 0 "
+        "(and 1) running it while the others wait",
+    )
+    g.add_argument(
         "--separate-guidance",
         action="store_true",
         help="CogVideoX, LTX-Video: run stage 2's guidance as two forwards per tile instead of one batched "
@@ -449,7 +457,7 @@ def run_generate(args) -> int:
 
         parallel = ParallelConfig(
             timeout=args.parallel_timeout, fill_idle=not args.parallel_exact, regions=args.parallel_regions,
-            split_guidance=not args.parallel_whole_tiles,
+            split_guidance=not args.parallel_whole_tiles, sketch_context=args.parallel_sketch_context,
         )  # fmt: skip
 
     # 2. Load the pipeline (the random tiny one is built in code; folders load offline, safetensors only).

@@ -73,6 +73,8 @@ class TilingConfig:
 
 PARALLEL_BACKENDS = ("auto", "gloo", "nccl")
 PARALLEL_REGIONS = ("auto", "fixed", "follow")
+#: Stage 1 under tile parallelism with diffusers' context parallelism (``ParallelConfig.sketch_context``).
+SKETCH_CONTEXT = (None, "ulysses", "ring")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,16 @@ class ParallelConfig:
             ``ModelAdapter.sketch_guidance_batched``), half the batch each where a half is exactly a
             slice of the whole call (probed on the first call). ``False``: whole tiles, and stage 1 on
             rank 0 alone.
+        sketch_context: ``None`` (default) or ``"ulysses"`` / ``"ring"``: stage 1 runs on every rank, each
+            forward of the transformer split along its token sequence over all ranks with diffusers'
+            context parallelism (``ContextParallelConfig(ulysses_degree=R)`` or ``ring_degree=R``), instead
+            of on rank 0 (and rank 1 with ``split_guidance``) while the others wait. Needs a transformer
+            with a context-parallel plan (diffusers: Wan, LTX-Video), a token count of every sketch size
+            divisible by the world size, with ``"ulysses"`` a head count divisible by it, with ``"ring"``
+            an attention backend that returns the log-sum-exp (flash on a GPU), and an accelerator per rank;
+            checked before any model work. The sketch's latent equals the one-process sketch's only where
+            the kernels give a token the same bits in a shard as in the whole sequence (so on the CPU in
+            the tests, not necessarily on a GPU); rank 0's is the one every rank goes on with.
     """
 
     backend: str = "auto"
@@ -137,6 +149,7 @@ class ParallelConfig:
     fill_idle: bool = True
     regions: str = "auto"
     split_guidance: bool = True
+    sketch_context: str | None = None
 
     def __post_init__(self):
         if self.backend not in PARALLEL_BACKENDS:
@@ -145,6 +158,8 @@ class ParallelConfig:
             raise ValueError(f"`timeout` must be a number of seconds > 0 but is {self.timeout!r}.")
         if self.regions not in PARALLEL_REGIONS:
             raise ValueError(f"`regions` must be one of {PARALLEL_REGIONS} but is {self.regions!r}.")
+        if self.sketch_context not in SKETCH_CONTEXT:
+            raise ValueError(f"`sketch_context` must be one of {SKETCH_CONTEXT} but is {self.sketch_context!r}.")
         for name in ("rebalance", "fill_idle", "split_guidance"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool but is {getattr(self, name)!r}.")

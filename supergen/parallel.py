@@ -77,6 +77,15 @@ Design (why it is shaped this way)
   branches in one call (CogVideoX, LTX-Video), each computes half the batch (:class:`SketchBatchSplit`),
   but only after the first call of each size has shown, on both ranks, that a half is bit for bit a
   slice of the whole call (kernels may not give a sample the same bits in another batch size).
+  Splitting one forward's tokens over all ranks is diffusers' context parallelism, which supergen uses
+  only on request (``ParallelConfig.sketch_context``, :class:`SketchContextParallel`): it moves
+  activations inside every layer (Ulysses' all-to-all or ring attention's key/value rotation), the one
+  traffic of a run that is inside a forward, and its latent is the one process's only where the kernels
+  give a token the same bits in a shard of the sequence as in the whole (so on the CPU in the tests, not
+  promised on a GPU). Where it fits (models with a context-parallel plan, Wan and LTX-Video; token and
+  head counts dividing by the world size) every rank takes part in all of the sketch's forwards, so the
+  sketch no longer bounds the run's speed-up at many ranks. Its hooks come off before stage 2, whose
+  tile forwards are each one rank's.
 * **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
   prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
   stays with its cells (with ``follow`` regions it migrates with them, like the scheduler's). Its
@@ -193,7 +202,7 @@ class ParallelContext:
     latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
     # a batched guidance forward's halves give its prediction exactly (None: not checked, no split possible)
     guidance_halves: bool | None = None
-    sketch_forwards: int | None = None  # forwards this rank ran in stage 1 when its guidance was split
+    sketch_forwards: int | None = None  # forwards this rank ran (or took part in) when stage 1 was shared
     decode_plan: VaeBlocks | None = None  # how the ranks shared the final decode (:func:`decode_in_blocks`)
     groups: dict = field(default_factory=dict)  # process subgroups made for this run (:func:`sketch_waiters_group`)
     encode_plan: VaeBlocks | None = None  # and the upscale's encode (:func:`encode_in_blocks`)
@@ -623,6 +632,127 @@ class SketchBatchSplit(_SketchPair):
         ours.copy_(mine)
         self.sent += _transfer(self.ctx, {self.peer: [ours]}, {self.peer: [theirs]}, None)  # contiguous halves
         return rebuild(full)
+
+
+def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict) -> None:
+    """Before any model work: whether stage 1 can run on every rank with diffusers' context parallelism
+    (``ParallelConfig.sketch_context``). ``token_counts`` maps each size the sketch's transformer sees
+    (a name for the message) to its token count; raises ``ValueError`` naming what does not fit."""
+    kind, world = ctx.config.sketch_context, ctx.world_size
+    for module in (m for m in modules if m is not None):
+        name = type(module).__name__
+        if getattr(module, "_cp_plan", None) is None:
+            raise ValueError(
+                f"sketch_context={kind!r}: {name} has no context-parallel plan (`_cp_plan`; diffusers gives one to "
+                "Wan and LTX-Video); leave `sketch_context` unset to run the sketch on rank 0."
+            )
+        if getattr(module, "_parallel_config", None) is not None:
+            raise ValueError(f"sketch_context={kind!r}: {name} already has diffusers parallelism enabled.")
+        backend = _attention_backend(module)
+        if kind == "ring" and backend == "native":
+            raise ValueError(
+                f"sketch_context='ring' needs an attention backend that returns the log-sum-exp, and {name}'s is "
+                "'native'; set one first (e.g. `transformer.set_attention_backend('_native_flash')` on a GPU), or "
+                "use 'ulysses'."
+            )
+        heads = getattr(module.config, "num_attention_heads", None)
+        if kind == "ulysses" and heads is not None and heads % world:
+            raise ValueError(
+                f"sketch_context='ulysses' splits the attention heads over the {world} ranks, but {name} has "
+                f"{heads}; use 'ring', or a world size dividing {heads}."
+            )
+    for what, tokens in token_counts.items():
+        if tokens % world:
+            raise ValueError(
+                f"sketch_context={kind!r} splits the tokens over the {world} ranks, but the {what} has {tokens} "
+                f"tokens; use a sketch size or world size whose token count divides evenly."
+            )
+    if torch.accelerator.device_count() == 0:
+        raise ValueError(
+            f"sketch_context={kind!r} needs an accelerator per rank (diffusers places rank r on device r % count), "
+            "and this machine has none; leave `sketch_context` unset to run the sketch on rank 0."
+        )
+
+
+class SketchContextParallel(_WrapsForwards):
+    """Stage 1 on every rank, each forward of the transformer(s) split along its token sequence over all
+    ranks with diffusers' context parallelism (``ParallelConfig.sketch_context``: Ulysses or ring attention
+    of degree ``world_size``), the stock pipeline unchanged.
+
+    Inside, the modules carry diffusers' context-parallel hooks (``enable_parallelism`` with the model's
+    own ``_cp_plan``: inputs split along the sequence, outputs gathered, so every rank's pipeline sees
+    whole tensors); on exit they are removed and the attention processors given back their previous
+    parallel config, so that stage 2's tile forwards, each on one rank, run the model as before. The
+    device mesh is made once per process group and kept (making one is collective). ``forwards`` counts
+    the calls this rank took part in, each a ``1 / world_size`` share of a forward's tokens.
+    """
+
+    def __init__(self, ctx: ParallelContext, modules):
+        super().__init__(modules)
+        self.ctx, self.forwards = ctx, 0
+        self._processors: list = []
+
+    def _mesh(self):
+        key = ("sketch_context", self.ctx.config.sketch_context)
+        if key not in self.ctx.groups:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            world = self.ctx.world_size
+            shape = (1, world) if self.ctx.config.sketch_context == "ulysses" else (world, 1)
+            device_type = _comm_device(self.ctx).type
+            self.ctx.groups[key] = init_device_mesh(device_type, shape, mesh_dim_names=("ring", "ulysses"))
+        return self.ctx.groups[key]
+
+    def _call(self, forward, *args, **kwargs):
+        self.forwards += 1
+        return forward(*args, **kwargs)
+
+    def __enter__(self) -> SketchContextParallel:
+        from diffusers import ContextParallelConfig
+
+        mesh, degree = self._mesh(), {f"{self.ctx.config.sketch_context}_degree": self.ctx.world_size}
+        try:
+            for module in self.modules:
+                self._processors += [(p, p._parallel_config) for p in _attention_processors(module)]
+                module.enable_parallelism(config=ContextParallelConfig(**degree, mesh=mesh))
+        except BaseException:
+            self.__exit__(None, None, None)  # a module enabled before the failure goes back to how it was
+            raise
+        self._wrap()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from diffusers.hooks.context_parallel import remove_context_parallel
+
+        self._unwrap()
+        for module in self.modules:
+            if module._parallel_config is not None:
+                remove_context_parallel(module, module._cp_plan)
+                module._parallel_config = None
+        for processor, previous in self._processors:
+            processor._parallel_config = previous
+        self._processors = []
+
+
+def _attention_backend(module) -> str | None:
+    """The name of the attention backend ``module``'s first dispatching processor uses (``None``: none)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    for processor in _attention_processors(module):
+        if hasattr(processor, "_attention_backend"):
+            backend = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+            return getattr(backend, "value", str(backend))
+    return None
+
+
+def _attention_processors(module) -> list:
+    """The attention processors of ``module`` that carry a diffusers parallel config."""
+    out = []
+    for m in module.modules():
+        processor = getattr(m, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config") and processor not in out:
+            out.append(processor)
+    return out
 
 
 def agree_on_canvas(ctx: ParallelContext, latents: torch.Tensor) -> torch.Tensor:

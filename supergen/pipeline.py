@@ -221,6 +221,19 @@ class SuperGen:
         similarity = self.cache.rehash_similarity if rehash else None
         ctx = self._parallel_context(plan, grid, prompt, negative_prompt, (guidance_scale, refine_guidance_scale),
                                      upscale, generator, callback_on_step_end)  # fmt: skip
+        if ctx.distributed and ctx.config.sketch_context is not None and sketch_latents is None:
+            from .parallel import check_sketch_context
+
+            pt, ph, pw = adapter.spec.patch
+            sizes = {"sketch": plan.sketch_latent, "reshifted sketch": reshifted_hw}
+            tokens = {
+                f"{name} (latent {plan.latent_frames}x{hw[0]}x{hw[1]})": -(-plan.latent_frames // pt)
+                * (hw[0] // ph)
+                * (hw[1] // pw)
+                for name, hw in sizes.items()
+                if hw is not None
+            }
+            check_sketch_context(ctx, [pipe.transformer, getattr(pipe, "transformer_2", None)], tokens)
         if similarity is not None and tuple(similarity.shape) != (plan.refine_steps,) * 2:
             raise ValueError(
                 f"`rehash_similarity` must be ({plan.refine_steps}, {plan.refine_steps}) for refine_steps="
@@ -367,17 +380,22 @@ class SuperGen:
 
         # 2. Stage 1: sketch at the native size with the stock pipeline.
         #    Under tile parallelism rank 0 runs it (with rank 1 where its guidance is two forwards per
-        #    step, or one on a batch of both that splits exactly: one each) and broadcasts it with its
-        #    random state.
+        #    step, or one on a batch of both that splits exactly: one each; or every rank, each forward
+        #    split along its tokens, with ``sketch_context``) and broadcasts it with its random state.
         with stage("sketch"):
             shared = parallel is not None and parallel.distributed and sketch_latents is None
-            split = shared and parallel.config.split_guidance
+            context = shared and parallel.config.sketch_context is not None
+            split = shared and not context and parallel.config.split_guidance
             pairs = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
             split = pairs or (split and adapter.sketch_guidance_batched({**text, **pipeline_kwargs}))
             low = None
             denoisers = [pipe.transformer, getattr(pipe, "transformer_2", None)]
             guard, heartbeat = contextlib.nullcontext(), contextlib.nullcontext()
-            if shared:  # the waiting ranks follow rank 0's forwards, so that no transfer waits the whole sketch
+            if context:  # every rank runs the stock pipeline, each forward's tokens split over the ranks
+                from .parallel import SketchContextParallel
+
+                guard = SketchContextParallel(parallel, denoisers)
+            elif shared:  # the waiting ranks follow rank 0's forwards, so that no transfer waits the whole sketch
                 from .parallel import (
                     SketchBatchSplit,
                     SketchGuidanceSplit,
@@ -394,7 +412,7 @@ class SuperGen:
                     guard = (SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, denoisers)
                 if parallel.rank not in runners:
                     wait_for_sketch(parallel, group)
-            if not shared or parallel.rank == 0 or (split and parallel.rank == 1):
+            if not shared or context or parallel.rank == 0 or (split and parallel.rank == 1):
                 with guard, heartbeat:  # the heartbeat outermost: it sees every call, computed or not
                     if self.reshift is not None:
                         low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator,
@@ -403,6 +421,8 @@ class SuperGen:
                         low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
                 if split:
                     parallel.sketch_forwards, parallel.stats.sketch_branches = guard.forwards, guard.sent
+                elif context:
+                    parallel.sketch_forwards = guard.forwards
             if shared:
                 from .parallel import share_sketch
 
@@ -510,7 +530,8 @@ class SuperGen:
             "computed_tiles_per_rank": ctx.computed_tiles,
             "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
             "guidance_halves_exact": ctx.guidance_halves,  # a batched guidance forward split exactly (None: unchecked)
-            "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1's guidance was split (else None)
+            "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1 was shared (else None)
+            "sketch_context": ctx.config.sketch_context,  # stage 1's forwards split along their tokens (None: not)
             "decode_blocks": None if ctx.decode_plan is None else ctx.decode_plan._asdict(),  # the shared decode
             "encode_blocks": None if ctx.encode_plan is None else ctx.encode_plan._asdict(),  # the upscale's encode
             **ctx.stats.as_dict(),

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 torch.set_num_threads(1)
+DEVICE_COUNT = torch.accelerator.device_count
 
 
 class FakeAdapter:
@@ -156,7 +157,15 @@ def tiny_case(case: dict, parallel_config):
         generator=torch.Generator().manual_seed(case.get("seed", 0)),
         output_type=case.get("output_type", "latent"),
     )
-    return out.latents, dict(out.report, sketch_runs=len(runs), frames=out.frames)
+    # diffusers' context-parallel hooks and processor configs left on the model after the run (stage 1's)
+    left = [m for m in pipe.transformer.modules() if any(n.startswith("cp_") for n in _hook_names(m))]
+    left += [m for m in pipe.transformer.modules() if getattr(getattr(m, "processor", None), "_parallel_config", None)]
+    return out.latents, dict(out.report, sketch_runs=len(runs), frames=out.frames, context_parallel_left=len(left))
+
+
+def _hook_names(module) -> list:
+    registry = getattr(module, "_diffusers_hook", None)
+    return list(getattr(registry, "hooks", {})) if registry is not None else []
 
 
 def tiny_ltx_case(case: dict, parallel_config):
@@ -309,7 +318,19 @@ def main(spec_path: str, out_dir: str) -> None:
         # default region policy unless a case names one
         regions = {"regions": case["regions"]} if "regions" in case else {}
         config = ParallelConfig(timeout=spec.get("timeout", 60.0), fill_idle=case.get("fill_idle", False),
-                                split_guidance=case.get("split_guidance", True), **regions)  # fmt: skip
+                                split_guidance=case.get("split_guidance", True),
+                                sketch_context=case.get("sketch_context"), **regions)  # fmt: skip
+        # diffusers' context parallelism places rank r on accelerator r % count, and a CPU has none: one
+        # stand-in "device" for its cases, so that its meshes form on gloo (``accelerators: 0``: the real none)
+        torch.accelerator.device_count = DEVICE_COUNT
+        if case.get("sketch_context") and case.get("accelerators", 1):
+            torch.accelerator.device_count = lambda: 1
+        if case.get("expect_error"):  # every rank must raise before any model work, naming what is wrong
+            try:
+                tiny_case(case, config)
+            except ValueError as e:
+                (out / f"{case['name']}.rank{rank}.error").write_text(str(e))
+            continue
         if "prompt_by_rank" in case:  # the ranks disagree: every rank must raise, naming the difference
             try:
                 tiny_case({**case, "prompt": case["prompt_by_rank"][rank]}, config)
@@ -328,7 +349,8 @@ def main(spec_path: str, out_dir: str) -> None:
             continue
         if case.get("model") in ("tiny", "tiny_ltx"):
             latents, report = (tiny_ltx_case if case["model"] == "tiny_ltx" else tiny_case)(case, config)
-            stats = dict(report.get("parallel") or {}, cache=report.get("cache"), sketch_runs=report["sketch_runs"])
+            stats = dict(report.get("parallel") or {}, cache=report.get("cache"), sketch_runs=report["sketch_runs"],
+                         context_parallel_left=report.get("context_parallel_left"))  # fmt: skip
             if case.get("output_type", "latent") != "latent" and report["frames"] is not None:
                 torch.save(report["frames"], out / f"{case['name']}.frames.pt")
         else:

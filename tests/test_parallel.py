@@ -408,6 +408,95 @@ def test_supergen_generate_under_torchrun_matches_one_process(tmp_path):
     assert json.loads((one / "r.json").read_text())["parallel"] is None
 
 
+# Stage 1 on every rank, each forward's tokens split with diffusers' Ulysses attention (the tiny Wan: 2 heads,
+# a 3x8x8 sketch latent in (1, 2, 2) patches = 48 tokens); with noise reshifting supergen's own loop runs
+# the lower size's steps under it too. Errors: 3 tokens (a reshifted 3x2x2 latent) on 2 ranks, 2 heads on 3,
+# a machine without accelerators.
+TINY_CONTEXT = dict(TINY, name="tiny_wan_context", sketch_context="ulysses")
+TINY_CONTEXT_RESHIFT = dict(TINY_RESHIFT, name="tiny_wan_context_reshift", sketch_context="ulysses")
+CONTEXT_ERRORS = {
+    2: [dict(TINY_CONTEXT, name="context_tokens", reshift={"native_steps": 2, "scale": 0.25}, expect_error=True),
+        dict(TINY_CONTEXT, name="context_no_accelerator", accelerators=0, expect_error=True)],
+    3: [dict(TINY_CONTEXT, name="context_heads", expect_error=True)],
+}  # fmt: skip
+CONTEXT_MESSAGES = {
+    "context_tokens": "splits the tokens over the 2 ranks, but the reshifted sketch (latent 3x2x2) has 3 tokens",
+    "context_no_accelerator": "needs an accelerator per rank",
+    "context_heads": "splits the attention heads over the 3 ranks, but WanTransformer3DModel has 2",
+}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sketch_context_parallel_shares_every_sketch_forward_and_matches_one_process(world, tmp_path):
+    """``ParallelConfig(sketch_context="ulysses")``: every rank runs the stock pipeline (and, with noise
+    reshifting, supergen's lower-size loop), each forward split along its tokens with diffusers' context
+    parallelism, and the model is given back without its hooks for stage 2's tile forwards; the latent is
+    the one process's (on this CPU a token's output is the same in a shard as in the whole sequence). What
+    does not fit fails on every rank before any model work, naming it."""
+    ok = [TINY_CONTEXT, TINY_CONTEXT_RESHIFT] if world == 2 else []
+    errors = CONTEXT_ERRORS.get(world, [])
+    results = _wait(_launch(world, ok + errors, tmp_path), limit=300)
+    for rank, (code, text) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
+    for case in errors:
+        for rank in range(world):
+            message = (tmp_path / f"{case['name']}.rank{rank}.error").read_text()
+            assert CONTEXT_MESSAGES[case["name"]] in message, (rank, message)
+    for case in ok:
+        single, _ = _tiny_single_process(case)
+        got = torch.load(tmp_path / f"{case['name']}.pt")
+        assert (got - single).abs().max().item() <= 1e-5, case["name"]
+        N = case["steps"]
+        forwards = 2 * N + (
+            2 if case.get("reshift") else 0
+        )  # two per step (+ the reshift's estimate): all on every rank
+        for rank in range(world):
+            report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
+            assert report["sketch_context"] == "ulysses" and report["sketch_runs"] == 1, (case["name"], rank)
+            assert report["sketch_forwards"] == forwards and report["sketch_branches_bytes"] == 0, (case["name"], rank)
+            assert report["context_parallel_left"] == 0, (case["name"], rank)  # stage 2 ran the stock model
+            assert (report["sketch_broadcast_bytes"] > 0) == (rank == 0), (case["name"], rank)
+
+
+def test_sketch_context_check_names_what_does_not_fit(monkeypatch):
+    """What ``sketch_context`` needs is checked before any model work, each failure naming its value."""
+    from diffusers import CogVideoXTransformer3DModel
+    from helpers import tiny_wan_transformer
+
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    wan = tiny_wan_transformer()  # 2 heads, diffusers' native attention backend
+    cog = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                      time_embed_dim=8, text_embed_dim=16, num_layers=1)  # fmt: skip
+    ctx = lambda kind, world=2: par.ParallelContext(world_size=world, config=ParallelConfig(sketch_context=kind))  # noqa: E731
+    par.check_sketch_context(ctx("ulysses"), [wan, None], {"sketch": 48})  # fits: no error
+    with pytest.raises(ValueError, match="CogVideoXTransformer3DModel has no context-parallel plan"):
+        par.check_sketch_context(ctx("ulysses"), [cog], {"sketch": 48})
+    with pytest.raises(ValueError, match="needs an attention backend that returns the log-sum-exp.*is 'native'"):
+        par.check_sketch_context(ctx("ring"), [wan], {"sketch": 48})
+    with pytest.raises(ValueError, match="heads over the 4 ranks, but WanTransformer3DModel has 2; use 'ring'"):
+        par.check_sketch_context(ctx("ulysses", 4), [wan], {"sketch": 48})
+    with pytest.raises(ValueError, match="tokens over the 2 ranks, but the sketch has 45 tokens"):
+        par.check_sketch_context(ctx("ulysses"), [wan], {"sketch": 45})
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="needs an accelerator per rank"):
+        par.check_sketch_context(ctx("ulysses"), [wan], {"sketch": 48})
+
+
+def test_cli_sketch_context_fails_every_rank_before_model_work_without_accelerators(tmp_path):
+    """`--parallel-sketch-context ulysses` reaches the ranks' ParallelConfig: on this machine (no accelerator)
+    both ranks exit 2 with the reason, and nothing is written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    argv = ["-m", "supergen.cli", "generate", "--model", "tiny-random", "--steps", "3", "--quiet",
+            "--parallel-sketch-context", "ulysses", "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+    done = subprocess.run([sys.executable, *torchrun, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("sketch_context='ulysses' needs an accelerator per rank") == 2, done.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def _predicted_bytes(case: dict, world: int, rank: int, cache=None, state_tensors=None) -> list[int]:
     """Bytes per step the geometry code predicts; with ``cache`` (the single-process TileCache of the
     case) its decisions, its state migrating with the regions and its window-sum all-reduces;
@@ -883,5 +972,7 @@ def test_parallel_config_validation():
         ParallelConfig(split_guidance=1)
     with pytest.raises(ValueError, match=r"`regions` must be one of \('auto', 'fixed', 'follow'\) but is 'moving'"):
         ParallelConfig(regions="moving")
+    with pytest.raises(ValueError, match=r"`sketch_context` must be one of \(None, 'ulysses', 'ring'\) but is 'tp'"):
+        ParallelConfig(sketch_context="tp")
     with pytest.raises(TypeError, match="`parallel` must be a ParallelConfig"):
         par.setup({"backend": "gloo"})
