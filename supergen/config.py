@@ -135,7 +135,8 @@ class ParallelConfig:
             forward of the transformer split along its token sequence over all ranks with diffusers'
             context parallelism (``ContextParallelConfig(ulysses_degree=R)`` or ``ring_degree=R``), instead
             of on rank 0 (and rank 1 with ``split_guidance``) while the others wait. Needs a transformer
-            with a context-parallel plan (diffusers: Wan, LTX-Video), a token count of every sketch size
+            with a context-parallel plan (diffusers: Wan, LTX-Video; LTX-Video's masked cross-attention
+            fails diffusers' Ulysses up to 0.42.1, so there ring only), a token count of every sketch size
             divisible by the world size, with ``"ulysses"`` a head count divisible by it, with ``"ring"``
             an attention backend that returns the log-sum-exp (flash on a GPU), and an accelerator per rank;
             checked before any model work. The sketch's latent equals the one-process sketch's only where

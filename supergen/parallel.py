@@ -82,10 +82,10 @@ Design (why it is shaped this way)
   activations inside every layer (Ulysses' all-to-all or ring attention's key/value rotation), the one
   traffic of a run that is inside a forward, and its latent is the one process's only where the kernels
   give a token the same bits in a shard of the sequence as in the whole (so on the CPU in the tests, not
-  promised on a GPU). Where it fits (models with a context-parallel plan, Wan and LTX-Video; token and
-  head counts dividing by the world size) every rank takes part in all of the sketch's forwards, so the
-  sketch no longer bounds the run's speed-up at many ranks. Its hooks come off before stage 2, whose
-  tile forwards are each one rank's.
+  promised on a GPU). Where it fits (models with a context-parallel plan: Wan, and LTX-Video with ring
+  attention only up to diffusers 0.42.1; token and head counts dividing by the world size) every rank
+  takes part in all of the sketch's forwards, so the sketch no longer bounds the run's speed-up at many
+  ranks. Its hooks come off before stage 2, whose tile forwards are each one rank's.
 * **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
   prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
   stays with its cells (with ``follow`` regions it migrates with them, like the scheduler's). Its
@@ -634,13 +634,26 @@ class SketchBatchSplit(_SketchPair):
         return rebuild(full)
 
 
+# Transformers whose context-parallel plan diffusers' Ulysses attention cannot run (up to diffusers 0.42.1): a
+# per-head attention mask keeps all heads while the all-to-all leaves each rank a share of them.
+_ULYSSES_MASK_HEADS = {"LTXVideoTransformer3DModel": "huggingface/diffusers#14316"}
+
+
 def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict) -> None:
     """Before any model work: whether stage 1 can run on every rank with diffusers' context parallelism
     (``ParallelConfig.sketch_context``). ``token_counts`` maps each size the sketch's transformer sees
     (a name for the message) to its token count; raises ``ValueError`` naming what does not fit."""
+    import diffusers
+    from packaging.version import Version
+
     kind, world = ctx.config.sketch_context, ctx.world_size
     for module in (m for m in modules if m is not None):
         name = type(module).__name__
+        if not hasattr(module, "enable_parallelism"):
+            raise ValueError(
+                f"sketch_context={kind!r} needs diffusers' context parallelism (`enable_parallelism`), which "
+                f"diffusers {diffusers.__version__}'s {name} lacks; upgrade diffusers or leave `sketch_context` unset."
+            )
         if getattr(module, "_cp_plan", None) is None:
             raise ValueError(
                 f"sketch_context={kind!r}: {name} has no context-parallel plan (`_cp_plan`; diffusers gives one to "
@@ -654,6 +667,12 @@ def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict) -> N
                 f"sketch_context='ring' needs an attention backend that returns the log-sum-exp, and {name}'s is "
                 "'native'; set one first (e.g. `transformer.set_attention_backend('_native_flash')` on a GPU), or "
                 "use 'ulysses'."
+            )
+        if kind == "ulysses" and name in _ULYSSES_MASK_HEADS and Version(diffusers.__version__) <= Version("0.42.1"):
+            raise ValueError(
+                f"sketch_context='ulysses': diffusers {diffusers.__version__}'s Ulysses attention does not split the "
+                f"head axis of the cross-attention mask {name} passes ({_ULYSSES_MASK_HEADS[name]}), so its forward "
+                "fails; use 'ring', or leave `sketch_context` unset."
             )
         heads = getattr(module.config, "num_attention_heads", None)
         if kind == "ulysses" and heads is not None and heads % world:

@@ -157,15 +157,18 @@ def tiny_case(case: dict, parallel_config):
         generator=torch.Generator().manual_seed(case.get("seed", 0)),
         output_type=case.get("output_type", "latent"),
     )
-    # diffusers' context-parallel hooks and processor configs left on the model after the run (stage 1's)
-    left = [m for m in pipe.transformer.modules() if any(n.startswith("cp_") for n in _hook_names(m))]
-    left += [m for m in pipe.transformer.modules() if getattr(getattr(m, "processor", None), "_parallel_config", None)]
-    return out.latents, dict(out.report, sketch_runs=len(runs), frames=out.frames, context_parallel_left=len(left))
+    left = _context_parallel_left(pipe.transformer)
+    return out.latents, dict(out.report, sketch_runs=len(runs), frames=out.frames, context_parallel_left=left)
 
 
-def _hook_names(module) -> list:
-    registry = getattr(module, "_diffusers_hook", None)
-    return list(getattr(registry, "hooks", {})) if registry is not None else []
+def _context_parallel_left(transformer) -> int:
+    """diffusers' context-parallel hooks and processor configs left on ``transformer`` (by stage 1's)."""
+    left = 0
+    for m in transformer.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        left += sum(name.startswith("cp_") for name in getattr(registry, "hooks", {})) if registry is not None else 0
+        left += getattr(getattr(m, "processor", None), "_parallel_config", None) is not None
+    return left
 
 
 def tiny_ltx_case(case: dict, parallel_config):
@@ -189,7 +192,8 @@ def tiny_ltx_case(case: dict, parallel_config):
              sketch_height=32, sketch_width=64, num_frames=9, num_inference_steps=case["steps"],
              refine_steps=case["refine_steps"], generator=torch.Generator().manual_seed(0),
              output_type="latent")  # fmt: skip
-    return out.latents, dict(out.report, sketch_runs=None, frames=None)
+    left = _context_parallel_left(pipe.transformer)
+    return out.latents, dict(out.report, sketch_runs=None, frames=None, context_parallel_left=left)
 
 
 def sketch_split_case(ctx) -> dict:

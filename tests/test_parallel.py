@@ -4,6 +4,7 @@ equal the single-process latent, plus the failure and configuration-mismatch beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -446,10 +447,8 @@ def test_sketch_context_parallel_shares_every_sketch_forward_and_matches_one_pro
         single, _ = _tiny_single_process(case)
         got = torch.load(tmp_path / f"{case['name']}.pt")
         assert (got - single).abs().max().item() <= 1e-5, case["name"]
-        N = case["steps"]
-        forwards = 2 * N + (
-            2 if case.get("reshift") else 0
-        )  # two per step (+ the reshift's estimate): all on every rank
+        # two calls per step (+ the reshift's estimate's two), all on every rank
+        forwards = 2 * case["steps"] + (2 if case.get("reshift") else 0)
         for rank in range(world):
             report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
             assert report["sketch_context"] == "ulysses" and report["sketch_runs"] == 1, (case["name"], rank)
@@ -460,8 +459,10 @@ def test_sketch_context_parallel_shares_every_sketch_forward_and_matches_one_pro
 
 def test_sketch_context_check_names_what_does_not_fit(monkeypatch):
     """What ``sketch_context`` needs is checked before any model work, each failure naming its value."""
+    import diffusers
     from diffusers import CogVideoXTransformer3DModel
-    from helpers import tiny_wan_transformer
+    from helpers import tiny_ltx_pipeline, tiny_wan_transformer
+    from packaging.version import Version
 
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
     wan = tiny_wan_transformer()  # 2 heads, diffusers' native attention backend
@@ -471,6 +472,12 @@ def test_sketch_context_check_names_what_does_not_fit(monkeypatch):
     par.check_sketch_context(ctx("ulysses"), [wan, None], {"sketch": 48})  # fits: no error
     with pytest.raises(ValueError, match="CogVideoXTransformer3DModel has no context-parallel plan"):
         par.check_sketch_context(ctx("ulysses"), [cog], {"sketch": 48})
+    # LTX-Video's plan reaches a masked cross-attention, which diffusers' Ulysses fails on up to 0.42.1
+    ltx = tiny_ltx_pipeline().transformer
+    known_bug = Version(diffusers.__version__) <= Version("0.42.1")
+    match = r"does not split the head axis .* LTXVideoTransformer3DModel .*#14316"
+    with pytest.raises(ValueError, match=match) if known_bug else contextlib.nullcontext():
+        par.check_sketch_context(ctx("ulysses"), [ltx], {"sketch": 48})
     with pytest.raises(ValueError, match="needs an attention backend that returns the log-sum-exp.*is 'native'"):
         par.check_sketch_context(ctx("ring"), [wan], {"sketch": 48})
     with pytest.raises(ValueError, match="heads over the 4 ranks, but WanTransformer3DModel has 2; use 'ring'"):
