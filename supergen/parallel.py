@@ -686,7 +686,8 @@ def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict) -> N
                 f"sketch_context={kind!r} splits the tokens over the {world} ranks, but the {what} has {tokens} "
                 f"tokens; use a sketch size or world size whose token count divides evenly."
             )
-    if torch.accelerator.device_count() == 0:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6, as diffusers' context parallelism needs
+    if accelerator is None or accelerator.device_count() == 0:
         raise ValueError(
             f"sketch_context={kind!r} needs an accelerator per rank (diffusers places rank r on device r % count), "
             "and this machine has none; leave `sketch_context` unset to run the sketch on rank 0."

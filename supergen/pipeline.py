@@ -531,7 +531,7 @@ class SuperGen:
             "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
             "guidance_halves_exact": ctx.guidance_halves,  # a batched guidance forward split exactly (None: unchecked)
             "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1 was shared (else None)
-            "sketch_context": ctx.config.sketch_context,  # stage 1's forwards split along their tokens (None: not)
+            "sketch_context": ctx.config.sketch_context,  # as configured: stage 1 (when it runs) split along its tokens
             "decode_blocks": None if ctx.decode_plan is None else ctx.decode_plan._asdict(),  # the shared decode
             "encode_blocks": None if ctx.encode_plan is None else ctx.encode_plan._asdict(),  # the upscale's encode
             **ctx.stats.as_dict(),
