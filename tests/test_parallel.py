@@ -487,6 +487,9 @@ def test_sketch_context_check_names_what_does_not_fit(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 0)
     with pytest.raises(ValueError, match="needs an accelerator per rank"):
         par.check_sketch_context(ctx("ulysses"), [wan], {"sketch": 48})
+    monkeypatch.setattr(wan, "_parallel_config", object())  # the caller enabled diffusers' parallelism already
+    with pytest.raises(ValueError, match="WanTransformer3DModel already has diffusers parallelism enabled"):
+        par.check_sketch_context(ctx("ulysses"), [wan], {"sketch": 48})
 
 
 def test_cli_sketch_context_fails_every_rank_before_model_work_without_accelerators(tmp_path):
