@@ -49,7 +49,27 @@ def info_text() -> str:
     devices = ["cpu"] + (["cuda"] if cuda else [])
     for op in OPS:
         lines.append(f"  {op:<18} " + ", ".join(f"{d} -> {ops.selected_backend(op, d)}" for d in devices))
+    lines += ["tile parallelism (under torchrun):", *(f"  {k:<18} {v}" for k, v in parallel_support().items())]
     return "\n".join(lines)
+
+
+def parallel_support() -> dict:
+    """What this machine offers ``torchrun`` runs: process-group backends, and what ``--parallel-sketch-context``
+    (diffusers' context parallelism, one accelerator per rank) finds here."""
+    import torch
+    import torch.distributed as dist
+
+    available = dist.is_available()
+    groups = [b for b in ("gloo", "nccl") if available and getattr(dist, f"is_{b}_available")()]
+    from diffusers import ModelMixin
+
+    accelerator = getattr(torch, "accelerator", None)
+    count = accelerator.device_count() if accelerator is not None else 0
+    cp = "diffusers has it" if hasattr(ModelMixin, "enable_parallelism") else "this diffusers lacks it"
+    return {
+        "process groups": ", ".join(groups) or "none (torch.distributed unavailable)",
+        "sketch context": f"{cp}; {count} accelerator(s) here, one per rank needed",
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,7 +558,7 @@ def run_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supergen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices and the backend each op uses")
+    sub.add_parser("info", help="versions, devices, the backend each op uses, what tile parallelism finds here")
     add_generate_parser(sub)
     from .compare import add_compare_parser
 

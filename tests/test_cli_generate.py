@@ -258,3 +258,18 @@ def test_separate_guidance_flag_is_a_no_op_for_two_forward_families(tmp_path):
         latents.append(load_file(path))
     assert latents[0].keys() == latents[1].keys()
     assert all(torch.equal(latents[0][k], latents[1][k]) for k in latents[0])
+
+
+def test_info_says_what_tile_parallelism_finds_here(capsys):
+    """`supergen info` lists the process-group backends torch.distributed offers and, for
+    `--parallel-sketch-context`, whether diffusers has context parallelism and how many accelerators
+    this machine has."""
+    import torch.distributed as dist
+    from diffusers import ModelMixin
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    groups = ", ".join(b for b in ("gloo", "nccl") if getattr(dist, f"is_{b}_available")())
+    assert f"  process groups     {groups}\n" in out
+    has = "diffusers has it" if hasattr(ModelMixin, "enable_parallelism") else "this diffusers lacks it"
+    assert f"  sketch context     {has}; {torch.accelerator.device_count()} accelerator(s) here" in out
