@@ -83,9 +83,10 @@ process, whole tiles and the split, and ``tiles_split``: the sketch on rank 0, t
 LTX-Video with ``separate_guidance`` where their batched sketch call does not split exactly: a half batch
 not bit for bit a slice of the whole; where it does, their sketch takes one forward more than ``split``'s);
 ``run_speedup_*`` = one process / that: the wall-time speed-up the forward count allows (VAE, transfers and
-the text encoder not counted). ``context_ideal``: the sketch under ``ParallelConfig(sketch_context=...)``,
-each of its 100 forwards split along its tokens over all R ranks, counted as ``100 / R`` forwards (an upper
-bound: the all-to-all or ring transfers inside every layer are not counted), with the tiles split.
+the text encoder not counted). ``context_ideal``: the sketch under ``ParallelConfig(sketch_context=...)``
+with Wan's two-call guidance: the ranks split in two halves, each computing one call of every guidance pair
+(the first pair both) with its tokens split over its R / 2 ranks, counted as ``51 / (R / 2)`` forwards (an
+upper bound: the all-to-all or ring transfers inside every layer are not counted), with the tiles split.
 
 The ``summary`` holds, per geometry and tiling, each setting's worst share over canvases and ranks under
 ``auto`` and whether all meet the targets (<= 10 % of the all-gather; imbalance <= 1.15).
@@ -331,10 +332,11 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         # CogVideoX and LTX-Video where their batched sketch call does not split exactly (rank 0 alone),
         # the tiles' guidance split with separate_guidance: "tiles_split"
         refine["tiles_split"] = refine["split"]
-        # sketch_context: every forward of the sketch shared by all ranks (ideal: no transfer inside the layers)
+        # sketch_context: the guidance pairs split over two halves of the ranks, each call's tokens over its half
+        # (ideal: no transfer inside the layers)
         refine["context_ideal"] = refine["split"]
         stage1 = {"one_process": 2 * STEPS, "whole": 2 * STEPS, "split": STEPS + 1, "tiles_split": 2 * STEPS,
-                  "context_ideal": 2 * STEPS / world}  # fmt: skip
+                  "context_ideal": (STEPS + 1) / (world // 2)}  # fmt: skip
         run_forwards = {k: stage1[k] + refine[k] for k in refine}
         c["run_forwards_busiest_rank"] = run_forwards
         for k in ("whole", "split", "tiles_split", "context_ideal"):

@@ -193,8 +193,9 @@ def add_generate_parser(sub) -> None:
         choices=("ulysses", "ring"),
         default=None,
         help="under torchrun: every rank runs the sketch, each forward split along its tokens with diffusers' "
-        "context parallelism (Ulysses or ring attention over all ranks; Wan, LTX-Video with ring; on GPUs) "
-        "instead of rank 0 (and 1) running it while the others wait",
+        "context parallelism (Ulysses or ring attention; over all ranks, or over each half of them where the "
+        "halves split guidance's two calls; Wan, LTX-Video with ring; on GPUs) instead of rank 0 (and 1) "
+        "running it while the others wait",
     )
     g.add_argument(
         "--separate-guidance",

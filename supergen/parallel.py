@@ -83,9 +83,12 @@ Design (why it is shaped this way)
   traffic of a run that is inside a forward, and its latent is the one process's only where the kernels
   give a token the same bits in a shard of the sequence as in the whole (so on the CPU in the tests, not
   promised on a GPU). Where it fits (models with a context-parallel plan: Wan, and LTX-Video with ring
-  attention only up to diffusers 0.42.1; token and head counts dividing by the world size) every rank
-  takes part in all of the sketch's forwards, so the sketch no longer bounds the run's speed-up at many
-  ranks. Its hooks come off before stage 2, whose tile forwards are each one rank's.
+  attention only up to diffusers 0.42.1; token and head counts dividing by the degree) every rank takes
+  part in the sketch's forwards, so the sketch no longer bounds the run's speed-up at many ranks. Where
+  guidance is two calls per step the ranks split in two halves, one call of every pair each, and each
+  call's tokens over its half (:func:`sketch_context_split`: CFG parallelism times context parallelism,
+  as xDiT composes them; the halves swap one output per step, and each all-to-all spans half the
+  ranks). Its hooks come off before stage 2, whose tile forwards are each one rank's.
 * **The tile cache (gate/budget) keeps its state per region.** Its per-cell state (residual, last
   prediction, gain, accumulated change, skip count, motion, last input change) is region-shaped and
   stays with its cells (with ``follow`` regions it migrates with them, like the scheduler's). Its
@@ -417,15 +420,19 @@ def wait_for_sketch(ctx: ParallelContext, group) -> None:
 
 
 class _SketchPair(_WrapsForwards):
-    """Ranks 0 and 1 computing stage 1 together: the model's forwards are wrapped while inside, and each
-    counts the forwards it computed and the bytes it sent; ``_learned`` maps an input signature to the
-    output it learnt (shape, dtype, device, container)."""
+    """Two ranks computing stage 1 together (ranks 0 and 1, or this rank and ``peer``): the model's forwards
+    are wrapped while inside, and each counts the forwards it computed and the bytes it sent; the higher
+    rank of the two is ``second``; ``_learned`` maps an input signature to the output it learnt (shape,
+    dtype, device, container)."""
 
-    def __init__(self, ctx: ParallelContext, modules):
-        if ctx.rank not in (0, 1) or ctx.world_size < 2:
+    def __init__(self, ctx: ParallelContext, modules, peer: int | None = None):
+        if peer is None and (ctx.rank not in (0, 1) or ctx.world_size < 2):
             raise ValueError(f"the sketch's guidance splits between ranks 0 and 1, not rank {ctx.rank}.")
+        if peer is not None and not (0 <= peer < ctx.world_size and peer != ctx.rank):
+            raise ValueError(f"rank {ctx.rank} cannot pair with rank {peer} of {ctx.world_size}.")
         super().__init__(modules)
-        self.ctx, self.peer = ctx, 1 - ctx.rank
+        self.ctx, self.peer = ctx, 1 - ctx.rank if peer is None else peer
+        self.second = ctx.rank > self.peer
         self.enabled = True
         self.forwards = 0  # forwards this rank computed
         self.sent = 0  # bytes this rank sent
@@ -457,10 +464,14 @@ class SketchGuidanceSplit(_SketchPair):
     there turns the split off; a later mismatch, after an empty output went out, raises on both ranks,
     which see the same calls); the first pair of each input shape also learns the output's shape, dtype
     and container, which the later empty outputs take (and the computed ones are checked against).
+
+    With ``peer``, the pair is this rank and ``peer`` (the lower one computing the first calls): under
+    ``sketch_context`` each rank of one half of the ranks pairs with its counterpart in the other half,
+    each half running its calls with context parallelism (:class:`SketchContextParallel`).
     """
 
-    def __init__(self, ctx: ParallelContext, modules):
-        super().__init__(ctx, modules)
+    def __init__(self, ctx: ParallelContext, modules, peer: int | None = None):
+        super().__init__(ctx, modules, peer)
         self._first = None  # (hidden_states, timestep, signature, split, output) of a pair's first call
 
     @staticmethod
@@ -501,7 +512,7 @@ class SketchGuidanceSplit(_SketchPair):
             if isinstance(hidden, torch.Tensor):
                 signature = (tuple(hidden.shape), hidden.dtype, hidden.device)
             split = signature in self._learned
-            if split and self.ctx.rank == 1:  # rank 1 computes the second call instead
+            if split and self.second:  # the second rank computes the second call instead
                 shape, dtype, device, rebuild = self._learned[signature]
                 empty = torch.empty(shape, dtype=dtype, device=device)  # filled at the second call
                 self._first = (hidden, timestep, signature, True, empty)
@@ -528,7 +539,7 @@ class SketchGuidanceSplit(_SketchPair):
                 "pairs on one latent input; run with ParallelConfig(split_guidance=False)."
             )
         shape, dtype, device, rebuild = self._learned[signature]
-        if self.ctx.rank == 0:  # rank 0 computed the first call; rank 1 computed this one
+        if not self.second:  # this rank computed the first call; the second rank computed this one
             mine = self._output(first_out)[0]
             theirs = torch.empty(shape, dtype=dtype, device=device)
             self.sent += _transfer(self.ctx, {self.peer: [mine]}, {self.peer: [theirs]}, None)
@@ -582,7 +593,7 @@ class SketchBatchSplit(_SketchPair):
 
     def _half(self, args, kwargs, n: int):
         """This rank's half of a call's arguments: tensors whose first dimension is the batch ``n``."""
-        lo, hi = (0, n // 2) if self.ctx.rank == 0 else (n // 2, n)
+        lo, hi = (0, n // 2) if not self.second else (n // 2, n)
 
         def cut(v):
             return v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
@@ -609,7 +620,7 @@ class SketchBatchSplit(_SketchPair):
             half_args, half_kwargs = self._half(args, kwargs, n)
             half, _ = SketchGuidanceSplit._output(forward(*half_args, **half_kwargs))
             self.forwards += 3
-            lo = 0 if self.ctx.rank == 0 else n // 2
+            lo = 0 if not self.second else n // 2
             exact = whole is not None and half is not None and half.shape[0] == n // 2
             exact = exact and half.dtype == whole.dtype and torch.equal(half, whole[lo : lo + n // 2])
             if self._agree(exact):
@@ -628,7 +639,7 @@ class SketchBatchSplit(_SketchPair):
                 f"{getattr(mine, 'dtype', None)} is not half of the whole call's {shape} {dtype}."
             )
         full = torch.empty(shape, dtype=dtype, device=device)
-        ours, theirs = (full[:half], full[half:]) if self.ctx.rank == 0 else (full[half:], full[:half])
+        ours, theirs = (full[:half], full[half:]) if not self.second else (full[half:], full[:half])
         ours.copy_(mine)
         self.sent += _transfer(self.ctx, {self.peer: [ours]}, {self.peer: [theirs]}, None)  # contiguous halves
         return rebuild(full)
@@ -639,14 +650,30 @@ class SketchBatchSplit(_SketchPair):
 _ULYSSES_MASK_HEADS = {"LTXVideoTransformer3DModel": "huggingface/diffusers#14316"}
 
 
-def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict) -> None:
-    """Before any model work: whether stage 1 can run on every rank with diffusers' context parallelism
-    (``ParallelConfig.sketch_context``). ``token_counts`` maps each size the sketch's transformer sees
-    (a name for the message) to its token count; raises ``ValueError`` naming what does not fit."""
+def sketch_context_split(ctx: ParallelContext, pairs: bool) -> tuple[int, int]:
+    """``(groups, degree)`` of stage 1 under ``ParallelConfig.sketch_context``. Where the pipeline guides
+    with two calls per step (``pairs``) and ``split_guidance`` is on, an even number of ranks splits in
+    two halves, each computing one call of every pair with context parallelism over its half (CFG
+    parallelism times Ulysses or ring, as xDiT composes them: the halves swap one output per step, with
+    no transfer inside the layers, and each call's sequence is split half as many ways): ``(2, R / 2)``;
+    at 2 ranks that is the guidance split alone. Otherwise one group over all ranks: ``(1, R)``."""
+    R = ctx.world_size
+    if pairs and ctx.config.split_guidance and R % 2 == 0:
+        return 2, R // 2
+    return 1, R
+
+
+def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict, degree: int | None = None) -> None:
+    """Before any model work: whether stage 1 can run with diffusers' context parallelism of ``degree``
+    ranks (default: all; :func:`sketch_context_split`; 1: none, nothing to check) for
+    ``ParallelConfig.sketch_context``. ``token_counts`` maps each size the sketch's transformer sees (a
+    name for the message) to its token count; raises ``ValueError`` naming what does not fit."""
     import diffusers
     from packaging.version import Version
 
-    kind, world = ctx.config.sketch_context, ctx.world_size
+    kind, world = ctx.config.sketch_context, ctx.world_size if degree is None else degree
+    if world == 1:
+        return
     for module in (m for m in modules if m is not None):
         name = type(module).__name__
         if not hasattr(module, "enable_parallelism"):
@@ -695,32 +722,38 @@ def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict) -> N
 
 
 class SketchContextParallel(_WrapsForwards):
-    """Stage 1 on every rank, each forward of the transformer(s) split along its token sequence over all
-    ranks with diffusers' context parallelism (``ParallelConfig.sketch_context``: Ulysses or ring attention
-    of degree ``world_size``), the stock pipeline unchanged.
+    """Stage 1 on every rank, each forward of the transformer(s) split along its token sequence over the
+    ranks of its group with diffusers' context parallelism (``ParallelConfig.sketch_context``: Ulysses or
+    ring attention of degree ``world_size / groups``; ``groups`` = 2: the halves of the ranks, each
+    computing one call of every guidance pair, :func:`sketch_context_split`), the stock pipeline unchanged.
 
     Inside, the modules carry diffusers' context-parallel hooks (``enable_parallelism`` with the model's
     own ``_cp_plan``: inputs split along the sequence, outputs gathered, so every rank's pipeline sees
     whole tensors); on exit they are removed and the attention processors given back their previous
     parallel config, so that stage 2's tile forwards, each on one rank, run the model as before. The
-    device mesh is made once per process group and kept (making one is collective). ``forwards`` counts
-    the calls this rank took part in, each a ``1 / world_size`` share of a forward's tokens.
+    device mesh (``(groups, ring, ulysses)``) is made once per process group and kept (making one is
+    collective). ``forwards`` counts the calls this rank took part in, each a ``1 / degree`` share of a
+    forward's tokens.
     """
 
-    def __init__(self, ctx: ParallelContext, modules):
+    def __init__(self, ctx: ParallelContext, modules, groups: int = 1):
+        if groups < 1 or ctx.world_size % groups or ctx.world_size // groups < 2:
+            raise ValueError(f"{ctx.world_size} ranks do not split in {groups} groups of 2 or more.")
         super().__init__(modules)
-        self.ctx, self.forwards = ctx, 0
+        self.ctx, self.forwards, self.groups = ctx, 0, groups
+        self.degree = ctx.world_size // groups
         self._processors: list = []
 
     def _mesh(self):
-        key = ("sketch_context", self.ctx.config.sketch_context)
+        key = ("sketch_context", self.ctx.config.sketch_context, self.groups)
         if key not in self.ctx.groups:
             from torch.distributed.device_mesh import init_device_mesh
 
-            world = self.ctx.world_size
-            shape = (1, world) if self.ctx.config.sketch_context == "ulysses" else (world, 1)
+            ring_ulysses = (1, self.degree) if self.ctx.config.sketch_context == "ulysses" else (self.degree, 1)
             device_type = _comm_device(self.ctx).type
-            self.ctx.groups[key] = init_device_mesh(device_type, shape, mesh_dim_names=("ring", "ulysses"))
+            self.ctx.groups[key] = init_device_mesh(
+                device_type, (self.groups, *ring_ulysses), mesh_dim_names=("cfg", "ring", "ulysses")
+            )
         return self.ctx.groups[key]
 
     def _call(self, forward, *args, **kwargs):
@@ -730,7 +763,7 @@ class SketchContextParallel(_WrapsForwards):
     def __enter__(self) -> SketchContextParallel:
         from diffusers import ContextParallelConfig
 
-        mesh, degree = self._mesh(), {f"{self.ctx.config.sketch_context}_degree": self.ctx.world_size}
+        mesh, degree = self._mesh(), {f"{self.ctx.config.sketch_context}_degree": self.degree}
         try:
             for module in self.modules:
                 self._processors += [(p, p._parallel_config) for p in _attention_processors(module)]

@@ -221,19 +221,6 @@ class SuperGen:
         similarity = self.cache.rehash_similarity if rehash else None
         ctx = self._parallel_context(plan, grid, prompt, negative_prompt, (guidance_scale, refine_guidance_scale),
                                      upscale, generator, callback_on_step_end)  # fmt: skip
-        if ctx.distributed and ctx.config.sketch_context is not None and sketch_latents is None:
-            from .parallel import check_sketch_context
-
-            pt, ph, pw = adapter.spec.patch
-            sizes = {"sketch": plan.sketch_latent, "reshifted sketch": reshifted_hw}
-            tokens = {
-                f"{name} (latent {plan.latent_frames}x{hw[0]}x{hw[1]})": -(-plan.latent_frames // pt)
-                * (hw[0] // ph)
-                * (hw[1] // pw)
-                for name, hw in sizes.items()
-                if hw is not None
-            }
-            check_sketch_context(ctx, [pipe.transformer, getattr(pipe, "transformer_2", None)], tokens)
         if similarity is not None and tuple(similarity.shape) != (plan.refine_steps,) * 2:
             raise ValueError(
                 f"`rehash_similarity` must be ({plan.refine_steps}, {plan.refine_steps}) for refine_steps="
@@ -249,6 +236,20 @@ class SuperGen:
             "negative_prompt_embeds": negative_prompt_embeds,
             "guidance_scale": guidance_scale,
         }
+        if ctx.distributed and ctx.config.sketch_context is not None and sketch_latents is None:
+            from .parallel import check_sketch_context, sketch_context_split
+
+            pt, ph, pw = adapter.spec.patch
+            sizes = {"sketch": plan.sketch_latent, "reshifted sketch": reshifted_hw}
+            tokens = {
+                f"{name} (latent {plan.latent_frames}x{hw[0]}x{hw[1]})": -(-plan.latent_frames // pt)
+                * (hw[0] // ph)
+                * (hw[1] // pw)
+                for name, hw in sizes.items()
+                if hw is not None
+            }
+            _, degree = sketch_context_split(ctx, adapter.sketch_guidance_pairs({**text, **pipeline_kwargs}))
+            check_sketch_context(ctx, [pipe.transformer, getattr(pipe, "transformer_2", None)], tokens, degree)
 
         # Build/load the op backends now (the C++ extension compiles on first use), so that a first
         # run's compile time is reported as such instead of inflating the refine stage.
@@ -385,16 +386,23 @@ class SuperGen:
         with stage("sketch"):
             shared = parallel is not None and parallel.distributed and sketch_latents is None
             context = shared and parallel.config.sketch_context is not None
-            split = shared and not context and parallel.config.split_guidance
+            split = shared and parallel.config.split_guidance
             pairs = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
-            split = pairs or (split and adapter.sketch_guidance_batched({**text, **pipeline_kwargs}))
             low = None
             denoisers = [pipe.transformer, getattr(pipe, "transformer_2", None)]
-            guard, heartbeat = contextlib.nullcontext(), contextlib.nullcontext()
-            if context:  # every rank runs the stock pipeline, each forward's tokens split over the ranks
-                from .parallel import SketchContextParallel
+            guards = []  # entered in this order around the sketch: the first wraps the model innermost
+            if context:  # every rank runs the stock pipeline: guidance pairs split over two halves of the
+                # ranks, each forward's tokens split over the ranks of its half (or of all where no pairs)
+                from .parallel import SketchContextParallel, SketchGuidanceSplit, sketch_context_split
 
-                guard = SketchContextParallel(parallel, denoisers)
+                groups, degree = sketch_context_split(parallel, pairs)
+                split = pairs = groups == 2
+                tokens = SketchContextParallel(parallel, denoisers, groups) if degree > 1 else None
+                halves = None
+                if split:
+                    peer = (parallel.rank + parallel.world_size // 2) % parallel.world_size
+                    halves = SketchGuidanceSplit(parallel, denoisers, peer)
+                guards = [g for g in (tokens, halves) if g is not None]
             elif shared:  # the waiting ranks follow rank 0's forwards, so that no transfer waits the whole sketch
                 from .parallel import (
                     SketchBatchSplit,
@@ -404,25 +412,29 @@ class SuperGen:
                     wait_for_sketch,
                 )
 
+                split = pairs or (split and adapter.sketch_guidance_batched({**text, **pipeline_kwargs}))
                 runners = (0, 1) if split else (0,)
                 group = sketch_waiters_group(parallel, runners)
-                if parallel.rank == 0:
-                    heartbeat = SketchHeartbeat(parallel, group, denoisers)
                 if split and parallel.rank in runners:
-                    guard = (SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, denoisers)
+                    guards.append((SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, denoisers))
+                if parallel.rank == 0:  # outermost: it sees every call, computed or not
+                    guards.append(SketchHeartbeat(parallel, group, denoisers))
                 if parallel.rank not in runners:
                     wait_for_sketch(parallel, group)
             if not shared or context or parallel.rank == 0 or (split and parallel.rank == 1):
-                with guard, heartbeat:  # the heartbeat outermost: it sees every call, computed or not
+                with contextlib.ExitStack() as stack:
+                    for guard in guards:
+                        stack.enter_context(guard)
                     if self.reshift is not None:
                         low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator,
                                                **text, **pipeline_kwargs)  # fmt: skip
                     else:
                         low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
-                if split:
-                    parallel.sketch_forwards, parallel.stats.sketch_branches = guard.forwards, guard.sent
-                elif context:
-                    parallel.sketch_forwards = guard.forwards
+                if context:  # the forwards this rank took part in, and what the halves swapped
+                    parallel.sketch_forwards = (tokens or halves).forwards
+                    parallel.stats.sketch_branches = halves.sent if halves is not None else 0
+                elif split:
+                    parallel.sketch_forwards, parallel.stats.sketch_branches = guards[0].forwards, guards[0].sent
             if shared:
                 from .parallel import share_sketch
 

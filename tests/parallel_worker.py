@@ -142,6 +142,12 @@ def tiny_case(case: dict, parallel_config):
                   cache=cache, reshift=reshift)  # fmt: skip
     runs, run_sketch = [], sg.adapter.sketch  # stage 1: rank 0 runs it under parallelism (and rank 1 if split)
     sg.adapter.sketch = lambda *a, **k: runs.append(1) or run_sketch(*a, **k)
+    # the token counts the first block's self-attention sees (a sequence split over ranks shows as a share)
+    tokens = set()
+    pipe.transformer.blocks[0].attn1.register_forward_pre_hook(
+        lambda module, args, kwargs: tokens.add((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True,
+    )
     if case.get("drift_rank") == int(os.environ.get("RANK", "0")):  # this rank's upscale is not reproducible
         encode = sg.adapter.encode
         sg.adapter.encode = lambda *a, **k: encode(*a, **k) + 1e-3
@@ -158,7 +164,8 @@ def tiny_case(case: dict, parallel_config):
         output_type=case.get("output_type", "latent"),
     )
     left = _context_parallel_left(pipe.transformer)
-    return out.latents, dict(out.report, sketch_runs=len(runs), frames=out.frames, context_parallel_left=left)
+    report = dict(out.report, sketch_runs=len(runs), frames=out.frames, context_parallel_left=left)
+    return out.latents, dict(report, attention_tokens=sorted(tokens))
 
 
 def _context_parallel_left(transformer) -> int:
@@ -354,7 +361,8 @@ def main(spec_path: str, out_dir: str) -> None:
         if case.get("model") in ("tiny", "tiny_ltx"):
             latents, report = (tiny_ltx_case if case["model"] == "tiny_ltx" else tiny_case)(case, config)
             stats = dict(report.get("parallel") or {}, cache=report.get("cache"), sketch_runs=report["sketch_runs"],
-                         context_parallel_left=report.get("context_parallel_left"))  # fmt: skip
+                         context_parallel_left=report.get("context_parallel_left"),
+                         attention_tokens=report.get("attention_tokens"))  # fmt: skip
             if case.get("output_type", "latent") != "latent" and report["frames"] is not None:
                 torch.save(report["frames"], out / f"{case['name']}.frames.pt")
         else:

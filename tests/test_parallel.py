@@ -409,16 +409,21 @@ def test_supergen_generate_under_torchrun_matches_one_process(tmp_path):
     assert json.loads((one / "r.json").read_text())["parallel"] is None
 
 
-# Stage 1 on every rank, each forward's tokens split with diffusers' Ulysses attention (the tiny Wan: 2 heads,
-# a 3x8x8 sketch latent in (1, 2, 2) patches = 48 tokens); with noise reshifting supergen's own loop runs
-# the lower size's steps under it too. Errors: 3 tokens (a reshifted 3x2x2 latent) on 2 ranks, 2 heads on 3,
-# a machine without accelerators.
-TINY_CONTEXT = dict(TINY, name="tiny_wan_context", sketch_context="ulysses")
-TINY_CONTEXT_RESHIFT = dict(TINY_RESHIFT, name="tiny_wan_context_reshift", sketch_context="ulysses")
+# Stage 1 on every rank with diffusers' Ulysses attention (the tiny Wan: 2 heads, a 3x8x8 sketch latent in
+# (1, 2, 2) patches = 48 tokens). Without the guidance split every forward's tokens are split over all ranks
+# (2 here; with noise reshifting supergen's own lower-size loop runs under it too); with it (the default) the
+# ranks split in two halves, each computing one call of every guidance pair with its tokens over its half
+# (4 ranks: 2 x 2). Errors: 3 tokens (a reshifted 3x2x2 latent) on 2 ranks, 2 heads on 3 (odd: no halves), a
+# machine without accelerators.
+TINY_CONTEXT = dict(TINY, name="tiny_wan_context", sketch_context="ulysses", split_guidance=False)
+TINY_CONTEXT_RESHIFT = dict(TINY_RESHIFT, name="tiny_wan_context_reshift", sketch_context="ulysses",
+                            split_guidance=False)  # fmt: skip
+TINY_CONTEXT_HALVES = dict(TINY, name="tiny_wan_context_halves", sketch_context="ulysses")
+CONTEXT_CASES = {2: [TINY_CONTEXT, TINY_CONTEXT_RESHIFT], 4: [TINY_CONTEXT_HALVES]}
 CONTEXT_ERRORS = {
     2: [dict(TINY_CONTEXT, name="context_tokens", reshift={"native_steps": 2, "scale": 0.25}, expect_error=True),
         dict(TINY_CONTEXT, name="context_no_accelerator", accelerators=0, expect_error=True)],
-    3: [dict(TINY_CONTEXT, name="context_heads", expect_error=True)],
+    3: [dict(TINY_CONTEXT_HALVES, name="context_heads", expect_error=True)],
 }  # fmt: skip
 CONTEXT_MESSAGES = {
     "context_tokens": "splits the tokens over the 2 ranks, but the reshifted sketch (latent 3x2x2) has 3 tokens",
@@ -427,15 +432,16 @@ CONTEXT_MESSAGES = {
 }
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_sketch_context_parallel_shares_every_sketch_forward_and_matches_one_process(world, tmp_path):
     """``ParallelConfig(sketch_context="ulysses")``: every rank runs the stock pipeline (and, with noise
     reshifting, supergen's lower-size loop), each forward split along its tokens with diffusers' context
-    parallelism, and the model is given back without its hooks for stage 2's tile forwards; the latent is
-    the one process's (on this CPU a token's output is the same in a shard as in the whole sequence). What
-    does not fit fails on every rank before any model work, naming it."""
-    ok = [TINY_CONTEXT, TINY_CONTEXT_RESHIFT] if world == 2 else []
-    errors = CONTEXT_ERRORS.get(world, [])
+    parallelism over all ranks or, with the guidance split, over each half of the ranks, the halves
+    computing one call of every guidance pair each and swapping outputs; the model is given back without
+    its hooks for stage 2's tile forwards; the latent is the one process's (on this CPU a token's output
+    is the same in a shard as in the whole sequence). What does not fit fails on every rank before any
+    model work, naming it."""
+    ok, errors = CONTEXT_CASES.get(world, []), CONTEXT_ERRORS.get(world, [])
     results = _wait(_launch(world, ok + errors, tmp_path), limit=300)
     for rank, (code, text) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{text[-3000:]}"
@@ -447,14 +453,22 @@ def test_sketch_context_parallel_shares_every_sketch_forward_and_matches_one_pro
         single, _ = _tiny_single_process(case)
         got = torch.load(tmp_path / f"{case['name']}.pt")
         assert (got - single).abs().max().item() <= 1e-5, case["name"]
-        # two calls per step (+ the reshift's estimate's two), all on every rank
-        forwards = 2 * case["steps"] + (2 if case.get("reshift") else 0)
+        halves = case.get("split_guidance", True)
+        # all ranks: two calls per step (+ the reshift's estimate's two); halves: the first pair both calls,
+        # then one call per step, and one sketch-size output (fp32) sent per later step
+        N = case["steps"]
+        forwards = N + 1 if halves else 2 * N + (2 if case.get("reshift") else 0)
+        sent = (N - 1) * got.shape[0] * got.shape[1] * 3 * 8 * 8 * 4 if halves else 0
         for rank in range(world):
             report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
             assert report["sketch_context"] == "ulysses" and report["sketch_runs"] == 1, (case["name"], rank)
-            assert report["sketch_forwards"] == forwards and report["sketch_branches_bytes"] == 0, (case["name"], rank)
+            assert report["sketch_forwards"] == forwards, (case["name"], rank, report["sketch_forwards"])
+            assert report["sketch_branches_bytes"] == sent, (case["name"], rank, report["sketch_branches_bytes"])
             assert report["context_parallel_left"] == 0, (case["name"], rank)  # stage 2 ran the stock model
             assert (report["sketch_broadcast_bytes"] > 0) == (rank == 0), (case["name"], rank)
+            # the sketch's 48 tokens (and the reshifted sketch's 12) were split over 2 ranks; tiles run whole (48)
+            split_tokens = [6, 24, 48] if case.get("reshift") else [24, 48]
+            assert report["attention_tokens"] == split_tokens, (case["name"], rank, report["attention_tokens"])
 
 
 def test_sketch_context_check_names_what_does_not_fit(monkeypatch):
@@ -493,14 +507,16 @@ def test_sketch_context_check_names_what_does_not_fit(monkeypatch):
 
 
 def test_cli_sketch_context_fails_every_rank_before_model_work_without_accelerators(tmp_path):
-    """`--parallel-sketch-context ulysses` reaches the ranks' ParallelConfig: on this machine (no accelerator)
-    both ranks exit 2 with the reason, and nothing is written."""
+    """`--parallel-sketch-context ulysses` reaches the ranks' ParallelConfig: with whole guidance pairs
+    (`--parallel-whole-tiles`) each sketch forward would be split over both ranks, which needs an
+    accelerator per rank: on this machine (none) both ranks exit 2 with the reason, and nothing is written."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
     argv = ["-m", "supergen.cli", "generate", "--model", "tiny-random", "--steps", "3", "--quiet",
-            "--parallel-sketch-context", "ulysses", "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+            "--parallel-sketch-context", "ulysses", "--parallel-whole-tiles",
+            "--out", str(tmp_path / "v.mp4")]  # fmt: skip
     done = subprocess.run([sys.executable, *torchrun, *argv], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("sketch_context='ulysses' needs an accelerator per rank") == 2, done.stderr[-3000:]
