@@ -705,7 +705,8 @@ def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict, degr
         if kind == "ulysses" and heads is not None and heads % world:
             raise ValueError(
                 f"sketch_context='ulysses' splits the attention heads over the {world} ranks, but {name} has "
-                f"{heads}; use 'ring', or a world size dividing {heads}."
+                f"{heads}; use 'ring', or a number of ranks per sequence dividing {heads} (the world size, or half "
+                "of it where the ranks split guidance in halves)."
             )
     for what, tokens in token_counts.items():
         if tokens % world:
