@@ -577,6 +577,11 @@ class StepRehash:
         return step_similarity(self.residuals)
 
 
+def hook_names(module) -> list[str]:
+    """The names of the diffusers hooks registered on ``module`` itself (its ``HookRegistry``)."""
+    return list(getattr(getattr(module, "_diffusers_hook", None), "hooks", None) or {})
+
+
 def check_model_caches(transformer) -> None:
     """Refuse diffusers caches that keep state on the hook instead of per cache context.
 
@@ -587,8 +592,7 @@ def check_model_caches(transformer) -> None:
     stateful_per_hook = {"pyramid_attention_broadcast": "PyramidAttentionBroadcast", "faster_cache": "FasterCache"}
     found = set()
     for module in transformer.modules():
-        hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None) or {}
-        for hook_name in hooks:
+        for hook_name in hook_names(module):
             found.update(label for prefix, label in stateful_per_hook.items() if hook_name.startswith(prefix))
     if found:
         raise ValueError(

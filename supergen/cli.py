@@ -56,19 +56,18 @@ def info_text() -> str:
 def parallel_support() -> dict:
     """What this machine offers ``torchrun`` runs: process-group backends, and what ``--parallel-sketch-context``
     (diffusers' context parallelism, one accelerator per rank) finds here."""
-    import torch
     import torch.distributed as dist
 
     available = dist.is_available()
     groups = [b for b in ("gloo", "nccl") if available and getattr(dist, f"is_{b}_available")()]
     from diffusers import ModelMixin
 
-    accelerator = getattr(torch, "accelerator", None)
-    count = accelerator.device_count() if accelerator is not None else 0
+    from .parallel import accelerator_count
+
     cp = "diffusers has it" if hasattr(ModelMixin, "enable_parallelism") else "this diffusers lacks it"
     return {
         "process groups": ", ".join(groups) or "none (torch.distributed unavailable)",
-        "sketch context": f"{cp}; {count} accelerator(s) here, one per rank needed",
+        "sketch context": f"{cp}; {accelerator_count()} accelerator(s) here, one per rank needed",
     }
 
 

@@ -133,18 +133,17 @@ class ParallelConfig:
             rank 0 alone.
         sketch_context: ``None`` (default) or ``"ulysses"`` / ``"ring"``: stage 1 runs on every rank, each
             forward of the transformer split along its token sequence with diffusers' context parallelism
-            (``ContextParallelConfig(ulysses_degree=D)`` or ``ring_degree=D``), instead of on rank 0 (and
-            rank 1 with ``split_guidance``) while the others wait. Where the pipeline guides with two calls
-            per step and ``split_guidance`` is on, an even number of ranks splits in two halves, each
-            computing one call of every pair over its ``D = R / 2`` ranks (at 2 ranks: the guidance split
-            alone); otherwise ``D = R``. Needs a transformer with a context-parallel plan (diffusers: Wan,
-            LTX-Video; LTX-Video's masked cross-attention fails diffusers' Ulysses up to 0.42.1, so there
-            ring only), a token count of every sketch size divisible by D, with ``"ulysses"`` a head count
-            divisible by it, with ``"ring"``
-            an attention backend that returns the log-sum-exp (flash on a GPU), and an accelerator per rank;
-            checked before any model work. The sketch's latent equals the one-process sketch's only where
-            the kernels give a token the same bits in a shard as in the whole sequence (so on the CPU in
-            the tests, not necessarily on a GPU); rank 0's is the one every rank goes on with.
+            (``ContextParallelConfig(ulysses_degree=D)`` or ``ring_degree=D``), instead of on rank 0 (and rank 1
+            with ``split_guidance``) while the others wait. Where the pipeline guides with two calls per step
+            and ``split_guidance`` is on, an even number of ranks splits in two halves, each computing one call
+            of every pair over its ``D=R/2`` ranks (at 2 ranks: the guidance split alone); otherwise ``D=R``.
+            Needs a transformer with a context-parallel plan (diffusers: Wan, LTX-Video; LTX-Video's masked
+            cross-attention fails diffusers' Ulysses up to 0.42.1, so there ring only), a token count of every
+            sketch size divisible by D, with ``"ulysses"`` a head count divisible by it, with ``"ring"`` an
+            attention backend that returns the log-sum-exp (flash on a GPU), and an accelerator per rank;
+            checked before any model work. The sketch's latent equals the one-process sketch's only where the
+            kernels give a token the same bits in a shard as in the whole sequence (so on the CPU in the tests,
+            not necessarily on a GPU); rank 0's is the one every rank goes on with.
     """
 
     backend: str = "auto"

@@ -560,13 +560,9 @@ def _has_foreign_hooks(module) -> bool:
     """Whether ``module`` or a submodule carries diffusers hooks other than supergen's rotary one (a cache
     such as FirstBlockCache keeps state across calls, which splitting a call in two would change)."""
     from .adapters.base import _ROPE_HOOK
+    from .cache import hook_names
 
-    for m in module.modules():
-        registry = getattr(m, "_diffusers_hook", None)
-        names = getattr(registry, "hooks", {}) if registry is not None else {}
-        if any(name != _ROPE_HOOK for name in names):
-            return True
-    return False
+    return any(name != _ROPE_HOOK for m in module.modules() for name in hook_names(m))
 
 
 class SketchBatchSplit(_SketchPair):
@@ -714,12 +710,18 @@ def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict, degr
                 f"sketch_context={kind!r} splits the tokens over the {world} ranks, but the {what} has {tokens} "
                 f"tokens; use a sketch size or world size whose token count divides evenly."
             )
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6, as diffusers' context parallelism needs
-    if accelerator is None or accelerator.device_count() == 0:
+    if accelerator_count() == 0:
         raise ValueError(
             f"sketch_context={kind!r} needs an accelerator per rank (diffusers places rank r on device r % count), "
             "and this machine has none; leave `sketch_context` unset to run the sketch on rank 0."
         )
+
+
+def accelerator_count() -> int:
+    """Accelerators on this machine as diffusers' context parallelism counts them (``torch.accelerator``,
+    torch >= 2.6; 0 without it)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.device_count() if accelerator is not None else 0
 
 
 class SketchContextParallel(_WrapsForwards):

@@ -390,19 +390,19 @@ class SuperGen:
             pairs = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
             low = None
             denoisers = [pipe.transformer, getattr(pipe, "transformer_2", None)]
-            guards = []  # entered in this order around the sketch: the first wraps the model innermost
+            # stage 1's wrappers around the model, innermost first: tokens split over ranks, guidance split
+            # between two ranks, rank 0's heartbeat for the ranks that wait
+            tokens = pair = heartbeat = None
             if context:  # every rank runs the stock pipeline: guidance pairs split over two halves of the
                 # ranks, each forward's tokens split over the ranks of its half (or of all where no pairs)
                 from .parallel import SketchContextParallel, SketchGuidanceSplit, sketch_context_split
 
                 groups, degree = sketch_context_split(parallel, pairs)
-                split = pairs = groups == 2
+                split = groups == 2
                 tokens = SketchContextParallel(parallel, denoisers, groups) if degree > 1 else None
-                halves = None
                 if split:
                     peer = (parallel.rank + parallel.world_size // 2) % parallel.world_size
-                    halves = SketchGuidanceSplit(parallel, denoisers, peer)
-                guards = [g for g in (tokens, halves) if g is not None]
+                    pair = SketchGuidanceSplit(parallel, denoisers, peer)
             elif shared:  # the waiting ranks follow rank 0's forwards, so that no transfer waits the whole sketch
                 from .parallel import (
                     SketchBatchSplit,
@@ -416,25 +416,23 @@ class SuperGen:
                 runners = (0, 1) if split else (0,)
                 group = sketch_waiters_group(parallel, runners)
                 if split and parallel.rank in runners:
-                    guards.append((SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, denoisers))
+                    pair = (SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, denoisers)
                 if parallel.rank == 0:  # outermost: it sees every call, computed or not
-                    guards.append(SketchHeartbeat(parallel, group, denoisers))
+                    heartbeat = SketchHeartbeat(parallel, group, denoisers)
                 if parallel.rank not in runners:
                     wait_for_sketch(parallel, group)
             if not shared or context or parallel.rank == 0 or (split and parallel.rank == 1):
                 with contextlib.ExitStack() as stack:
-                    for guard in guards:
+                    for guard in (g for g in (tokens, pair, heartbeat) if g is not None):
                         stack.enter_context(guard)
                     if self.reshift is not None:
                         low = reshifted_sketch(adapter, plan, self.reshift, pipe.scheduler, generator=generator,
                                                **text, **pipeline_kwargs)  # fmt: skip
                     else:
                         low = sketch(adapter, plan, sketch_latents, generator=generator, **text, **pipeline_kwargs)
-                if context:  # the forwards this rank took part in, and what the halves swapped
-                    parallel.sketch_forwards = (tokens or halves).forwards
-                    parallel.stats.sketch_branches = halves.sent if halves is not None else 0
-                elif split:
-                    parallel.sketch_forwards, parallel.stats.sketch_branches = guards[0].forwards, guards[0].sent
+                if tokens is not None or pair is not None:  # the forwards it ran (or took part in), what it swapped
+                    parallel.sketch_forwards = (tokens or pair).forwards
+                    parallel.stats.sketch_branches = pair.sent if pair is not None else 0
             if shared:
                 from .parallel import share_sketch
 

@@ -170,10 +170,11 @@ def tiny_case(case: dict, parallel_config):
 
 def _context_parallel_left(transformer) -> int:
     """diffusers' context-parallel hooks and processor configs left on ``transformer`` (by stage 1's)."""
+    from supergen.cache import hook_names
+
     left = 0
     for m in transformer.modules():
-        registry = getattr(m, "_diffusers_hook", None)
-        left += sum(name.startswith("cp_") for name in getattr(registry, "hooks", {})) if registry is not None else 0
+        left += sum(name.startswith("cp_") for name in hook_names(m))
         left += getattr(getattr(m, "processor", None), "_parallel_config", None) is not None
     return left
 
