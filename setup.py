@@ -6,7 +6,7 @@ compiled against the *runtime* torch on first use (see ``supergen/_ext.py`` for 
 from setuptools import setup
 
 setup(
-    packages=["supergen", "supergen.adapters", "supergen.kernels", "supergen._csrc"],
+    packages=["supergen", "supergen.adapters", "supergen.parallel", "supergen.kernels", "supergen._csrc"],
     # The folder's name is not a Python identifier on purpose: a folder named `kernels` at the root is
     # importable as the well-known, unrelated `kernels` package whenever the repository root is on
     # sys.path (`python -m pytest`), and transformers' availability probe then imports it.

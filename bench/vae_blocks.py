@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS, device_slug, environment, print_table, timed_runs, write_json  # noqa: E402
 
 from supergen import parallel as par  # noqa: E402
+from supergen.parallel.vae import _block  # noqa: E402
 
 CANVASES = {"small": (56, 80), "2K": (180, 320), "4K": (270, 480)}  # latent cells (pixels / 8)
 RANKS = (2, 4, 8)
@@ -70,10 +71,10 @@ def measure(adapter, hw, frames: int, device: str, repeats: int) -> list[dict]:
         for i, cells in enumerate(plan.kept):
             seconds, part = _timed(lambda i=i, p=plan: par.decode_block(adapter, z, args, p, i), device, repeats)
             decode_times.append(seconds)
-            exact &= torch.equal(part, par._block(video, cells, scale))
+            exact &= torch.equal(part, _block(video, cells, scale))
             seconds, part = _timed(lambda i=i, p=plan: par.encode_block(adapter, pixels, p, i), device, repeats)
             encode_times.append(seconds)
-            exact &= torch.equal(part, par._block(encoded, cells))
+            exact &= torch.equal(part, _block(encoded, cells))
         rows.append({
             "ranks": world,
             "grid": list(plan.grid),

@@ -22,6 +22,8 @@ from parallel_worker import fake_run  # noqa: E402
 
 from supergen import parallel as par  # noqa: E402
 from supergen.config import ParallelConfig, TilingConfig  # noqa: E402
+from supergen.parallel.refine import _halo_dtype  # noqa: E402
+from supergen.parallel.state import _rebuild_latents, _region_refs  # noqa: E402
 from supergen.tiling import TileGrid  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -724,10 +726,10 @@ def test_unipc_latents_are_rebuilt_from_its_history_and_only_where_they_are():
     unipc.set_begin_index(4)
     for t in unipc.timesteps[4:7]:
         x = unipc.step(torch.randn(like.shape, generator=g), t, x, return_dict=False)[0]
-    refs = par._region_refs([unipc], x)
+    refs = _region_refs([unipc], x)
     assert len(refs) == 3  # last sample + 2 model outputs
     cells = torch.tensor([1, 4, 5])
-    rebuilt = par._rebuild_latents(unipc)(refs, [c[k][..., cells] for c, k in refs])
+    rebuilt = _rebuild_latents(unipc)(refs, [c[k][..., cells] for c, k in refs])
     assert torch.equal(rebuilt, x[..., cells])
     assert unipc.last_sample.shape[-1] == 7  # the scheduler holds its own region again
 
@@ -837,7 +839,7 @@ def test_halo_dtype_is_the_models_only_where_predict_casts_first():
     class Plain:  # an adapter without tile_input_dtype (the test fakes): halos in the latents' dtype
         pass
 
-    assert par._halo_dtype(Plain(), torch.zeros(1)) == torch.float32
+    assert _halo_dtype(Plain(), torch.zeros(1)) == torch.float32
 
 
 def test_halo_cells_are_exactly_the_foreign_window_cells():
