@@ -12,7 +12,11 @@ Two routes, picked per model class by :func:`enable_masked_attention`:
   diffusers 0.42's ``AttentionBackendName`` enum is closed, so :func:`register_backend` adds one
   member at run time (the only unsupported step, kept in one function, idempotent, and tested) and
   registers our function with ``_AttentionBackendRegistry.register``. After that,
-  ``with attention_backend("supergen"):`` works as for any built-in backend.
+  ``with attention_backend("supergen"):`` works as for any built-in backend. It runs under diffusers'
+  context parallelism too (``enable_parallelism``: Ulysses, and ring attention, which merges each
+  key/value shard's partial output by the log-sum-exp our kernel returns), so a model on it can run
+  ``ParallelConfig(sketch_context="ring")`` on any device (plain attention only: no log-sum-exp under a
+  model's mask).
 * **CogVideoX** calls ``F.scaled_dot_product_attention`` inside its processor and never reaches the
   dispatcher, so it gets :class:`CogVideoXMaskedAttnProcessor`, the same joint text+video attention
   with the SDPA call replaced.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -267,13 +272,24 @@ def _supergen_backend(
     enable_gqa: bool = False,
     return_lse: bool = False,
     _parallel_config=None,
-) -> torch.Tensor:
-    """diffusers backend function: ``(B, L, H, D)`` tensors in, ``(B, Lq, H, D)`` out."""
-    if return_lse or _parallel_config is not None:
-        raise ValueError(
-            "the supergen attention backend does not support context parallelism (`return_lse`, "
-            "`parallel_config`); supergen parallelises over tiles instead."
-        )
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """diffusers backend function: ``(B, L, H, D)`` tensors in, ``(B, Lq, H, D)`` out (and, with
+    ``return_lse``, the ``(B, Lq, H)`` fp32 log-sum-exp).
+
+    Under diffusers' context parallelism (``_parallel_config``: Ulysses' all-to-all, ring attention's
+    key/value rotation) diffusers' own template runs the sequence-parallel part and calls
+    :func:`_context_parallel_op` for each local attention; ring attention merges the partial results
+    with the log-sum-exp the kernel returns.
+    """
+    if _parallel_config is not None:
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+
+        return _templated_context_parallel_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+            forward_op=_context_parallel_op, backward_op=_no_backward, _parallel_config=_parallel_config,
+        )  # fmt: skip
+    if return_lse:
+        return _context_parallel_op(None, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, True)
     out = _attend(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -284,6 +300,62 @@ def _supergen_backend(
         scale=scale,
     )
     return out.transpose(1, 2)
+
+
+def _context_parallel_op(
+    ctx,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _save_ctx: bool = True,
+    _parallel_config=None,
+):
+    """One local attention of ``(B, L, H, D)`` tensors as diffusers' context-parallel templates call it
+    (``forward_op``): the output, and with ``return_lse`` the ``(B, Lq, H)`` fp32 log-sum-exp. Inference
+    only: nothing is saved for a backward. Plain attention only: the region cache's block masks describe
+    a whole sequence, not a shard of it, and the model masks a block mask cannot express have no kernel
+    with a log-sum-exp here."""
+    state = _STATE.get() or _ALL_ACTIVE
+    if state.q_block_mask is not None or state.kv_block_mask is not None:
+        raise ValueError(
+            "supergen block masks (`attention_masks`) describe a whole sequence and cannot apply to a shard of "
+            "one under context parallelism; call the model outside `attention_masks(...)`."
+        )
+    if not return_lse:
+        return _attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+                       dropout_p=dropout_p, is_causal=is_causal, scale=scale).transpose(1, 2)  # fmt: skip
+    given = {"attn_mask": attn_mask is not None, "dropout_p": dropout_p != 0.0, "is_causal": is_causal,
+             "enable_gqa": enable_gqa}  # fmt: skip
+    unsupported = sorted(name for name, on in given.items() if on)
+    if unsupported:
+        raise ValueError(
+            f"the supergen attention backend returns the log-sum-exp (ring attention, `return_lse`) only for plain "
+            f"attention, but the call passes {', '.join(unsupported)}; use Ulysses or a backend that supports them."
+        )
+    q, k, v = (_waited(x).transpose(1, 2) for x in (query, key, value))
+    B, H, Lq, D = q.shape
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    ops.masked_attention(q, k, v, out=out.transpose(1, 2), scale=scale, lse=lse)
+    return out, lse.transpose(1, 2)
+
+
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain tensor: diffusers' ring attention hands over slices of an all-gather not yet
+    waited on (torch's ``AsyncCollectiveTensor``), whose storage the op cannot read before the wait."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return x.trigger_wait() if isinstance(x, AsyncCollectiveTensor) else x
+
+
+def _no_backward(*args, **kwargs):
+    raise NotImplementedError("the supergen attention backend is for inference: it has no backward pass.")
 
 
 def register_backend():
@@ -304,7 +376,11 @@ def register_backend():
         AttentionBackendName._value2member_map_[BACKEND_NAME] = member
         AttentionBackendName._member_names_.append(member._name_)
     if _AttentionBackendRegistry._backends.get(member) is not _supergen_backend:
-        _AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=False)(_supergen_backend)
+        # diffusers >= 0.36 asks whether a backend runs under its context parallelism (it does: Ulysses, and
+        # ring with the kernel's log-sum-exp); earlier versions have no context parallelism and no such flag
+        flags = inspect.signature(_AttentionBackendRegistry.register).parameters
+        cp = {"supports_context_parallel": True} if "supports_context_parallel" in flags else {}
+        _AttentionBackendRegistry.register(member, constraints=[], **cp)(_supergen_backend)
     return member
 
 

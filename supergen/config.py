@@ -140,10 +140,12 @@ class ParallelConfig:
             Needs a transformer with a context-parallel plan (diffusers: Wan, LTX-Video; LTX-Video's masked
             cross-attention fails diffusers' Ulysses up to 0.42.1, so there ring only), a token count of every
             sketch size divisible by D, with ``"ulysses"`` a head count divisible by it, with ``"ring"`` an
-            attention backend that returns the log-sum-exp (flash on a GPU), and an accelerator per rank;
+            attention backend that returns the log-sum-exp (flash on a GPU, or supergen's kernel on any device:
+            :func:`supergen.attention.enable_masked_attention`), and an accelerator per rank;
             checked before any model work. The sketch's latent equals the one-process sketch's only where the
-            kernels give a token the same bits in a shard as in the whole sequence (so on the CPU in the tests,
-            not necessarily on a GPU); rank 0's is the one every rank goes on with.
+            kernels give a token the same bits in a shard as in the whole sequence (so on the CPU in the tests
+            with Ulysses, not necessarily on a GPU; ring attention merges the shards' partial outputs, which
+            rounds differently); rank 0's is the one every rank goes on with.
     """
 
     backend: str = "auto"

@@ -130,6 +130,10 @@ def tiny_case(case: dict, parallel_config):
 
     pipe = tiny_wan_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    if case.get("supergen_attention"):  # the model's attention on supergen's kernel (the diffusers backend)
+        from supergen.attention import enable_masked_attention
+
+        enable_masked_attention(pipe.transformer)
     if case.get("dtype"):  # a half-precision model with fp32 latents, as Wan runs in bf16
         pipe.transformer.to(getattr(torch, case["dtype"]))
     if case.get("vae_tile"):  # (tile, stride) latent cells: small VAE tiles, so the decode spans several

@@ -289,8 +289,30 @@ def test_other_model_masks_fall_back_to_sdpa_explicitly():
         sa.attention_masks(dev(torch.tensor([True, False]))),
     ):
         fn(q, k, v, attn_mask=holes)
-    with pytest.raises(ValueError, match="context parallelism"):
-        fn(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="only for plain attention, but the call passes attn_mask"):
+        fn(q, k, v, attn_mask=holes, return_lse=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_sum_exp_for_context_parallel_attention(backend):
+    """With ``return_lse`` (what diffusers' ring attention asks of a backend to merge the partial results
+    of each key/value shard) the backend returns SDPA's output and the rows' natural log-sum-exp in
+    diffusers' (B, Lq, H) layout; the backend says diffusers may run it under context parallelism."""
+    g = torch.Generator().manual_seed(5)
+    q = dev(torch.randn((2, 70, 2, 12), generator=g))
+    k, v = (dev(torch.randn((2, 90, 2, 12), generator=g)) for _ in range(2))
+    with ops.backend(backend):
+        out, lse = backend_fn()(q, k, v, scale=0.3, return_lse=True)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+    torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v), atol=ATOL, rtol=0)
+    assert lse.shape == (2, 70, 2) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1).transpose(1, 2), atol=ATOL, rtol=0)
+    assert _AttentionBackendRegistry._is_context_parallel_available(sa.register_backend())
+    with (
+        pytest.raises(ValueError, match="cannot apply to a shard"),
+        sa.attention_masks(dev(torch.tensor([True, False]))),
+    ):
+        backend_fn()(q, k, v, return_lse=True)
 
 
 def tiny_hunyuan():

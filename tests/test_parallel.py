@@ -421,7 +421,10 @@ TINY_CONTEXT = dict(TINY, name="tiny_wan_context", sketch_context="ulysses", spl
 TINY_CONTEXT_RESHIFT = dict(TINY_RESHIFT, name="tiny_wan_context_reshift", sketch_context="ulysses",
                             split_guidance=False)  # fmt: skip
 TINY_CONTEXT_HALVES = dict(TINY, name="tiny_wan_context_halves", sketch_context="ulysses")
-CONTEXT_CASES = {2: [TINY_CONTEXT, TINY_CONTEXT_RESHIFT], 4: [TINY_CONTEXT_HALVES]}
+# ring attention merges each key/value shard's partial output by its log-sum-exp, which supergen's
+# attention backend returns (diffusers' native one does not): the CPU runs ring on supergen's kernel
+TINY_RING = dict(TINY_CONTEXT, name="tiny_wan_ring", sketch_context="ring", supergen_attention=True)
+CONTEXT_CASES = {2: [TINY_CONTEXT, TINY_CONTEXT_RESHIFT, TINY_RING], 4: [TINY_CONTEXT_HALVES]}
 CONTEXT_ERRORS = {
     2: [dict(TINY_CONTEXT, name="context_tokens", reshift={"native_steps": 2, "scale": 0.25}, expect_error=True),
         dict(TINY_CONTEXT, name="context_no_accelerator", accelerators=0, expect_error=True)],
@@ -463,7 +466,8 @@ def test_sketch_context_parallel_shares_every_sketch_forward_and_matches_one_pro
         sent = (N - 1) * got.shape[0] * got.shape[1] * 3 * 8 * 8 * 4 if halves else 0
         for rank in range(world):
             report = json.loads((tmp_path / f"{case['name']}.rank{rank}.json").read_text())
-            assert report["sketch_context"] == "ulysses" and report["sketch_runs"] == 1, (case["name"], rank)
+            assert report["sketch_context"] == case["sketch_context"], (case["name"], rank)
+            assert report["sketch_runs"] == 1, (case["name"], rank)
             assert report["sketch_forwards"] == forwards, (case["name"], rank, report["sketch_forwards"])
             assert report["sketch_branches_bytes"] == sent, (case["name"], rank, report["sketch_branches_bytes"])
             assert report["context_parallel_left"] == 0, (case["name"], rank)  # stage 2 ran the stock model
@@ -496,6 +500,13 @@ def test_sketch_context_check_names_what_does_not_fit(monkeypatch):
         par.check_sketch_context(ctx("ulysses"), [ltx], {"sketch": 48})
     with pytest.raises(ValueError, match="needs an attention backend that returns the log-sum-exp.*is 'native'"):
         par.check_sketch_context(ctx("ring"), [wan], {"sketch": 48})
+    # supergen's kernel returns the log-sum-exp, for plain attention: Wan's self-attention, not LTX's masked one
+    from supergen.attention import disable_masked_attention, enable_masked_attention
+
+    par.check_sketch_context(ctx("ring"), [enable_masked_attention(wan)], {"sketch": 48})
+    disable_masked_attention(wan)
+    with pytest.raises(ValueError, match="LTXVideoTransformer3DModel passes an attention mask .* plain attention only"):
+        par.check_sketch_context(ctx("ring"), [enable_masked_attention(ltx)], {"sketch": 48})
     with pytest.raises(ValueError, match="heads over the 4 ranks, but WanTransformer3DModel has 2; use 'ring'"):
         par.check_sketch_context(ctx("ulysses", 4), [wan], {"sketch": 48})
     with pytest.raises(ValueError, match="tokens over the 2 ranks, but the sketch has 45 tokens"):

@@ -347,6 +347,11 @@ class SketchBatchSplit(_SketchPair):
 _ULYSSES_MASK_HEADS = {"LTXVideoTransformer3DModel": "huggingface/diffusers#14316"}
 
 
+# Transformers that pass an attention mask to the attention diffusers' context parallelism splits (LTX-Video's
+# cross-attention): supergen's kernel returns no log-sum-exp under a mask, so ring cannot run on it.
+_MASKED_CONTEXT_ATTENTION = frozenset({"LTXVideoTransformer3DModel"})
+
+
 def sketch_context_split(ctx: ParallelContext, pairs: bool) -> tuple[int, int]:
     """``(groups, degree)`` of stage 1 under ``ParallelConfig.sketch_context``. Where the pipeline guides
     with two calls per step (``pairs``) and ``split_guidance`` is on, an even number of ranks splits in
@@ -389,8 +394,15 @@ def check_sketch_context(ctx: ParallelContext, modules, token_counts: dict, degr
         if kind == "ring" and backend == "native":
             raise ValueError(
                 f"sketch_context='ring' needs an attention backend that returns the log-sum-exp, and {name}'s is "
-                "'native'; set one first (e.g. `transformer.set_attention_backend('_native_flash')` on a GPU), or "
-                "use 'ulysses'."
+                "'native'; set one first (`transformer.set_attention_backend('_native_flash')` on a GPU, or supergen's "
+                "kernel: `supergen.attention.enable_masked_attention(transformer)`), or use 'ulysses'."
+            )
+        if kind == "ring" and backend == "supergen" and name in _MASKED_CONTEXT_ATTENTION:
+            raise ValueError(
+                f"sketch_context='ring' on supergen's attention kernel: {name} passes an attention mask to the "
+                "attention diffusers splits, and the kernel returns the log-sum-exp for plain attention only; set a "
+                "backend that takes a mask (e.g. `transformer.set_attention_backend('_native_cudnn')` on a GPU), or "
+                "leave `sketch_context` unset."
             )
         if kind == "ulysses" and name in _ULYSSES_MASK_HEADS and Version(diffusers.__version__) <= Version("0.42.1"):
             raise ValueError(
