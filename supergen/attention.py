@@ -327,9 +327,8 @@ def _context_parallel_op(
             "supergen block masks (`attention_masks`) describe a whole sequence and cannot apply to a shard of "
             "one under context parallelism; call the model outside `attention_masks(...)`."
         )
-    if not return_lse:
-        return _attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
-                       dropout_p=dropout_p, is_causal=is_causal, scale=scale).transpose(1, 2)  # fmt: skip
+    if not return_lse:  # Ulysses: each rank attends over whole sequences of its share of the heads
+        return _supergen_backend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     given = {"attn_mask": attn_mask is not None, "dropout_p": dropout_p != 0.0, "is_causal": is_causal,
              "enable_gqa": enable_gqa}  # fmt: skip
     unsupported = sorted(name for name, on in given.items() if on)

@@ -424,7 +424,8 @@ TINY_CONTEXT_HALVES = dict(TINY, name="tiny_wan_context_halves", sketch_context=
 # ring attention merges each key/value shard's partial output by its log-sum-exp, which supergen's
 # attention backend returns (diffusers' native one does not): the CPU runs ring on supergen's kernel
 TINY_RING = dict(TINY_CONTEXT, name="tiny_wan_ring", sketch_context="ring", supergen_attention=True)
-CONTEXT_CASES = {2: [TINY_CONTEXT, TINY_CONTEXT_RESHIFT, TINY_RING], 4: [TINY_CONTEXT_HALVES]}
+TINY_ULYSSES_OURS = dict(TINY_CONTEXT, name="tiny_wan_ulysses_supergen_attention", supergen_attention=True)
+CONTEXT_CASES = {2: [TINY_CONTEXT, TINY_CONTEXT_RESHIFT, TINY_RING, TINY_ULYSSES_OURS], 4: [TINY_CONTEXT_HALVES]}
 CONTEXT_ERRORS = {
     2: [dict(TINY_CONTEXT, name="context_tokens", reshift={"native_steps": 2, "scale": 0.25}, expect_error=True),
         dict(TINY_CONTEXT, name="context_no_accelerator", accelerators=0, expect_error=True)],
