@@ -108,6 +108,45 @@ def add_model_arguments(p) -> None:
         default=None,
         help="guidance scale of the tiled refinement (default: the model's, else --guidance-scale; 1 = no CFG)",
     )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs: auto (this process's CUDA device where CUDA is present, else the CPU), cpu, "
+        "cuda (under torchrun: cuda:LOCAL_RANK) or cuda:N",
+    )
+
+
+def resolve_device(name: str):
+    """``--device`` as a ``torch.device``, checked before any model work. ``auto``: this process's CUDA device
+    where there is one, else the CPU; ``cuda``: this process's (``cuda:LOCAL_RANK`` under ``torchrun``, one
+    device per process as NCCL needs); ``cuda:N``: that one, for one process per node; ``cpu``."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local, per_node = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if name == "cpu" or (name == "auto" and count == 0):
+        return torch.device("cpu")
+    if name in ("auto", "cuda"):
+        if count == 0:
+            raise ValueError(f"`--device cuda`: this machine has no CUDA device (torch {torch.__version__}); use cpu.")
+        if local >= count:
+            raise ValueError(
+                f"`--device {name}`: this process (LOCAL_RANK {local}) would take cuda:{local}, but this node has "
+                f"{count} CUDA device(s); launch at most {count} process(es) per node (torchrun --nproc-per-node)."
+            )
+        return torch.device("cuda", local)
+    index = name.removeprefix("cuda:")
+    if not name.startswith("cuda:") or not index.isdigit():
+        raise ValueError(f"`--device` must be auto, cpu, cuda or cuda:N but is {name!r}.")
+    if int(index) >= count:
+        raise ValueError(f"`--device {name}`: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})."
+                         if count else f"`--device {name}`: this machine has no CUDA device; use cpu.")  # fmt: skip
+    if per_node > 1:
+        raise ValueError(
+            f"`--device {name}` would put all {per_node} processes of this node on one device; use --device cuda "
+            "(each process takes cuda:LOCAL_RANK)."
+        )
+    return torch.device(name)
 
 
 def add_generate_parser(sub) -> None:
@@ -301,7 +340,7 @@ def resolve_model_arguments(args, folder: Path | None) -> dict:
     """The options of :func:`add_model_arguments` checked (counts >= 1, k <= N) and completed from the
     model's defaults: ``frames``, ``steps``, ``refine_steps``, ``guidance_scale`` and
     ``refine_guidance_scale`` (``None``: the model folder's sidecar value, else ``guidance_scale``,
-    resolved by the pipeline)."""
+    resolved by the pipeline); and the ``device`` (:func:`resolve_device`)."""
     from .config import check_guidance
 
     for flag, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames),
@@ -324,6 +363,7 @@ def resolve_model_arguments(args, folder: Path | None) -> dict:
             "--guidance-scale", args.guidance_scale if args.guidance_scale is not None else defaults["guidance_scale"]
         ),
         "refine_guidance_scale": refine_guidance,
+        "device": resolve_device(args.device),
     }
 
 
@@ -484,6 +524,7 @@ def run_generate(args) -> int:
     from .tiny import load_model
 
     pipe = load_model(settings["folder"], dtype, image_to_video=args.image is not None, allow_pickle=args.allow_pickle)
+    pipe.to(settings["device"])
     pipe.set_progress_bar_config(disable=args.quiet or int(os.environ.get("RANK", "0")) != 0, leave=False)
 
     # 3. Map pixel options onto the model's latent grid (exact multiples only, never rounded).

@@ -362,7 +362,7 @@ def run_compare(args) -> int:
         torch.set_num_threads(1)  # tiny ops: one thread is faster than two (see `supergen generate`)
 
     # 2. Load, then check the target against the model's own grid before any generation.
-    pipe = load_pipeline(settings["kind"], settings["folder"])
+    pipe = load_pipeline(settings["kind"], settings["folder"]).to(settings["device"])
     pipe.set_progress_bar_config(disable=args.quiet, leave=False)
     comparison = Comparison(
         pipe, prompt=settings["prompt"], negative_prompt=args.negative_prompt, num_frames=settings["frames"],

@@ -177,6 +177,7 @@ BAD = [
     (lambda p: ["--reshift-steps", "2", "--reshift-scale", "1.5"], "`--reshift-scale` must be in \\(0, 1\\)"),
     (lambda p: ["--reshift-scale", "0.5"], "`--reshift-scale` needs `--reshift-steps`"),
     (lambda p: ["--reshift-steps", "2", "--reshift-scale", "0.95"], "`reshift.scale` 0.95 leaves the sketch"),
+    (lambda p: ["--device", "mps"], "`--device` must be auto, cpu, cuda or cuda:N but is 'mps'"),
 ]
 
 
@@ -190,6 +191,43 @@ def test_bad_input_exit_2_and_nothing_written(tmp_path, capsys, extra, match):
     assert code == 2, err
     assert re.search(match, err), err
     assert not out.exists() and not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*partial*"))
+
+
+def test_device_is_this_process_s_own(monkeypatch):
+    """`--device`: auto takes this process's CUDA device where CUDA is present (under torchrun cuda:LOCAL_RANK,
+    one device per process as NCCL needs), else the CPU; what cannot run is refused naming the value."""
+    import torch
+
+    from supergen.cli import resolve_device
+
+    def cuda(count):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    def node(rank, size):  # torchrun's LOCAL_RANK of LOCAL_WORLD_SIZE processes on this node
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(size))
+
+    cuda(0)
+    node(0, 1)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=f"`--device {name}`: this machine has no CUDA device"):
+            resolve_device(name)
+    cuda(2)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"`--device cuda:2`: this machine has 2 CUDA device\(s\) \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:2")
+    node(1, 2)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="would put all 2 processes of this node on one device; use --device cuda"):
+        resolve_device("cuda:0")
+    node(2, 3)
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 2\) would take cuda:2, but this node has 2 CUDA device"):
+        resolve_device("auto")
+    with pytest.raises(ValueError, match="must be auto, cpu, cuda or cuda:N but is 'gpu'"):
+        resolve_device("gpu")
 
 
 def test_existing_output_needs_overwrite(tmp_path, capsys):
