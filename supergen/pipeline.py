@@ -540,6 +540,7 @@ class SuperGen:
             "computed_tiles_per_rank": ctx.computed_tiles,
             "forwards_per_rank": ctx.forwards,  # a split tile's guidance branches count one each
             "guidance_halves_exact": ctx.guidance_halves,  # a batched guidance forward split exactly (None: unchecked)
+            "probe_forwards": ctx.probe_forwards,  # that check: 1 batched + 2 half forwards, not in forwards_per_rank
             "sketch_forwards": ctx.sketch_forwards,  # this rank's, where stage 1 was shared (else None)
             "sketch_context": ctx.config.sketch_context,  # as configured: stage 1 (when it runs) split along its tokens
             "decode_blocks": None if ctx.decode_plan is None else ctx.decode_plan._asdict(),  # the shared decode

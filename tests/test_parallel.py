@@ -368,6 +368,8 @@ def test_batched_guidance_family_reproduces_one_process_and_splits_where_exact(t
         # the halves too); on this CPU the halves are exact with and without guidance_rescale
         halves = [r["guidance_halves_exact"] for r in ranks]
         assert halves[0] == halves[1] and (halves[0] is None) == (case is TINY_LTX_SEPARATE), (case["name"], halves)
+        # the check itself: one batched and two half-batch forwards of the first tile on every rank
+        assert [r["probe_forwards"] for r in ranks] == [0 if halves[0] is None else 3] * 2, (case["name"], ranks)
         split = case is TINY_LTX_SEPARATE or halves[0]
         forwards = [3, 3] if split else [2, 1]  # 3 tiles: batched, 2 and 1; split, 3 half-batch forwards each
         assert all(sorted(f, reverse=True) == forwards for f in ranks[0]["forwards_per_rank"]), (case["name"], ranks[0])

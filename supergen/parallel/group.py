@@ -71,6 +71,8 @@ class ParallelContext:
     latents_rebuilt: bool = False  # following regions rebuilt the latents from the scheduler's history
     # a batched guidance forward's halves give its prediction exactly (None: not checked, no split possible)
     guidance_halves: bool | None = None
+    # forwards this rank ran outside the steps' tiles: the check of those halves (one batched, two halves)
+    probe_forwards: int = 0
     sketch_forwards: int | None = None  # forwards this rank ran (or took part in) when stage 1 was shared
     decode_plan: VaeBlocks | None = None  # how the ranks shared the final decode (:func:`decode_in_blocks`)
     groups: dict = field(default_factory=dict)  # process subgroups made for this run (:func:`sketch_waiters_group`)

@@ -74,6 +74,7 @@ def exact_guidance_halves(ctx: ParallelContext, adapter, latents, cond, grid, t)
     whole = adapter.predict(tile, t, cond, origins, canvas_hw)
     halves = {b: adapter.predict_branch(tile, t, cond, origins, canvas_hw, b).flatten(-2) for b in ("cond", "uncond")}
     guided = adapter.guide(halves, cond, t)
+    ctx.probe_forwards += 3
     exact = guided.dtype == whole.dtype and torch.equal(guided, whole.flatten(-2))
     flag = torch.tensor([int(exact)], device=_comm_device(ctx))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -119,7 +120,7 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
     # CogVideoX/LTX-Video batch both branches in one forward: its halves may run on two ranks where they
     # give the batched prediction bit for bit (checked once on this run's first tile, by every rank), and
     # only where a split can shorten a step (tiles that do not divide evenly, or the cache's skips)
-    ctx.guidance_halves = None
+    ctx.guidance_halves, ctx.probe_forwards = None, 0
     batched = getattr(adapter, "batches_guidance", None)
     splittable = split and not branches and batched is not None and batched(cond)
     if (
