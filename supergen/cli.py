@@ -195,6 +195,13 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--report", default=None, help="also write the report as JSON here")
     g.add_argument("--save-latents", default=None, help="also write the refined latent (.safetensors)")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="transformer dtype")
+    g.add_argument(
+        "--attention-backend",
+        default=None,
+        help="the transformer's attention: supergen (supergen's kernel: Triton on CUDA, C++/reference on the CPU) "
+        "or a diffusers backend (_native_flash, _native_cudnn, flash, ...; --parallel-sketch-context ring needs one "
+        "that returns the log-sum-exp); default: the model's own",
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 tiny, else torch's)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights")
@@ -367,6 +374,34 @@ def resolve_model_arguments(args, folder: Path | None) -> dict:
     }
 
 
+def check_attention_backend(name: str | None) -> str | None:
+    """``--attention-backend``: ``None`` (the model's own), ``supergen`` or a diffusers backend name."""
+    if name is None or name == "supergen":
+        return name
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    known = sorted(b.value for b in AttentionBackendName if b.value != "supergen")
+    if name not in known:
+        raise ValueError(f"`--attention-backend` must be supergen or one of diffusers' {known} but is {name!r}.")
+    return name
+
+
+def set_attention_backend(pipe, name: str | None) -> None:
+    """Put the pipeline's transformer(s) on attention backend ``name`` (:func:`check_attention_backend`)."""
+    for model in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")):
+        if model is None or name is None:
+            continue
+        if name == "supergen":
+            from .attention import enable_masked_attention
+
+            enable_masked_attention(model)
+            continue
+        try:
+            model.set_attention_backend(name)
+        except (ImportError, RuntimeError) as e:  # diffusers: the backend's package or hardware is missing
+            raise ValueError(f"`--attention-backend {name}` cannot run here: {e}") from None
+
+
 def _check_generate_args(args) -> dict:
     """Everything that can be checked without touching a model; returns the resolved settings."""
     kind, folder = resolve_model(args.model)
@@ -397,6 +432,7 @@ def _check_generate_args(args) -> dict:
 
     cache = CacheConfig.parse(args.cache, args.cache_threshold)
     reshift = _reshift(args, model["steps"])
+    check_attention_backend(args.attention_backend)
     return {
         "kind": kind,
         "folder": folder,
@@ -525,6 +561,7 @@ def run_generate(args) -> int:
 
     pipe = load_model(settings["folder"], dtype, image_to_video=args.image is not None, allow_pickle=args.allow_pickle)
     pipe.to(settings["device"])
+    set_attention_backend(pipe, args.attention_backend)
     pipe.set_progress_bar_config(disable=args.quiet or int(os.environ.get("RANK", "0")) != 0, leave=False)
 
     # 3. Map pixel options onto the model's latent grid (exact multiples only, never rounded).
@@ -587,7 +624,8 @@ def run_generate(args) -> int:
             save_file({"latents": out.latents.detach().float().contiguous().cpu()}, str(tmp), metadata=metadata)
     written = {k: str(settings[k]) for k in ("out", "report", "latents") if settings[k] is not None}
     argv = getattr(args, "argv", None) or sys.argv[1:]
-    report = dict(out.report, seed=args.seed, prompt=settings["prompt"], command=["supergen", *argv], outputs=written)
+    report = dict(out.report, seed=args.seed, prompt=settings["prompt"], attention_backend=args.attention_backend,
+                  command=["supergen", *argv], outputs=written)  # fmt: skip
     if settings["report"] is not None:
         with _atomic(settings["report"]) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")

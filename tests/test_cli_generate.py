@@ -178,6 +178,7 @@ BAD = [
     (lambda p: ["--reshift-scale", "0.5"], "`--reshift-scale` needs `--reshift-steps`"),
     (lambda p: ["--reshift-steps", "2", "--reshift-scale", "0.95"], "`reshift.scale` 0.95 leaves the sketch"),
     (lambda p: ["--device", "mps"], "`--device` must be auto, cpu, cuda or cuda:N but is 'mps'"),
+    (lambda p: ["--attention-backend", "fastest"], "`--attention-backend` must be supergen or one of .*'flex'"),
 ]
 
 
@@ -271,6 +272,27 @@ def test_shift_period_from_the_command_line(tmp_path):
     # an axis with one tile never shifts (0); the others step by a divisor of the tile whose sweep fits
     moving = [(t, a, b) for t, a, b in zip(tile, cells[16], cells[2]) if b]
     assert moving and all(t % b == 0 and t // b <= 2 and a < b for t, a, b in moving), (tile, cells)
+
+
+def test_attention_backend_from_the_command_line(tmp_path, monkeypatch):
+    """`--attention-backend supergen` runs the transformer's attention on supergen's kernel: the same video as
+    the model's own attention up to float rounding, and the report names it."""
+    from safetensors.torch import load_file
+
+    from supergen import attention
+
+    seen, enable = [], attention.enable_masked_attention
+    monkeypatch.setattr(attention, "enable_masked_attention", lambda m: seen.append(type(m).__name__) or enable(m))
+    latents = {}
+    for backend in (None, "supergen"):
+        name = backend or "default"
+        out = {"--out": ".mp4", "--report": ".json", "--save-latents": ".safetensors"}
+        argv = ["generate", *SMALL, *(x for flag, ext in out.items() for x in (flag, str(tmp_path / f"{name}{ext}")))]
+        assert main(argv + (["--attention-backend", backend] if backend else [])) == 0
+        assert json.loads((tmp_path / f"{name}.json").read_text())["attention_backend"] == backend
+        latents[name] = load_file(str(tmp_path / f"{name}.safetensors"))["latents"]
+    assert seen == ["WanTransformer3DModel"]
+    assert (latents["supergen"] - latents["default"]).abs().max().item() <= 1e-4
 
 
 def test_noise_reshifting_from_the_command_line(tmp_path):
