@@ -86,7 +86,8 @@ not bit for bit a slice of the whole; where it does, their sketch takes one forw
 the text encoder not counted). ``context_ideal``: the sketch under ``ParallelConfig(sketch_context=...)``
 with Wan's two-call guidance: the ranks split in two halves, each computing one call of every guidance pair
 (the first pair both) with its tokens split over its R / 2 ranks, counted as ``51 / (R / 2)`` forwards (an
-upper bound: the all-to-all or ring transfers inside every layer are not counted), with the tiles split.
+upper bound: the all-to-all or ring transfers inside every layer take no time in it), with the tiles split;
+``sketch_context_bytes_per_rank`` counts those transfers' bytes (:func:`sketch_context_bytes`).
 
 The ``summary`` holds, per geometry and tiling, each setting's worst share over canvases and ranks under
 ``auto`` and whether all meet the targets (<= 10 % of the all-gather; imbalance <= 1.15).
@@ -129,15 +130,18 @@ class Geometry:
     tile: tuple[int, int]
     frames: int
     refine_steps: int
+    hidden: int  # the transformer's width and depth: what a context-parallel sketch moves inside its layers
+    layers: int
 
 
 GEOMETRIES = (
     # The published runs: 720p tiles on 2K (2x2) and 4K (3x3), 41 frames, the last 45 of 50 steps refined.
     Geometry("720p", "720p tiles as in the published runs (Wan 2.1 14B 720P, HunyuanVideo, CogVideoX 1.5): "
-             "90x160 latent, 41 frames = 11 latent frames, the last 45 of 50 steps refined", (90, 160), 11, 45),
+             "90x160 latent, 41 frames = 11 latent frames, the last 45 of 50 steps refined; Wan 2.1 14B's 40 layers "
+             "of width 5120", (90, 160), 11, 45, 5120, 40),
     # Wan 2.1 1.3B's native size: overlapping torus windows on both canvases (320/104, 270/60 do not divide).
     Geometry("480p", "Wan 2.1 480p (1.3B): 60x104 latent, 81 frames = 21 latent frames, the last 35 of 50 "
-             "steps refined (Wan's 70 %)", (60, 104), 21, 35),
+             "steps refined (Wan's 70 %); 30 layers of width 1536", (60, 104), 21, 35, 1536, 30),
 )  # fmt: skip
 # The tile grid: the default, and one sweep of each tile over the refinement (the grid's slowest drift that
 # still crosses every band of an axis: shift_period = the refined steps, so the state crossing a boundary
@@ -281,6 +285,26 @@ def count(layouts, world: int, cache, cache_cells: dict, cell: int) -> dict:
     }
 
 
+def sketch_context_bytes(geometry: Geometry, world: int, allgather_run: float) -> dict:
+    """What one rank sends inside the transformer's layers under ``sketch_context`` (bf16 activations), the
+    traffic ``context_ideal`` leaves out: with Wan's two-call guidance each call's tokens split over its half
+    of the ranks, ``D = R / 2``. Per self-attention layer, Ulysses all-to-alls the rank's shard of q, k and v
+    and the output back (``(D - 1) / D`` of each leaves the rank); diffusers' ring all-gathers k and v (the
+    rank's shard to each of the ``D - 1`` others). ``per_run``: the 51 calls a rank takes part in (its half's
+    call of every step and the first pair's other one); ``vs_allgather_run``: over the published design's
+    all-gather of every tile prediction (bf16) over the whole refinement."""
+    D = world // 2
+    tokens = geometry.frames * (geometry.tile[0] // PATCH[0]) * (geometry.tile[1] // PATCH[1])
+    shard = tokens // D * geometry.hidden * 2  # one (L / D, hidden) bf16 activation
+    forward = {"ulysses": geometry.layers * 4 * shard * (D - 1) // D, "ring": geometry.layers * 2 * shard * (D - 1)}
+    out = {"degree": D, "sketch_tokens": tokens}
+    for kind, nbytes in forward.items():
+        out[f"per_forward_{kind}"] = nbytes
+        out[f"per_run_{kind}"] = (STEPS + 1) * nbytes
+        out[f"vs_allgather_run_{kind}"] = (STEPS + 1) * nbytes / allgather_run
+    return out
+
+
 def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) -> dict:
     tiling = TILINGS[tiling_name](geometry)
     frames, steps = geometry.frames, geometry.refine_steps
@@ -307,6 +331,7 @@ def run(geometry: Geometry, tiling_name: str, name: str, canvas_hw, world: int) 
         "ranks": world,
         "tiles_per_step": tiles[0],
         "allgather_bytes_per_rank_step": round(allgather),
+        "sketch_context_bytes_per_rank": sketch_context_bytes(geometry, world, allgather / 2 * steps),
         "published_bytes_per_rank_step": round(published),
         "cache_state_bytes_per_cell": cache_cells["fp32"],
         "cache_state_bytes_per_cell_bf16": cache_cells["bf16"],
@@ -490,6 +515,11 @@ def main() -> None:
         "dtypes": "ratio*: everything fp32 (an fp32 model); *_bf16: a bf16 model with fp32 latents and "
         "scheduler/cache state, predictions and input halos in bf16 (the Wan adapter casts tiles first), "
         "against an all-gather of bf16 predictions",
+        "sketch_context_bytes": "sketch_context_bytes_per_rank: what one rank sends inside the transformer's "
+        "layers under ParallelConfig(sketch_context=...), bf16 activations, each call's tokens over D = R/2 ranks: "
+        "Ulysses all-to-alls q, k, v and the output, diffusers' ring all-gathers k and v; per sketch forward and "
+        "over the 51 a rank takes part in, and that over the published all-gather of every bf16 tile "
+        "prediction over the whole refinement (the traffic run_speedup_context_ideal leaves out)",
         "counted_not_timed": "from supergen.parallel's geometry (Layout, computers, exchange_bytes), which the "
         "runtime uses to move its tensors; no process group or GPU involved",
         "geometries": {
@@ -498,6 +528,8 @@ def main() -> None:
                 "tile_latent": list(g.tile),
                 "frames_latent": g.frames,
                 "refine_steps": g.refine_steps,
+                "transformer_hidden": g.hidden,
+                "transformer_layers": g.layers,
             }
             for g in GEOMETRIES
             if g.name in args.geometry
