@@ -194,7 +194,12 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--out", required=True, help="output video (.mp4)")
     g.add_argument("--report", default=None, help="also write the report as JSON here")
     g.add_argument("--save-latents", default=None, help="also write the refined latent (.safetensors)")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="transformer dtype")
+    g.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="the transformer's (and text encoder's) dtype; the VAE stays fp32",
+    )
     g.add_argument(
         "--attention-backend",
         default=None,

@@ -129,11 +129,14 @@ def read_sidecar(folder: str | Path) -> dict:
 
 
 def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
-    """A local diffusers folder, offline; a ``supergen.json`` sidecar's native size is attached as
-    ``pipe.native_size`` (read by :class:`supergen.SuperGen`) and the sidecar as ``pipe.supergen_info``."""
+    """A local diffusers folder, offline, its components in ``dtype`` but the VAE, which stays fp32 (as
+    diffusers' Wan examples load it: the decode at the canvas size is where precision shows); a
+    ``supergen.json`` sidecar's native size is attached as ``pipe.native_size`` (read by
+    :class:`supergen.SuperGen`) and the sidecar as ``pipe.supergen_info``."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype, **kwargs)
+    dtypes = {"default": dtype, "vae": torch.float32}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtypes, **kwargs)
     info = read_sidecar(folder)
     if "native_size" in info:
         pipe.native_size = info["native_size"]

@@ -110,6 +110,14 @@ def test_local_diffusers_folder(wan_folder, tmp_path):
     assert np.stack(list(_ffmpeg_frames(out))).shape == (5, 96, 64, 3)
 
 
+def test_dtype_leaves_the_vae_in_fp32(wan_folder):
+    """`--dtype bf16` on a folder: the transformer in bf16, the VAE kept in fp32 for the decode at 4K."""
+    from supergen.tiny import load_model
+
+    pipe = load_model(wan_folder, torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
+
+
 def test_sidecar_sets_native_size_and_defaults(wan_folder, tmp_path):
     """A folder's supergen.json (as the trained tiny model has) gives the sketch size, frames, steps and
     guidance; the command line still wins over it."""

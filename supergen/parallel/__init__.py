@@ -79,10 +79,12 @@ Design (why it is shaped this way)
   slice of the whole call (kernels may not give a sample the same bits in another batch size).
   Splitting one forward's tokens over all ranks is diffusers' context parallelism, which supergen uses
   only on request (``ParallelConfig.sketch_context``, :class:`SketchContextParallel`): it moves
-  activations inside every layer (Ulysses' all-to-all or ring attention's key/value rotation), the one
-  traffic of a run that is inside a forward, and its latent is the one process's only where the kernels
-  give a token the same bits in a shard of the sequence as in the whole (so on the CPU in the tests, not
-  promised on a GPU). Where it fits (models with a context-parallel plan: Wan, and LTX-Video with ring
+  activations inside every layer (Ulysses' all-to-all or ring attention's key/value rotation: gigabytes
+  per forward at real sizes, ``bench/parallel.py``), the one traffic of a run that is inside a forward,
+  and its latent is the one process's only where the kernels give a token the same bits in a shard of
+  the sequence as in the whole (Ulysses on the CPU in the tests; not promised on a GPU; ring merges the
+  shards' partial outputs, so rounds differently; supergen's attention backend runs either, ring with
+  its kernel's log-sum-exp). Where it fits (models with a context-parallel plan: Wan, and LTX-Video with ring
   attention only up to diffusers 0.42.1; token and head counts dividing by the degree) every rank takes
   part in the sketch's forwards, so the sketch no longer bounds the run's speed-up at many ranks. Where
   guidance is two calls per step the ranks split in two halves, one call of every pair each, and each
