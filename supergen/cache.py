@@ -220,6 +220,8 @@ class TileCache:
         self._motion: torch.Tensor | None = None  # (K,) running mean of measured relative change
         self._motion_n: torch.Tensor | None = None
         self._per_cell = 1  # B * C * T: elements behind one cell
+        self._denoiser: int | None = None  # the model predicting (Wan 2.2: which expert), :meth:`set_denoiser`
+        self._warm_from = 0  # the step the current denoiser took over at: warm-up counts from there
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -251,6 +253,18 @@ class TileCache:
     def cell_state(self) -> dict[str, torch.Tensor]:
         """The per-cell tensors by attribute name (those allocated), for moving cells between holders."""
         return {k: getattr(self, k) for k in self.CELL_STATE if getattr(self, k) is not None}
+
+    def set_denoiser(self, step: int, index: int) -> None:
+        """The denoiser predicting at ``step`` (:meth:`supergen.adapters.base.ModelAdapter.denoiser_index`).
+        Where it changes (Wan 2.2's low-noise expert taking over) the held residuals and gains describe
+        another model: from ``step`` every tile is computed for ``warmup`` steps again, and gains are
+        measured only between two computes of the new one. Every holder calls it with the same values."""
+        if self._denoiser is not None and index != self._denoiser:
+            self._warm_from = step
+            if self._last_compute is not None:
+                self._last_compute.fill_(-math.inf)  # no compute of the old model counts as the previous one
+                self._gain.fill_(math.nan)
+        self._denoiser = index
 
     def set_input_change(self, dx: torch.Tensor | None) -> None:
         """``(K,)`` float64 :func:`cell_abs_sum` of ``x_i - x_{i-1}``: the input change the next step's gate reads."""
@@ -324,9 +338,10 @@ class TileCache:
     # -- decisions and updates on held cells --------------------------------------------------------
 
     def decides(self, step: int, num_steps: int) -> bool:
-        """Whether :meth:`plan_cells` decides at ``step`` (else every tile is computed: warm-up, last step)."""
+        """Whether :meth:`plan_cells` decides at ``step`` (else every tile is computed: warm-up, from the
+        start or from a change of denoiser, and the last step)."""
         cfg = self.config
-        return cfg.mode in ("gate", "budget") and cfg.warmup <= step < num_steps - 1
+        return cfg.mode in ("gate", "budget") and cfg.warmup <= step - self._warm_from and step < num_steps - 1
 
     def plan_cells(self, step: int, num_steps: int, windows: CellWindows, with_priority: bool = False):
         """(N,) bool: which tiles to compute at ``step`` (of ``num_steps`` refinement steps); every holder

@@ -119,7 +119,9 @@ class SuperGen:
 
             if not isinstance(cache, CacheConfig):
                 raise TypeError(f"`cache` must be a CacheConfig or None but is {type(cache).__name__}.")
-            check_model_caches(pipe.transformer)
+            for denoiser in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+                if denoiser is not None:
+                    check_model_caches(denoiser)
         self.cache = cache
         tiling = tiling if tiling is not None else TilingConfig()
         if not isinstance(tiling, TilingConfig):

@@ -264,6 +264,8 @@ def refine(
         origins = grid.at_step(i)
         sigma = float(sigmas[begin + i]) if sigmas is not None else None
         adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
+        if tile_cache is not None:
+            tile_cache.set_denoiser(i, adapter.denoiser_index(t))
 
         if step_cache is not None and not step_cache.computes(i):
             # Step Rehash, not a key step: no tile is gathered or computed; the canvas prediction is

@@ -99,15 +99,23 @@ class HashedPromptMixin:
         return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
 
 
-def tiny_wan_pipeline(seed: int = SEED, dtype: torch.dtype = torch.float32, image_to_video: bool = False):
-    """The tiny Wan: a ``WanPipeline`` (or ``WanImageToVideoPipeline``) with hashed-word prompts."""
+def tiny_wan_pipeline(seed: int = SEED, dtype: torch.dtype = torch.float32, image_to_video: bool = False,
+                      boundary_ratio: float | None = None):  # fmt: skip
+    """The tiny Wan: a ``WanPipeline`` (or ``WanImageToVideoPipeline``) with hashed-word prompts.
+
+    ``boundary_ratio``: a Wan 2.2 two-expert pipeline instead: a second transformer (``transformer_2``,
+    drawn from ``seed + 1``) denoises the timesteps below ``boundary_ratio * num_train_timesteps``."""
     if image_to_video:  # imported only when needed: it pulls in transformers' CLIP processors
         from diffusers import WanImageToVideoPipeline as base
     else:
         from diffusers import WanPipeline as base
 
     cls = type(f"Tiny{base.__name__}", (HashedPromptMixin, base), {"__doc__": HashedPromptMixin.__doc__})
-    pipe = cls(tokenizer=None, text_encoder=None, **tiny_wan_components(seed, dtype, image_to_video))
+    components = tiny_wan_components(seed, dtype, image_to_video)
+    if boundary_ratio is not None:
+        components["transformer_2"] = tiny_wan_components(seed + 1, dtype, image_to_video)["transformer"]
+        components["boundary_ratio"] = boundary_ratio
+    pipe = cls(tokenizer=None, text_encoder=None, **components)
     pipe.set_progress_bar_config(leave=False)
     return pipe
 

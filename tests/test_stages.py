@@ -83,19 +83,22 @@ def test_full_refine_from_noise_equals_the_stock_pipeline(pipe):
     assert torch.equal(_refine(pipe, adapter, plan, grid, noise), stock)
 
 
-def test_i2v_full_refine_equals_the_stock_pipeline():
-    """Image-to-video: canvas-size conditioning + one tile reproduces WanImageToVideoPipeline exactly."""
+@pytest.mark.parametrize("boundary_ratio", [None, 0.875], ids=["wan2.1", "wan2.2-two-experts"])
+def test_i2v_full_refine_equals_the_stock_pipeline(boundary_ratio):
+    """Image-to-video: canvas-size conditioning + one tile reproduces WanImageToVideoPipeline exactly (with
+    Wan 2.2's two experts too: the switch falls between the 4 steps' timesteps 900 and 750)."""
     import PIL.Image
 
-    i2v = tiny_wan_pipeline(image_to_video=True)
+    i2v = tiny_wan_pipeline(image_to_video=True, boundary_ratio=boundary_ratio)
     i2v.set_progress_bar_config(disable=True)
+    text = PROMPT if boundary_ratio is None else dict(PROMPT, guidance_scale_2=2.5)
     image = PIL.Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
-    adapter, plan, grid = _setup(i2v, (8, 8), TilingConfig(shift=False), 3, 3)
+    adapter, plan, grid = _setup(i2v, (8, 8), TilingConfig(shift=False), 4, 4)
     noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    stock = i2v(image=image, height=64, width=64, num_frames=9, num_inference_steps=3, latents=noise,
-                output_type="latent", **PROMPT).frames  # fmt: skip
-    i2v.scheduler.set_timesteps(3)
-    cond = adapter.conditioning((1, 16, 3, 8, 8), num_frames=9, image=image, **PROMPT)
+    stock = i2v(image=image, height=64, width=64, num_frames=9, num_inference_steps=4, latents=noise,
+                output_type="latent", **text).frames  # fmt: skip
+    i2v.scheduler.set_timesteps(4)
+    cond = adapter.conditioning((1, 16, 3, 8, 8), num_frames=9, image=image, **text)
     assert torch.equal(refine(adapter, i2v.scheduler, noise, cond, grid, plan), stock)
 
 
@@ -392,6 +395,41 @@ def test_tile_cache_off_changes_nothing_and_budget_computes_its_share(pipe, monk
     assert computed == [n, n] + [math.ceil(0.5 * n)] * 2 + [n]
     assert out.report["cache"]["skipped_tile_steps"] == 2 * (n - math.ceil(0.5 * n))
     assert torch.isfinite(out.latents).all() and not torch.equal(out.latents, plain.latents)
+
+
+def test_two_expert_wan_refines_as_the_stock_pipeline_and_the_cache_restarts_at_the_switch(monkeypatch):
+    """Wan 2.2 A14B's two experts: stage 2 on one tile from pure noise is the stock two-expert pipeline bit
+    for bit (`transformer` above the boundary, `transformer_2` guided with `guidance_scale_2` below); with
+    the tile cache, the step the second expert takes over starts a warm-up again (its gains are measured
+    on its own computes), so the cache never reuses the first expert's residuals there."""
+    import math
+
+    from supergen.cache import CacheConfig
+
+    probe = tiny_wan_pipeline()
+    probe.scheduler.set_timesteps(10)
+    t = probe.scheduler.timesteps
+    pipe = tiny_wan_pipeline(boundary_ratio=float(t[4] + t[5]) / 2 / 1000)  # experts switch at schedule step 5
+    pipe.set_progress_bar_config(disable=True)
+    text = dict(PROMPT, guidance_scale_2=3.0)
+    adapter, plan, grid = _setup(pipe, (8, 8), TilingConfig(shift=False), 10, 10)
+    noise = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    stock = pipe(height=64, width=64, num_frames=9, num_inference_steps=10, latents=noise, output_type="latent",
+                 **text).frames  # fmt: skip
+    pipe.scheduler.set_timesteps(10)
+    cond = adapter.conditioning(tuple(noise.shape), num_frames=9, **text)
+    assert torch.equal(refine(adapter, pipe.scheduler, noise, cond, grid, plan), stock)
+
+    sg = SuperGen(pipe, cache=CacheConfig(mode="budget", budget=0.5, warmup=1))
+    computed = []
+    original = sg.adapter.predict
+    monkeypatch.setattr(sg.adapter, "predict", lambda tiles, *a: computed.append(len(a[2])) or original(tiles, *a))
+    kw = dict(height=128, width=128, num_frames=9, num_inference_steps=10, refine_steps=9, output_type="latent")
+    out = sg(generator=torch.Generator().manual_seed(3), **kw, **text)
+    n, h = out.report["tiling"]["tiles_per_step"], math.ceil(0.5 * out.report["tiling"]["tiles_per_step"])
+    # refine step 4 is schedule step 5, the second expert's first: a warm-up step, then no gain until two of
+    # its computes; without the switch steps 4 and 5 would have computed h tiles like 2 and 3
+    assert computed == [n, n, h, h, n, n, h, h, n], computed
 
 
 REHASH_KW = dict(height=128, width=128, num_frames=9, num_inference_steps=6, refine_steps=5, output_type="latent")

@@ -198,3 +198,34 @@ def test_spec_and_registry(t2v):
     assert adapter.spec.pixel_multiple() == 16
     with pytest.raises(ValueError, match="positions"):
         adapter_for(t2v, positions="global")
+
+
+# -- Wan 2.2 A14B: two experts ------------------------------------------------------------------------
+
+
+def test_two_experts_switch_at_the_boundary_each_with_canvas_positions():
+    """A two-expert pipeline (Wan 2.2 A14B): `transformer` predicts at timesteps >= the boundary,
+    `transformer_2` below, both with the tile's canvas positions; `guidance_scale_2` guides the second."""
+    pipe = tiny_wan_pipeline(boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    local, canvas = adapter_for(pipe, positions="local"), adapter_for(pipe, positions="canvas")
+    assert [local.denoiser_index(torch.tensor(t)) for t in (999, 500, 499.9, 0)] == [0, 0, 1, 1]
+    tiles = torch.randn(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    origins, low = torch.tensor([(0, 0), (8, 4)]), torch.tensor(300.0)
+    cond = local.conditioning((1, 16, 3, 16, 16), guidance_scale=4.0, guidance_scale_2=2.0, num_frames=9, **PROMPT)
+    a, b = (adapter.predict(tiles, low, cond, origins, (16, 16)) for adapter in (local, canvas))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])  # the second expert's rope is hooked too
+    with torch.no_grad():  # below the boundary: transformer_2, guided with guidance_scale_2
+        x, text = tiles[:1], {k: v.repeat(1, 1, 1) for k, v in cond.embeds.items() if k in ("cond", "uncond")}
+        c, u = (pipe.transformer_2(hidden_states=x, timestep=low.expand(1), encoder_hidden_states=text[k],
+                                   return_dict=False)[0] for k in ("cond", "uncond"))  # fmt: skip
+    assert torch.equal(a[:1], u + 2.0 * (c - u))
+    with pytest.raises(ValueError, match="`guidance_scale_2` is only for two-expert Wan 2.2 pipelines"):
+        adapter_for(tiny_wan_pipeline()).conditioning((1, 16, 3, 16, 16), guidance_scale_2=2.0, num_frames=9, **PROMPT)
+
+
+def test_a_boundary_without_the_second_expert_is_refused():
+    pipe = tiny_wan_pipeline(boundary_ratio=0.5)
+    pipe.transformer_2 = None
+    with pytest.raises(ValueError, match="no `transformer_2`; supergen needs both experts"):
+        adapter_for(pipe)

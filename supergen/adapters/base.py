@@ -161,6 +161,12 @@ class ModelAdapter(ABC):
         """
         self.step_context = {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
 
+    def denoiser_index(self, timestep) -> int:
+        """Which of the pipeline's denoisers predicts at ``timestep``: 0, the only one, except in pipelines
+        that switch models along the schedule (Wan 2.2's two experts). A tile cache's gains and residuals
+        do not carry across a switch (:meth:`supergen.cache.TileCache.set_denoiser`)."""
+        return 0
+
     def set_timesteps(self, scheduler, num_inference_steps: int, device=None, sketch_shape=None) -> None:
         """Give ``scheduler`` the N-step schedule the family's pipeline uses (stage 2 continues it).
 

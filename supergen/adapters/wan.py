@@ -1,4 +1,4 @@
-"""Wan 2.1 (``WanPipeline`` text-to-video, ``WanImageToVideoPipeline`` image-to-video).
+"""Wan 2.1 and Wan 2.2 A14B (``WanPipeline`` text-to-video, ``WanImageToVideoPipeline`` image-to-video).
 
 Model facts this adapter owns:
 
@@ -12,7 +12,11 @@ Model facts this adapter owns:
   tile's window, so each tile sees exactly its part of the image;
 * rotary positions come from ``transformer.rope``, which always starts at 0 (tile-local). ``canvas``
   positions install a hook on that module returning, for each tile, the rows of the full-canvas
-  table at the tile's place, wrapped around the torus like the windows themselves.
+  table at the tile's place, wrapped around the torus like the windows themselves;
+* Wan 2.2 A14B has two experts: ``transformer`` predicts at timesteps ``>= boundary_ratio *
+  num_train_timesteps``, ``transformer_2`` below, guided with ``guidance_scale_2`` (default: the same
+  scale), the test and the arithmetic ``WanPipeline`` uses; stage 2 mostly runs in the second expert's
+  range. Wan 2.2 TI2V-5B (per-token timesteps, ``expand_timesteps``) is not supported.
 """
 
 from __future__ import annotations
@@ -85,15 +89,22 @@ def _canvas_rope_hook(rope):
 
 @register_adapter("WanTransformer3DModel")
 class WanAdapter(TwoForwardGuidance):
-    """Wan 2.1 text-to-video and image-to-video (CLIP image embeddings included when the model has them)."""
+    """Wan 2.1 and 2.2 A14B text-to-video and image-to-video (CLIP image embeddings included when the model
+    has them)."""
 
     def __init__(self, pipe, positions: str = "local", max_tile_batch: int = 1):
         super().__init__(pipe, positions=positions, max_tile_batch=max_tile_batch)
         transformer, vae = pipe.transformer, pipe.vae
-        if getattr(pipe, "transformer_2", None) is not None:
-            raise ValueError("Wan 2.2 two-expert pipelines (`transformer_2`) are not supported yet; use Wan 2.1.")
         if getattr(pipe.config, "expand_timesteps", False):
-            raise ValueError("Wan 2.2 TI2V (`expand_timesteps=True`) is not supported yet; use Wan 2.1.")
+            raise ValueError("Wan 2.2 TI2V (`expand_timesteps=True`) is not supported yet; use Wan 2.1 or 2.2 A14B.")
+        # Wan 2.2 A14B: `transformer` at timesteps >= the boundary, `transformer_2` below (WanPipeline's rule)
+        ratio = getattr(pipe.config, "boundary_ratio", None)
+        second = getattr(pipe, "transformer_2", None)
+        if transformer is None or (ratio is not None and second is None):
+            missing = "transformer" if transformer is None else "transformer_2"
+            raise ValueError(f"this Wan pipeline has no `{missing}`; supergen needs both experts of a two-expert Wan.")
+        self.boundary = None if ratio is None else float(ratio) * pipe.scheduler.config.num_train_timesteps
+        self.experts = (transformer,) if self.boundary is None else (transformer, second)
         self.image_to_video = transformer.config.in_channels != vae.config.z_dim
         big = transformer.config.num_attention_heads * transformer.config.attention_head_dim >= 5120
         native_px = NATIVE_720P if big else NATIVE_480P
@@ -107,7 +118,7 @@ class WanAdapter(TwoForwardGuidance):
             prediction="flow",
         )
         self.step_context = {}
-        self._rope_hook = _canvas_rope_hook(transformer.rope) if positions == "canvas" else None
+        self._rope_hooks = [_canvas_rope_hook(m.rope) for m in self.experts] if positions == "canvas" else []
 
     # -- stage 1 ------------------------------------------------------------------------------------
 
@@ -178,7 +189,12 @@ class WanAdapter(TwoForwardGuidance):
         canvas_extra = None
         if self.image_to_video:
             canvas_extra, embeds["image"] = self._image_condition(canvas_shape, **kw)
-        return Conditioning(embeds=embeds, guidance_scale=guidance_scale, canvas_extra=canvas_extra)
+        extra = {}
+        if kw.get("guidance_scale_2") is not None:  # the second expert's scale (default: the same, as WanPipeline)
+            if self.boundary is None:
+                raise ValueError("`guidance_scale_2` is only for two-expert Wan 2.2 pipelines (`boundary_ratio` set).")
+            extra["guidance_scale_2"] = float(kw["guidance_scale_2"])
+        return Conditioning(embeds=embeds, guidance_scale=guidance_scale, canvas_extra=canvas_extra, extra=extra)
 
     def _image_condition(self, canvas_shape, image=None, last_image=None, image_embeds=None, num_frames=None, **_):
         """Canvas-size ``y`` (mask | encoded first frame), built by the pipeline's own code, and CLIP embeds."""
@@ -212,9 +228,19 @@ class WanAdapter(TwoForwardGuidance):
     def guidance_branches(self, cond: Conditioning) -> tuple[str, ...]:
         return ("cond", "uncond") if cond.guidance_scale > 1.0 else ()  # two forwards, as WanPipeline runs them
 
+    def denoiser_index(self, timestep) -> int:
+        # WanPipeline's test, in the timestep's own dtype: `t >= boundary_ratio * num_train_timesteps`
+        return 0 if self.boundary is None or bool(torch.as_tensor(timestep) >= self.boundary) else 1
+
+    def guide(self, outputs: dict, cond: Conditioning, timestep=None) -> torch.Tensor:
+        uncond = outputs["uncond"]
+        second = timestep is not None and self.denoiser_index(timestep) == 1
+        scale = cond.extra.get("guidance_scale_2", cond.guidance_scale) if second else cond.guidance_scale
+        return uncond + scale * (outputs["cond"] - uncond)  # WanPipeline's expression
+
     @torch.no_grad()
     def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branches) -> torch.Tensor:
-        transformer = self.pipe.transformer
+        transformer = self.experts[self.denoiser_index(timestep)]
         origins = torch.as_tensor(origins, dtype=torch.int64)
         n_tiles = origins.shape[0]
         batch = tiles.shape[0] // n_tiles
@@ -231,7 +257,7 @@ class WanAdapter(TwoForwardGuidance):
                 # exactly as the latent windows were gathered.
                 y = halo_gather(cond.canvas_extra, origins[start:stop], (h, w), 0, "torus")
                 x = torch.cat([x, y], dim=1)
-            x = x.to(transformer.dtype)
+            x = x.to(self.experts[0].dtype)  # WanPipeline feeds both experts in the first one's dtype
             kwargs = {
                 "timestep": timestep.expand(x.shape[0]),
                 "encoder_hidden_states_image": None if embeds["image"] is None else embeds["image"].repeat(n, 1, 1),
@@ -255,11 +281,10 @@ class WanAdapter(TwoForwardGuidance):
 
     @contextlib.contextmanager
     def _positions(self, origins: torch.Tensor, canvas_hw: tuple[int, int], batch: int):
-        if self._rope_hook is None:
-            yield
-            return
-        self._rope_hook.window = (origins, tuple(canvas_hw), batch)
+        for hook in self._rope_hooks:  # both experts' rotary modules: the step decides which one runs
+            hook.window = (origins, tuple(canvas_hw), batch)
         try:
             yield
         finally:
-            self._rope_hook.window = None
+            for hook in self._rope_hooks:
+                hook.window = None

@@ -163,6 +163,8 @@ def refine_regions(ctx: ParallelContext, adapter, scheduler, latents, cond, grid
         ctx.stats.per_step.append({})
         sigma = float(sigmas[begin + i]) if sigmas is not None else None
         adapter.begin_step(begin + i, t, sigma, plan.num_inference_steps)
+        if tile_cache is not None:
+            tile_cache.set_denoiser(i, adapter.denoiser_index(t))
         if step_cache is not None and not step_cache.computes(i):
             ctx.computed_tiles.append([0] * R)
             ctx.forwards.append([0] * R)
