@@ -195,6 +195,12 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--report", default=None, help="also write the report as JSON here")
     g.add_argument("--save-latents", default=None, help="also write the refined latent (.safetensors)")
     g.add_argument(
+        "--guidance-scale-2",
+        type=float,
+        default=None,
+        help="two-expert Wan 2.2 folders: the low-noise expert's guidance scale (default: the same as the first's)",
+    )
+    g.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
         default="fp32",
@@ -438,7 +444,18 @@ def _check_generate_args(args) -> dict:
     cache = CacheConfig.parse(args.cache, args.cache_threshold)
     reshift = _reshift(args, model["steps"])
     check_attention_backend(args.attention_backend)
+    guidance_2 = args.guidance_scale_2
+    if guidance_2 is not None:
+        from .config import check_guidance
+
+        guidance_2 = check_guidance("--guidance-scale-2", guidance_2)
+        if index is None or index.get("boundary_ratio") is None:
+            raise ValueError(
+                f"`--guidance-scale-2` is for two-expert Wan 2.2 folders (a `boundary_ratio` in model_index.json), "
+                f"and `--model` {args.model!r} has one model."
+            )
     return {
+        "guidance_scale_2": guidance_2,
         "kind": kind,
         "folder": folder,
         "prompt": args.prompt if args.prompt is not None else TINY_PROMPT if args.model in EMBEDDED else OTHER_PROMPT,
@@ -597,6 +614,7 @@ def run_generate(args) -> int:
         refine_steps=settings["refine_steps"],
         guidance_scale=settings["guidance_scale"],
         refine_guidance_scale=settings["refine_guidance_scale"],
+        **({} if settings["guidance_scale_2"] is None else {"guidance_scale_2": settings["guidance_scale_2"]}),
         sketch_height=sketch[0],
         sketch_width=sketch[1],
         upscale=args.upscale,
@@ -630,7 +648,8 @@ def run_generate(args) -> int:
     written = {k: str(settings[k]) for k in ("out", "report", "latents") if settings[k] is not None}
     argv = getattr(args, "argv", None) or sys.argv[1:]
     report = dict(out.report, seed=args.seed, prompt=settings["prompt"], attention_backend=args.attention_backend,
-                  command=["supergen", *argv], outputs=written)  # fmt: skip
+                  guidance_scale_2=settings["guidance_scale_2"], command=["supergen", *argv],
+                  outputs=written)  # fmt: skip
     if settings["report"] is not None:
         with _atomic(settings["report"]) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -77,9 +77,9 @@ def test_image_to_video_with_the_tiny_model(tmp_path):
     assert np.stack(list(_ffmpeg_frames(out))).shape == (5, 96, 64, 3)
 
 
-@pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    """A real diffusers WanPipeline folder (tiny parts, word-level tokenizer, tiny UMT5), safetensors only."""
+def _save_wan_folder(folder, boundary_ratio=None):
+    """A real diffusers WanPipeline folder (tiny parts, word-level tokenizer, tiny UMT5), safetensors only;
+    with ``boundary_ratio``, Wan 2.2's two experts."""
     from diffusers import WanPipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
@@ -96,11 +96,38 @@ def wan_folder(tmp_path_factory):
     encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
     )
-    folder = tmp_path_factory.mktemp("wan")
-    WanPipeline(tokenizer=tokenizer, text_encoder=encoder, **tiny_wan_components()).save_pretrained(
-        folder, safe_serialization=True
-    )
+    components = tiny_wan_components()
+    if boundary_ratio is not None:
+        components.update(transformer_2=tiny_wan_components(seed=1)["transformer"], boundary_ratio=boundary_ratio)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, **components)
+    pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    return _save_wan_folder(tmp_path_factory.mktemp("wan"))
+
+
+def test_two_expert_folder_takes_guidance_scale_2(tmp_path, capsys):
+    """A Wan 2.2 two-expert folder runs (the refinement below the boundary on `transformer_2`) and
+    `--guidance-scale-2` reaches its second expert; a one-model folder refuses the flag before any model work."""
+    from safetensors.torch import load_file
+
+    folder = _save_wan_folder(tmp_path / "wan22", boundary_ratio=0.9)
+    base = ["generate", *SMALL, "--model", str(folder), "--sketch-size", "64,64"]
+    latents = {}
+    for scale in (2.0, 6.0):
+        out, report, saved = (tmp_path / f"g{scale}{ext}" for ext in (".mp4", ".json", ".safetensors"))
+        argv = [*base, "--guidance-scale-2", str(scale), "--out", str(out), "--report", str(report),
+                "--save-latents", str(saved)]  # fmt: skip
+        assert main(argv) == 0
+        assert json.loads(report.read_text())["guidance_scale_2"] == scale
+        latents[scale] = load_file(str(saved))["latents"]
+    assert not torch.equal(latents[2.0], latents[6.0])
+    one = _save_wan_folder(tmp_path / "wan21")
+    code = main(["generate", *SMALL, "--model", str(one), "--guidance-scale-2", "2", "--out", str(tmp_path / "x.mp4")])
+    assert code == 2 and "`--guidance-scale-2` is for two-expert Wan 2.2 folders" in capsys.readouterr().err
 
 
 def test_local_diffusers_folder(wan_folder, tmp_path):
@@ -186,6 +213,7 @@ BAD = [
     (lambda p: ["--reshift-scale", "0.5"], "`--reshift-scale` needs `--reshift-steps`"),
     (lambda p: ["--reshift-steps", "2", "--reshift-scale", "0.95"], "`reshift.scale` 0.95 leaves the sketch"),
     (lambda p: ["--device", "mps"], "`--device` must be auto, cpu, cuda or cuda:N but is 'mps'"),
+    (lambda p: ["--guidance-scale-2", "3"], "`--guidance-scale-2` is for two-expert Wan 2.2 folders .* 'tiny'"),
     (lambda p: ["--attention-backend", "fastest"], "`--attention-backend` must be supergen or one of .*'flex'"),
 ]
 
