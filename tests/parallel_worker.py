@@ -131,7 +131,7 @@ def tiny_case(case: dict, parallel_config):
     from supergen.config import ReshiftConfig
     from supergen.tiny import tiny_wan_pipeline
 
-    pipe = tiny_wan_pipeline()
+    pipe = tiny_wan_pipeline(boundary_ratio=case.get("boundary_ratio"))  # with a ratio: Wan 2.2's two experts
     pipe.set_progress_bar_config(disable=True)
     if case.get("supergen_attention"):  # the model's attention on supergen's kernel (the diffusers backend)
         from supergen.attention import enable_masked_attention
