@@ -26,13 +26,17 @@ class RecordingUniPC(UniPCMultistepScheduler):
         return super().step(model_output, timestep, sample, *args, **kwargs)
 
 
-@pytest.fixture()
-def pipe():
-    pipe = tiny_wan_pipeline()
+def _recording_pipe(boundary_ratio=None):
+    pipe = tiny_wan_pipeline(boundary_ratio=boundary_ratio)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = RecordingUniPC.from_config(pipe.scheduler.config)
     pipe.scheduler.seen = []
     return pipe
+
+
+@pytest.fixture()
+def pipe():
+    return _recording_pipe()
 
 
 def test_config_and_bad_settings_fail_before_model_work(pipe, monkeypatch):
@@ -58,12 +62,17 @@ def test_config_and_bad_settings_fail_before_model_work(pipe, monkeypatch):
             sg(**CALL, **extra)
 
 
-def test_native_steps_estimate_and_renoise_are_the_stock_pipelines(pipe, monkeypatch):
+# Wan 2.2's two experts: the 6 steps' timesteps are 999 937 | 857 750 600 376, so the estimate at step 2
+# is the second expert's, guided with guidance_scale_2
+@pytest.mark.parametrize("boundary_ratio", [None, 0.9], ids=["one-model", "two-experts"])
+def test_native_steps_estimate_and_renoise_are_the_stock_pipelines(boundary_ratio, monkeypatch):
     """The first K steps are the stock pipeline's own; the clean estimate is x - sigma * v with the guided
     prediction the pipeline itself makes at step K; the lower sketch is its area average, re-noised at
     step K; the rest (N - K steps) run at the lower size in the one-tile loop from step K."""
+    pipe = _recording_pipe(boundary_ratio)
+    text = PROMPT if boundary_ratio is None else dict(PROMPT, guidance_scale_2=2.5)
     K, N = 2, CALL["num_inference_steps"]
-    pipe(**PROMPT, height=64, width=64, num_frames=9, num_inference_steps=N, output_type="latent",
+    pipe(**text, height=64, width=64, num_frames=9, num_inference_steps=N, output_type="latent",
          generator=torch.Generator().manual_seed(5))  # fmt: skip
     stock = list(pipe.scheduler.seen)  # (guided prediction, input latent) of every stock step
     pipe.scheduler.seen = []
@@ -94,7 +103,7 @@ def test_native_steps_estimate_and_renoise_are_the_stock_pipelines(pipe, monkeyp
         num_inference_steps=N, refine_steps=2, tiling=TilingConfig(),
     )  # fmt: skip
     low = stages.reshifted_sketch(sg.adapter, plan, sg.reshift, pipe.scheduler,
-                                  generator=torch.Generator().manual_seed(5), **PROMPT)  # fmt: skip
+                                  generator=torch.Generator().manual_seed(5), **text)  # fmt: skip
 
     assert torch.equal(seen["latents"], stock[K][1])  # the stock pipeline's latent after K steps
     assert torch.equal(seen["model_output"], stock[K][0])  # and its own guided prediction at step K
