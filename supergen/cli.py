@@ -399,9 +399,11 @@ def check_attention_backend(name: str | None) -> str | None:
 
 def set_attention_backend(pipe, name: str | None) -> None:
     """Put the pipeline's transformer(s) on attention backend ``name`` (:func:`check_attention_backend`)."""
-    for model in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")):
-        if model is None or name is None:
-            continue
+    from .adapters.base import denoisers
+
+    if name is None:
+        return
+    for model in denoisers(pipe):
         if name == "supergen":
             from .attention import enable_masked_attention
 

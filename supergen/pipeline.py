@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from .adapters.base import POSITIONS, adapter_for
+from .adapters.base import POSITIONS, adapter_for, denoisers
 from .config import REFINE_FRACTION, TilingConfig, check_guidance, default_refine_steps
 from .metrics import StageTimer, seam_score
 from .stages import check_inputs, refine, reshift_latent, reshifted_sketch, sketch
@@ -119,9 +119,8 @@ class SuperGen:
 
             if not isinstance(cache, CacheConfig):
                 raise TypeError(f"`cache` must be a CacheConfig or None but is {type(cache).__name__}.")
-            for denoiser in (pipe.transformer, getattr(pipe, "transformer_2", None)):
-                if denoiser is not None:
-                    check_model_caches(denoiser)
+            for denoiser in denoisers(pipe):
+                check_model_caches(denoiser)
         self.cache = cache
         tiling = tiling if tiling is not None else TilingConfig()
         if not isinstance(tiling, TilingConfig):
@@ -251,7 +250,7 @@ class SuperGen:
                 if hw is not None
             }
             _, degree = sketch_context_split(ctx, adapter.sketch_guidance_pairs({**text, **pipeline_kwargs}))
-            check_sketch_context(ctx, [pipe.transformer, getattr(pipe, "transformer_2", None)], tokens, degree)
+            check_sketch_context(ctx, denoisers(pipe), tokens, degree)
 
         # Build/load the op backends now (the C++ extension compiles on first use), so that a first
         # run's compile time is reported as such instead of inflating the refine stage.
@@ -391,7 +390,7 @@ class SuperGen:
             split = shared and parallel.config.split_guidance
             pairs = split and adapter.sketch_guidance_pairs({**text, **pipeline_kwargs})
             low = None
-            denoisers = [pipe.transformer, getattr(pipe, "transformer_2", None)]
+            models = denoisers(pipe)
             # stage 1's wrappers around the model, innermost first: tokens split over ranks, guidance split
             # between two ranks, rank 0's heartbeat for the ranks that wait
             tokens = pair = heartbeat = None
@@ -401,10 +400,10 @@ class SuperGen:
 
                 groups, degree = sketch_context_split(parallel, pairs)
                 split = groups == 2
-                tokens = SketchContextParallel(parallel, denoisers, groups) if degree > 1 else None
+                tokens = SketchContextParallel(parallel, models, groups) if degree > 1 else None
                 if split:
                     peer = (parallel.rank + parallel.world_size // 2) % parallel.world_size
-                    pair = SketchGuidanceSplit(parallel, denoisers, peer)
+                    pair = SketchGuidanceSplit(parallel, models, peer)
             elif shared:  # the waiting ranks follow rank 0's forwards, so that no transfer waits the whole sketch
                 from .parallel import (
                     SketchBatchSplit,
@@ -418,9 +417,9 @@ class SuperGen:
                 runners = (0, 1) if split else (0,)
                 group = sketch_waiters_group(parallel, runners)
                 if split and parallel.rank in runners:
-                    pair = (SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, denoisers)
+                    pair = (SketchGuidanceSplit if pairs else SketchBatchSplit)(parallel, models)
                 if parallel.rank == 0:  # outermost: it sees every call, computed or not
-                    heartbeat = SketchHeartbeat(parallel, group, denoisers)
+                    heartbeat = SketchHeartbeat(parallel, group, models)
                 if parallel.rank not in runners:
                     wait_for_sketch(parallel, group)
             if not shared or context or parallel.rank == 0 or (split and parallel.rank == 1):

@@ -281,10 +281,15 @@ class TwoForwardGuidance(ModelAdapter):
             raise ValueError(f"`branch` must be one of {self.guidance_branches(cond)} but is {branch!r}.")
         return self._predict(tiles, timestep, cond, origins, canvas_hw, (branch,))
 
+    def guidance_scale_at(self, cond: Conditioning, timestep=None) -> float:
+        """The scale :meth:`guide` applies at ``timestep``: ``cond.guidance_scale``, unless the pipeline
+        guides its models differently along the schedule (Wan 2.2's second expert)."""
+        return cond.guidance_scale
+
     def guide(self, outputs: dict, cond: Conditioning, timestep=None) -> torch.Tensor:
         # The pipelines' expression (and rounding): WanPipeline's and HunyuanVideoPipeline's true CFG.
         uncond = outputs["uncond"]
-        return uncond + cond.guidance_scale * (outputs["cond"] - uncond)
+        return uncond + self.guidance_scale_at(cond, timestep) * (outputs["cond"] - uncond)
 
 
 class BatchedGuidance(ModelAdapter):
@@ -335,6 +340,11 @@ class BatchedGuidance(ModelAdapter):
         if branch not in branches:
             raise ValueError(f"`branch` must be one of {branches} but is {branch!r}.")
         return self._predict(tiles, timestep, cond, origins, canvas_hw, branch)
+
+
+def denoisers(pipe) -> list:
+    """The pipeline's denoising models: ``transformer`` and, in two-expert pipelines (Wan 2.2), ``transformer_2``."""
+    return [m for m in (getattr(pipe, "transformer", None), getattr(pipe, "transformer_2", None)) if m is not None]
 
 
 def call_default_latent(pipe, spatial_scale: int) -> tuple[int, int]:

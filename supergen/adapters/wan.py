@@ -232,11 +232,9 @@ class WanAdapter(TwoForwardGuidance):
         # WanPipeline's test, in the timestep's own dtype: `t >= boundary_ratio * num_train_timesteps`
         return 0 if self.boundary is None or bool(torch.as_tensor(timestep) >= self.boundary) else 1
 
-    def guide(self, outputs: dict, cond: Conditioning, timestep=None) -> torch.Tensor:
-        uncond = outputs["uncond"]
+    def guidance_scale_at(self, cond: Conditioning, timestep=None) -> float:
         second = timestep is not None and self.denoiser_index(timestep) == 1
-        scale = cond.extra.get("guidance_scale_2", cond.guidance_scale) if second else cond.guidance_scale
-        return uncond + scale * (outputs["cond"] - uncond)  # WanPipeline's expression
+        return cond.extra.get("guidance_scale_2", cond.guidance_scale) if second else cond.guidance_scale
 
     @torch.no_grad()
     def _predict(self, tiles, timestep, cond: Conditioning, origins, canvas_hw, branches) -> torch.Tensor:
